@@ -1,0 +1,32 @@
+# llmproxy tasks. Each recipe installs what it needs into ./.venv first.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+py := venv / "bin/python"
+
+# List the recipes.
+default:
+    @just --list
+
+# Create ./.venv and install llmproxy with its dev tools (skipped when up to date).
+install:
+    @test -x {{py}} || python3 -m venv {{venv}}
+    @if [ ! -f {{venv}}/.stamp ] || [ pyproject.toml -nt {{venv}}/.stamp ]; then \
+        {{py}} -m pip install -q --disable-pip-version-check -e '.[dev]' && touch {{venv}}/.stamp; fi
+
+# Run the test suite (unit + loopback integration).
+test *ARGS: install
+    {{py}} -m pytest {{ARGS}}
+
+# Start the mock upstream and the proxy on loopback, send one chat request, stream the answer.
+demo: install
+    {{py}} -m proxy.demo
+
+# Serve for real: routes from ./routes.d (QWEN_BASE_URL names the upstream).
+serve *ARGS: install
+    {{venv}}/bin/llmproxy serve {{ARGS}}
+
+# Validate routes.d and print the route table.
+check *ARGS: install
+    {{venv}}/bin/llmproxy check {{ARGS}}
