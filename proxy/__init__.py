@@ -1,0 +1,1 @@
+"""llmproxy: a declarative proxy for local LLM servers (see README.md)."""

@@ -1,0 +1,38 @@
+"""Adapters translate bodies between what the client speaks and what the upstream speaks.
+
+An adapter knows nothing about sockets: `request(body)` returns a `Call`
+holding the upstream body and the per-request state needed to translate the
+answer (`response(body)` whole, or `stream(chunks)` event by event).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..config import RouteConfig
+
+
+class Call(Protocol):
+    body: bytes  # what goes upstream
+    translates: bool  # False: the response bytes are relayed untouched
+    stream: bool  # the client asked for (and the upstream will send) SSE
+
+    def response(self, body: bytes) -> bytes: ...
+    def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]: ...
+
+
+class Adapter(Protocol):
+    def request(self, body: bytes) -> Call: ...
+
+
+def make_adapter(config: RouteConfig) -> Adapter:
+    """The adapter named by the route file."""
+    if config.adapter == "chat-to-completions":
+        from .chat_completions import ChatToCompletions
+
+        return ChatToCompletions(config)
+    from .passthrough import Passthrough
+
+    return Passthrough(config)

@@ -1,0 +1,52 @@
+"""Fixtures: a mock upstream and the proxy, both real servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.app import create_app
+from proxy.routes import RouteTable
+from servers import MockServer, run_app, run_mock
+
+# Belt and braces beside pytest-socket: nothing in the suite may use the shipped default upstream.
+os.environ["QWEN_BASE_URL"] = "http://127.0.0.1:9"
+os.environ.pop("QWEN_API_KEY", None)
+
+
+@pytest.fixture
+def upstream() -> Iterator[MockServer]:
+    with run_mock() as server:
+        yield server
+
+
+@pytest.fixture
+def routes_dir(tmp_path: Path) -> Callable[..., Path]:
+    """Write route files: `routes_dir(a="yaml text", b=...)` -> the folder (files a.yaml, b.yaml)."""
+    folder = tmp_path / "routes.d"
+    folder.mkdir()
+
+    def write(**files: str) -> Path:
+        for name, text in files.items():
+            (folder / f"{name}.yaml").write_text(textwrap.dedent(text))
+        return folder
+
+    return write
+
+
+@pytest.fixture
+def proxy_for() -> Iterator[Callable[..., str]]:
+    """Start the proxy over a routes folder; returns its base URL."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+
+        def start(folder: Path, **kw: object) -> str:
+            app = create_app(RouteTable.from_dir(folder), **kw)  # type: ignore[arg-type]
+            return stack.enter_context(run_app(app))
+
+        yield start

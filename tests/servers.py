@@ -1,0 +1,85 @@
+"""Real servers on loopback ephemeral ports, each in its own thread and event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+
+from proxy.mock_upstream import MockUpstream
+
+
+class MockServer:
+    def __init__(self, mock: MockUpstream, port: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.mock = mock
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.loop = loop
+
+    @property
+    def requests(self) -> list[Any]:
+        return list(self.mock.requests)
+
+    def release(self, key: str) -> None:
+        self.loop.call_soon_threadsafe(self.mock.hold(key).set)
+
+
+@contextmanager
+def run_mock() -> Iterator[MockServer]:
+    mock = MockUpstream()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    def main() -> None:
+        loop = asyncio.new_event_loop()
+        box["loop"] = loop
+        server = loop.run_until_complete(mock.serve("127.0.0.1", 0))
+        box["server"] = server
+        box["port"] = server.sockets[0].getsockname()[1]
+        ready.set()
+        loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+    t = threading.Thread(target=main, daemon=True)
+    t.start()
+    assert ready.wait(5)
+    try:
+        yield MockServer(mock, box["port"], box["loop"])
+    finally:
+        box["loop"].call_soon_threadsafe(box["loop"].stop)
+        t.join(5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def run_app(app: Any, **kw: Any) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn (uvloop + httptools, as in production) on loopback."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                            access_log=False, log_level="warning", lifespan="on", **kw)
+    server = uvicorn.Server(config)
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "proxy did not start"
+        assert t.is_alive(), "proxy thread died"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
