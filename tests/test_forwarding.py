@@ -153,6 +153,7 @@ def test_forced_stream_mode_needs_a_json_object(tmp_path, upstream):
     assert upstream.requests == []
 
 
+@pytest.mark.filterwarnings("ignore:A test tried to use socket")
 def test_the_suite_cannot_leave_loopback():
     from pytest_socket import SocketConnectBlockedError
 
