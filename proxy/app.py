@@ -57,7 +57,7 @@ def create_app(
             yield
 
     app = Litestar(
-        route_handlers=[proxy, healthz, readyz],
+        route_handlers=[proxy, healthz, readyz, models],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _openai_error, HTTPException: _openai_error, 500: _openai_error},
         request_max_body_size=max_body_size,
@@ -81,6 +81,12 @@ def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     holder: TableHolder = request.app.state.holder
     ready = bool(holder.current.routes) and getattr(request.app.state, "client", None) is not None
     return Response({"status": "ok" if ready else "not ready", "routes": len(holder.current.routes)}, status_code=200 if ready else 503)
+
+
+@get("/v1/models", include_in_schema=False, sync_to_thread=False)
+def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """OpenAI's model list, from the route table (built with it, so this is one attribute read)."""
+    return Response(request.app.state.holder.current.models_json, media_type="application/json")
 
 
 def _route_path(scope: Any) -> str:
