@@ -226,6 +226,13 @@ def test_v1_models_lists_declared_models_once(upstream, routes_dir, proxy_for):
 
     r = httpx.post(f"{base}/v1/models", json={})
     assert r.status_code == 405 and "error" in r.json()
+    # The plain route must not shadow the catch-all for its neighbours (Litestar's trie does
+    # not backtrack): both still get the proxy's own OpenAI-shaped answers.
+    r = httpx.get(f"{base}/v1/models/qwen")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{base}/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert not upstream.requests
 
 
 def test_round_robin_spreads_across_upstreams(two, routes_dir, proxy_for):
