@@ -84,7 +84,7 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     warnings = table.warnings()
     lines.extend(f"warning: {w}" for w in warnings)
-    summary = f"{len(table.routes)} route(s) on {len(table.paths)} path(s) OK"
+    summary = f"{len(table.routes)} route(s) OK on {len(table.paths)} path(s)"
     if warnings:
         summary += f", {len(warnings)} warning(s)"
     return "\n".join([*lines, summary])

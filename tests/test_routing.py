@@ -112,7 +112,7 @@ def test_first_file_wins_on_overlap_and_check_warns(two, routes_dir, proxy_for, 
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1
     assert "b_narrow.yaml: models: 'qwen2.5-*' overlaps 'qwen*' of route 'a_wide'" in warnings[0]
-    assert out.rstrip().endswith("2 route(s) on 1 path(s) OK, 1 warning(s)")
+    assert out.rstrip().endswith("2 route(s) OK on 1 path(s), 1 warning(s)")
 
 
 def test_check_lists_path_models_upstreams_adapter_and_stream(routes_dir, capsys):
