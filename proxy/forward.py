@@ -125,7 +125,6 @@ class Exchange:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
 
-
     async def _send(self, client: httpx.AsyncClient) -> httpx.Response:
         """`client.send`, moved on to the route's next upstream while connecting fails.
 
