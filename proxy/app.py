@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
 from litestar import Litestar, Request, Response, get, route
 from litestar.exceptions import HTTPException
@@ -19,7 +20,7 @@ from litestar.types import ASGIApp
 from . import errors
 from .errors import ProxyError
 from .forward import prepare
-from .reload import TableHolder
+from .reload import POLL_INTERVAL, TableHolder
 from .routes import RouteTable
 from .transport import make_client
 
@@ -32,9 +33,18 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     max_body_size: int = DEFAULT_MAX_BODY,
+    reload: bool = False,
+    poll_interval: float = POLL_INTERVAL,
 ) -> Litestar:
-    """Build the ASGI app serving `table`. `transport` replaces the network (tests)."""
+    """Build the ASGI app serving `table`. `transport` replaces the network (tests).
+
+    `reload`: watch the holder's folder and swap in a new table on change (needs a
+    `TableHolder` with a folder, e.g. `TableHolder.load(folder)`). A holder with a
+    folder also reloads on SIGHUP.
+    """
     holder = table if isinstance(table, TableHolder) else TableHolder(table)
+    if reload and holder.folder is None:
+        raise ValueError("reload=True needs a TableHolder that knows its routes folder")
 
     @route(
         ["/", "/{path:path}"],
@@ -52,12 +62,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with make_client(transport) as client:
+        async with make_client(transport) as client, anyio.create_task_group() as tg:
             app.state.client = client
-            yield
+            if reload:
+                tg.start_soon(holder.watch, poll_interval)
+            try:
+                with holder.reload_on_sighup():
+                    yield
+            finally:
+                holder.stop()
+                tg.cancel_scope.cancel()
 
     app = Litestar(
-        route_handlers=[proxy, healthz, readyz],
+        route_handlers=[proxy, healthz, readyz, models],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _openai_error, HTTPException: _openai_error, 500: _openai_error},
         request_max_body_size=max_body_size,
@@ -81,6 +98,12 @@ def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     holder: TableHolder = request.app.state.holder
     ready = bool(holder.current.routes) and getattr(request.app.state, "client", None) is not None
     return Response({"status": "ok" if ready else "not ready", "routes": len(holder.current.routes)}, status_code=200 if ready else 503)
+
+
+@get("/v1/models", include_in_schema=False, sync_to_thread=False)
+def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """OpenAI's model list, from the route table (built with it, so this is one attribute read)."""
+    return Response(request.app.state.holder.current.models_json, media_type="application/json")
 
 
 def _route_path(scope: Any) -> str:
@@ -110,6 +133,7 @@ def app_from_env() -> Litestar:
     import os
 
     folder = os.environ.get("LLMPROXY_ROUTES", "routes.d")
-    holder = TableHolder(RouteTable.from_dir(folder), folder)
+    holder = TableHolder.load(folder)
     max_body = int(os.environ.get("LLMPROXY_MAX_BODY", DEFAULT_MAX_BODY))
-    return create_app(holder, max_body_size=max_body)
+    reload = os.environ.get("LLMPROXY_RELOAD", "") not in ("", "0")
+    return create_app(holder, max_body_size=max_body, reload=reload)

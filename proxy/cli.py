@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .routes import RouteTable
 
 EXIT_CONFIG = 2
 
@@ -30,8 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-size", type=int, default=10 * 2**20, help="largest request body in bytes (default: 10 MiB)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info")
 
-    c = sub.add_parser("check", help="validate the routes and print the table", description="Exit 0 when every route file is valid, 2 otherwise.")
+    c = sub.add_parser("check", help="validate the routes and print the table",
+                       description="Exit 0 when every route file is valid (warnings included), 2 otherwise.")
     c.add_argument("--routes", default=default_routes, help=routes_help)
+    c.add_argument("--probe", action="store_true",
+                   help="also try a TCP connect to every upstream and print up/down (off by default: check stays offline)")
 
     m = sub.add_parser("mock-upstream", help="run a development legacy-completions server",
                        description="A deterministic OpenAI legacy /v1/completions server (stream and non-stream) for demos and tests.")
@@ -55,22 +62,65 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmproxy: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
-        print(format_table(table))
+        health = probe(table) if args.probe else None
+        print(format_table(table, health))
         return 0
     return _serve(args)
 
 
-def format_table(table: object) -> str:
-    from .routes import RouteTable
-
-    assert isinstance(table, RouteTable)
-    rows = [("NAME", "METHODS", "PATH", "MODELS", "ADAPTER", "STREAM", "UPSTREAM", "FILE")]
+def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str:
+    """The route table as `check` prints it: one row per route, one more per extra upstream,
+    then the warnings. `health` maps an upstream URL to "up" or "down: reason"."""
+    rows = [("PATH", "METHODS", "MODELS", "ADAPTER", "STREAM", "UPSTREAM", "NAME", "FILE")]
     for r in table.routes:
         c = r.config
-        rows.append((c.name, ",".join(c.methods), c.path, ",".join(c.models) or "*", c.adapter, c.stream, " ".join(c.upstreams), c.source))
+        models = ",".join(c.models) or "* (fallback)"
+        if c.upstream_model:
+            models += f" -> {c.upstream_model}"
+        ups = [f"{u} [{health.get(u, '?')}]" if health is not None else u for u in c.upstreams]
+        rows.append((c.path, ",".join(c.methods), models, c.adapter, c.stream, ups[0], c.name, c.source))
+        rows.extend(("", "", "", "", "", u, "", "") for u in ups[1:])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines) + f"\n{len(table.routes)} route(s) OK"
+    warnings = table.warnings()
+    lines.extend(f"warning: {w}" for w in warnings)
+    summary = f"{len(table.routes)} route(s) OK on {len(table.paths)} path(s)"
+    if warnings:
+        summary += f", {len(warnings)} warning(s)"
+    return "\n".join([*lines, summary])
+
+
+def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
+    """TCP-connect to every distinct upstream host:port at once: "up" or "down: reason"."""
+    import asyncio
+    import socket
+    from urllib.parse import urlsplit
+
+    def address(url: str) -> tuple[str, int]:
+        parts = urlsplit(url)
+        return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+    async def connect(host: str, port: int) -> str:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except TimeoutError:
+            return f"down: no answer within {timeout:g}s"
+        except ConnectionRefusedError:
+            return "down: connection refused"
+        except socket.gaierror:
+            return "down: cannot resolve host"
+        except OSError as exc:
+            return f"down: {exc.strerror or type(exc).__name__}"
+        writer.close()
+        return "up"
+
+    async def run() -> dict[str, str]:
+        urls = list(dict.fromkeys(u for r in table.routes for u in r.upstreams))
+        addrs = list(dict.fromkeys(address(u) for u in urls))
+        results = dict(zip(addrs, await asyncio.gather(*(connect(h, p) for h, p in addrs))))
+        return {u: results[address(u)] for u in urls}
+
+    return asyncio.run(run())
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -165,3 +165,28 @@ def from_httpx(exc: Exception, route: str) -> ProxyError:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def connect_failure(exc: Exception) -> str | None:
+    """Why the connection to the upstream could not be made, or None if it was made.
+
+    Only these failures are safe to repeat elsewhere: no byte of the request left
+    the proxy. A reset or timeout after connecting is not (the upstream may be
+    generating already). aiohttp's cause decides first, as in `from_httpx`.
+    """
+    import httpx
+
+    cause = exc.__cause__
+    if cause is not None:
+        import aiohttp
+
+        if isinstance(cause, aiohttp.ClientConnectorError):
+            return _reason(cause.os_error) if cause.os_error else _reason(cause)
+        if isinstance(cause, aiohttp.ConnectionTimeoutError):
+            return "connect timed out"
+        return None
+    if isinstance(exc, httpx.ConnectError):
+        return _reason(exc)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connect timed out"
+    return None

@@ -20,6 +20,7 @@ from .errors import ProxyError, UpstreamStatus
 if TYPE_CHECKING:
     from .adapters import Call
     from .routes import Route
+    from .upstreams import Upstream
 
 _ERROR_BODY_CAP = 64 * 1024
 _JSON = [(b"content-type", b"application/json")]
@@ -46,26 +47,28 @@ def prepare(route: Route, scope: dict[str, Any], body: bytes) -> Exchange:
     )
     if call.translates:
         out.append((b"accept-encoding", b"identity"))
+    upstream = route.pool.pick()
     request = httpx.Request(
         scope["method"],
-        route.upstream_url(scope.get("query_string", b"")),
+        upstream.target(scope.get("query_string", b"")),
         headers=out,
         content=call.body,
         extensions={"timeout": route.timeout},
     )
-    return Exchange(route, call, request, rid)
+    return Exchange(route, call, request, rid, upstream)
 
 
 class Exchange:
     """One proxied request as an ASGI app."""
 
-    __slots__ = ("route", "call", "request", "rid")
+    __slots__ = ("route", "call", "request", "rid", "upstream")
 
-    def __init__(self, route: Route, call: Call, request: httpx.Request, rid: bytes) -> None:
+    def __init__(self, route: Route, call: Call, request: httpx.Request, rid: bytes, upstream: Upstream) -> None:
         self.route = route
         self.call = call
         self.request = request
         self.rid = rid
+        self.upstream = upstream  # which of the route's upstreams `request` goes to
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         client: httpx.AsyncClient = scope["app"].state.client
@@ -79,7 +82,7 @@ class Exchange:
     async def _exchange(self, client: httpx.AsyncClient, send: Any) -> None:
         name = self.route.name
         try:
-            response = await client.send(self.request, stream=True)
+            response = await self._send(client)
         except httpx.HTTPError as exc:
             await send_error(send, errors.from_httpx(exc, name), self.rid)
             return
@@ -121,6 +124,38 @@ class Exchange:
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+
+    async def _send(self, client: httpx.AsyncClient) -> httpx.Response:
+        """`client.send`, moved on to the route's next upstream while connecting fails.
+
+        Only a failed connect moves on: nothing was sent, so even a POST is safe to
+        repeat. The last failure is raised when every upstream was tried.
+        """
+        pool = self.route.pool
+        tried: list[Upstream] = []
+        while True:
+            try:
+                response = await client.send(self.request, stream=True)
+            except httpx.HTTPError as exc:
+                reason = errors.connect_failure(exc)
+                if reason is None:
+                    raise
+                pool.failed(self.upstream, reason)
+                tried.append(self.upstream)
+                nxt = pool.next_after(tried)
+                if nxt is None:
+                    raise
+                self.upstream = nxt
+                self.request = _retarget(self.request, nxt.target(self.request.url.query))
+                continue
+            pool.succeeded(self.upstream)
+            return response
+
+
+def _retarget(request: httpx.Request, url: str) -> httpx.Request:
+    """The same request for another upstream (httpx derives `Host` from the URL)."""
+    hdrs = [(k, v) for k, v in request.headers.raw if k.lower() != b"host"]
+    return httpx.Request(request.method, url, headers=hdrs, content=request.content, extensions=request.extensions)
 
 
 async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None) -> None:

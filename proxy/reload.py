@@ -1,32 +1,149 @@
-"""Holds the current route table; reload builds a new one and swaps it in one assignment."""
+"""Holds the current route table; reload builds a new one and swaps it in one assignment.
+
+What decides a reload is a fingerprint of the folder's files *as read through
+their symlinks*, not file-system events: editors save by rename, and a
+Kubernetes ConfigMap volume updates by swapping its `..data` symlink, which
+leaves the visible file names (symlinks themselves) untouched. watchfiles only
+wakes the check early; a periodic check catches whatever no event announced.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+import anyio
 
 from .errors import ConfigError
 from .routes import RouteTable
 
 log = logging.getLogger("llmproxy.reload")
 
+POLL_INTERVAL = 1.0  # seconds between fingerprint checks when no event arrives
+
+
+def fingerprint(folder: Path) -> bytes:
+    """A digest of every visible file's name and content, read through symlinks.
+
+    Hidden entries (`.swp` files, a ConfigMap's `..data` and `..2026_…` dirs)
+    are skipped; what they hold is seen through the visible names.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        return b"unreadable folder: " + str(exc).encode()
+    for name in names:
+        if name.startswith("."):
+            continue
+        try:
+            data = (folder / name).read_bytes()
+        except IsADirectoryError:
+            continue
+        except OSError as exc:  # a dangling symlink mid-swap, a file being replaced
+            data = b"\0unreadable: " + str(exc).encode()
+        h.update(b"%d:%s\0%d:" % (len(name), name.encode(), len(data)))
+        h.update(data)
+    return h.digest()
+
 
 class TableHolder:
     """`current` is read once per request; a request keeps the table it started with."""
 
-    def __init__(self, table: RouteTable, folder: Path | str | None = None) -> None:
+    def __init__(self, table: RouteTable, folder: Path | str | None = None, snapshot: bytes | None = None) -> None:
         self.current = table
         self.folder = Path(folder) if folder is not None else None
+        # The fingerprint `current` was built from; None: unknown, so the first check reloads.
+        self.snapshot = snapshot
+        self._stop: anyio.Event | None = None
 
-    def reload(self) -> bool:
-        """Build a table from the folder; keep the old one when a file is bad."""
+    @classmethod
+    def load(cls, folder: Path | str) -> TableHolder:
+        """Snapshot first, then build: an edit landing in between shows up as a change later,
+        instead of being mistaken for the state the table was built from."""
+        folder = Path(folder)
+        snapshot = fingerprint(folder)
+        return cls(RouteTable.from_dir(folder), folder, snapshot)
+
+    def reload(self, force: bool = False) -> bool:
+        """Build a new table if the files changed (or `force`); keep the old one when a file is bad."""
         if self.folder is None:
             return False
+        snapshot = fingerprint(self.folder)
+        if snapshot == self.snapshot and not force:
+            return False
+        # Taken even when the build fails: a broken file is reported once, not on every check.
+        self.snapshot = snapshot
         try:
             table = RouteTable.from_dir(self.folder)
         except ConfigError as exc:
-            log.error("reload failed, previous routes stay in service: %s", exc)
+            log.error("routes not reloaded, the previous table stays in service: %s", exc)
+            return False
+        except Exception:  # a bug must not end the watcher, nor the app with it
+            log.exception("routes not reloaded, the previous table stays in service: unexpected error")
             return False
         self.current = table
-        log.info("routes reloaded: %d route(s)", len(table.routes))
+        log.info("routes reloaded from %s: %d route(s) on %d path(s)", self.folder, len(table.routes), len(table.paths))
         return True
+
+    async def watch(self, poll: float = POLL_INTERVAL) -> None:
+        """Reload on every change until cancelled (or `stop()`)."""
+        from watchfiles import awatch
+
+        assert self.folder is not None, "watch() needs the routes folder"
+        self._stop = stop = anyio.Event()
+        self.reload()  # edits made between `load()` and now
+        try:
+            # Events only wake us early; `yield_on_timeout` turns the silence into the periodic check.
+            async for _ in awatch(
+                self.folder,
+                watch_filter=None,
+                debounce=300,
+                step=30,
+                rust_timeout=max(1, int(poll * 1000)),
+                yield_on_timeout=True,
+                recursive=False,
+                stop_event=stop,
+            ):
+                self.reload()
+        except (OSError, RuntimeError) as exc:  # no inotify, the folder replaced, too many watches
+            log.warning("cannot watch %s (%s); checking it every %gs instead", self.folder, exc, poll)
+        while not stop.is_set():
+            with anyio.move_on_after(poll):
+                await stop.wait()
+            self.reload()
+
+    def stop(self) -> None:
+        """End `watch()` promptly: the watcher thread checks this event every few ms, while
+        a cancellation would wait for its next timeout."""
+        if self._stop is not None:
+            self._stop.set()
+
+    @contextmanager
+    def reload_on_sighup(self) -> Iterator[None]:
+        """`kill -HUP` reloads now, changed or not. uvicorn leaves SIGHUP to the app.
+
+        Does nothing without a folder, or off the main thread (tests run servers in threads),
+        where signal handlers cannot be set.
+        """
+        import asyncio
+
+        if self.folder is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self.reload, True)
+        except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+            yield
+            return
+        try:
+            yield
+        finally:
+            with suppress(Exception):
+                loop.remove_signal_handler(signal.SIGHUP)

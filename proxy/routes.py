@@ -6,9 +6,10 @@ the table (and route) it started with.
 
 from __future__ import annotations
 
-import itertools
+import re
+import time
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 from pathlib import Path
 
 import msgspec
@@ -17,6 +18,7 @@ from .adapters import Adapter, make_adapter
 from .config import RouteConfig, load_dir
 from .errors import MethodNotAllowed, ModelNotFound, NotFound
 from .headers import Headers, normalize
+from .upstreams import Pool
 
 
 class _Model(msgspec.Struct):
@@ -27,42 +29,73 @@ class _Model(msgspec.Struct):
 _decode_model = msgspec.json.Decoder(_Model).decode
 
 
+class _ModelEntry(msgspec.Struct):
+    id: str
+    owned_by: str
+    created: int
+    object: str = "model"
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_ModelEntry]
+    object: str = "list"
+
+
 class Route:
     """A route file compiled for the hot path."""
 
-    __slots__ = ("config", "name", "adapter", "upstreams", "defaults", "timeout", "models", "_turn")
+    __slots__ = ("config", "name", "adapter", "upstreams", "pool", "defaults", "timeout", "models", "_match")
 
     def __init__(self, config: RouteConfig) -> None:
         self.config = config
         self.name = config.name
         self.adapter: Adapter = make_adapter(config)
         self.upstreams = config.upstreams
+        self.pool = Pool(config.name, config.upstreams)
         self.defaults: Headers = normalize(config.default_headers)
         t = config.timeout
         self.timeout = {"connect": t.connect, "read": t.read, "write": t.write, "pool": t.pool}
         self.models = tuple(config.models)
-        self._turn = itertools.cycle(range(len(self.upstreams)))
+        # All globs as one compiled regex: one match call per request instead of one fnmatch per glob.
+        self._match = re.compile("|".join(translate(g) for g in self.models)).match if self.models else None
 
     def serves(self, model: str | None) -> bool:
-        return model is not None and any(fnmatchcase(model, g) for g in self.models)
+        return model is not None and self._match is not None and self._match(model) is not None
 
-    def upstream_url(self, query: bytes = b"") -> str:
-        """The URL to send to: round-robin over `upstream` when it lists several."""
-        base = self.upstreams[next(self._turn)] if len(self.upstreams) > 1 else self.upstreams[0]
-        return f"{base}?{query.decode('latin-1')}" if query else base
+
+class _Choice:
+    """The routes of one path + method, as `match` needs them."""
+
+    __slots__ = ("direct", "by_model", "fallback", "served")
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.by_model = tuple(r for r in routes if r.models)
+        self.fallback = next((r for r in routes if not r.models), None)
+        # One route and no `models`: the body need not be read at all.
+        self.direct = self.fallback if not self.by_model else None
+        self.served = tuple(dict.fromkeys(g for r in self.by_model for g in r.models))
 
 
 class RouteTable:
-    """Routes by exact path; several routes on one path are told apart by the body's `model`."""
+    """Routes by exact path; several routes on one path are told apart by the body's `model`.
 
-    __slots__ = ("routes", "_by_path")
+    Routes are kept in file-name order, and the first route whose `models` match wins.
+    """
+
+    __slots__ = ("routes", "created", "models_json", "_by_path", "_allowed")
 
     def __init__(self, configs: Sequence[RouteConfig]) -> None:
         self.routes = tuple(Route(c) for c in configs)
+        self.created = int(time.time())
         by_path: dict[str, list[Route]] = {}
         for r in self.routes:
             by_path.setdefault(r.config.path, []).append(r)
-        self._by_path = {p: tuple(rs) for p, rs in by_path.items()}
+        self._by_path = {
+            path: {m: _Choice([r for r in rs if m in r.config.methods]) for m in {m for r in rs for m in r.config.methods}}
+            for path, rs in by_path.items()
+        }
+        self._allowed = {path: ", ".join(sorted(choices)) for path, choices in self._by_path.items()}
+        self.models_json = self._models_json()
 
     @classmethod
     def from_dir(cls, folder: Path | str) -> RouteTable:
@@ -73,40 +106,70 @@ class RouteTable:
         return frozenset(self._by_path)
 
     def match(self, method: str, path: str, body: bytes) -> Route:
-        candidates = self._by_path.get(path)
-        if candidates is None:
+        choices = self._by_path.get(path)
+        if choices is None:
             raise NotFound(f"no route for path {path}")
-        if len(candidates) == 1:
-            route = candidates[0]
-            if method not in route.config.methods:
-                raise self._not_allowed(method, path, candidates)
-            if not route.models:
-                return route
-        candidates = tuple(r for r in candidates if method in r.config.methods)
-        if not candidates:
-            raise self._not_allowed(method, path, self._by_path[path])
+        choice = choices.get(method)
+        if choice is None:
+            allowed = self._allowed[path]
+            raise MethodNotAllowed(f"method {method} is not allowed on {path}; allowed: {allowed}", headers={"allow": allowed})
+        if choice.direct is not None:
+            return choice.direct
         model = _model_of(body)
-        fallback = None
-        for r in candidates:
-            if not r.models:
-                fallback = fallback or r
-            elif r.serves(model):
+        for r in choice.by_model:
+            if r.serves(model):
                 return r
-        if fallback is not None:
-            return fallback
-        served = sorted({g for r in candidates for g in r.models})
-        raise ModelNotFound(
-            f"model {model!r} is not served at {path}; available: {', '.join(served)}",
-            param="model",
-        )
+        if choice.fallback is not None:
+            return choice.fallback
+        served = ", ".join(choice.served)
+        asked = f"model {model!r} is not served" if model is not None else "the request names no model"
+        raise ModelNotFound(f"{asked} at {path}; available: {served}", param="model")
 
-    @staticmethod
-    def _not_allowed(method: str, path: str, routes: Sequence[Route]) -> MethodNotAllowed:
-        allowed = sorted({m for r in routes for m in r.config.methods})
-        return MethodNotAllowed(
-            f"method {method} is not allowed on {path}; allowed: {', '.join(allowed)}",
-            headers={"allow": ", ".join(allowed)},
-        )
+    def _models_json(self) -> bytes:
+        """`GET /v1/models`: every declared model (glob) once, owned by the route that wins it.
+
+        `upstream_model` stays private: clients address the proxy's names only.
+        """
+        seen: dict[str, _ModelEntry] = {}
+        for r in self.routes:
+            for g in r.models:
+                if g not in seen:
+                    seen[g] = _ModelEntry(id=g, owned_by=r.name, created=self.created)
+        return msgspec.json.encode(_ModelList(data=list(seen.values())))
+
+    def warnings(self) -> list[str]:
+        """Things that load but are probably not what the operator meant (`llmproxy check`)."""
+        out: list[str] = []
+        for path, choices in self._by_path.items():
+            reported: set[tuple[str, str, str, str]] = set()
+            for choice in choices.values():
+                rs = choice.by_model
+                for i, later in enumerate(rs):
+                    for first in rs[:i]:
+                        for gb in later.models:
+                            for ga in first.models:
+                                key = (first.name, ga, later.name, gb)
+                                if key in reported or not _overlap(ga, gb):
+                                    continue
+                                reported.add(key)
+                                out.append(
+                                    f"{later.config.source}: models: {gb!r} overlaps {ga!r} of route {first.name!r} "
+                                    f"({first.config.source}) on {path}; route {first.name!r} wins for models "
+                                    "both match (first file in name order)"
+                                )
+        for r in self.routes:
+            for url in sorted({u for u in r.upstreams if r.upstreams.count(u) > 1}):
+                out.append(f"{r.config.source}: upstream: {url} is listed more than once (it gets a larger share)")
+        return out
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two globs likely match a common name: equal, or one matches the other's text.
+
+    Not a full glob intersection (`a*` and `*b` share `ab` yet are not flagged); it catches
+    the usual cases: duplicates, `qwen*` beside `qwen2.5-*`, `*` beside anything.
+    """
+    return a == b or fnmatchcase(a, b) or fnmatchcase(b, a)
 
 
 def _model_of(body: bytes) -> str | None:

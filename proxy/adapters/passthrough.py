@@ -1,4 +1,9 @@
-"""Passthrough: bytes untouched, except `stream` (and `model`) when the route pins them."""
+"""Passthrough: bytes untouched, except `stream` (and `model`) when the route pins them.
+
+With `upstream_model`, the upstream answers with its own model name; the client
+gets back the name it asked for, in the JSON body or in every SSE event. Routes
+without it never decode a byte.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import msgspec
 
 from ..config import RouteConfig
 from ..errors import BadRequest
+from ..sse import DONE, DONE_EVENT, SSEDecoder, event
 
 _decode_object = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
@@ -31,23 +37,72 @@ class _Raw:
         return chunks
 
 
+class _Renamed:
+    """A call whose model was renamed for the upstream: rename it back in the answer."""
+
+    __slots__ = ("body", "stream", "model")
+    translates = True
+
+    def __init__(self, body: bytes, stream: bool, model: str) -> None:
+        self.body = body
+        self.stream = stream
+        self.model = model  # the client's name
+
+    def response(self, body: bytes) -> bytes:
+        try:
+            doc = _decode_object(body)
+        except msgspec.DecodeError:
+            return body  # not the JSON object we expected: the client gets it as it came
+        if "model" not in doc:
+            return body
+        doc["model"] = self.model
+        return _encode(doc)
+
+    async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        decoder = SSEDecoder()
+        async for chunk in chunks:
+            data = decoder.feed(chunk)
+            if data:
+                yield b"".join(map(self._event, data))
+        data = decoder.close()
+        if data:
+            yield b"".join(map(self._event, data))
+
+    def _event(self, data: bytes) -> bytes:
+        if data == DONE:
+            return DONE_EVENT
+        try:
+            doc = _decode_object(data)
+        except msgspec.DecodeError:
+            # Not JSON: relay as it came (each line its own `data:` field, as SSE joins them).
+            return b"".join(b"data: " + line + b"\n" for line in data.split(b"\n")) + b"\n"
+        if "model" in doc:
+            doc["model"] = self.model
+        return event(doc)
+
+
 class Passthrough:
     def __init__(self, config: RouteConfig) -> None:
         self.mode = config.stream
         self.upstream_model = config.upstream_model
 
-    def request(self, body: bytes) -> _Raw:
+    def request(self, body: bytes) -> _Raw | _Renamed:
         if self.mode == "auto" and self.upstream_model is None:
             return _Raw(body)  # the hot path: no JSON work at all
         try:
             doc = _decode_object(body)
         except msgspec.DecodeError:
+            pinned = f"stream: {self.mode}" if self.mode != "auto" else "upstream_model"
             raise BadRequest(
-                f"this route sets stream: {self.mode}, so the body must be a JSON object",
+                f"this route sets {pinned}, so the body must be a JSON object",
                 code="invalid_json",
             ) from None
         if self.mode != "auto":
             doc["stream"] = self.mode == "always"
-        if self.upstream_model is not None and "model" in doc:
-            doc["model"] = self.upstream_model
-        return _Raw(_encode(doc))
+        asked = doc.get("model")
+        if self.upstream_model is None or asked is None:
+            return _Raw(_encode(doc))
+        doc["model"] = self.upstream_model
+        if not isinstance(asked, str) or asked == self.upstream_model:
+            return _Raw(_encode(doc))
+        return _Renamed(_encode(doc), doc.get("stream") is True, asked)
