@@ -369,3 +369,16 @@ def test_streamed_reasoning_fills_both_fields():
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "Hmm, four."
     assert "".join(d.get("reasoning", "") for d in deltas) == "Hmm, four."
     assert "".join(d.get("content", "") for d in deltas) == "Four."
+
+
+def test_template_that_prefills_think_streams_the_thought_at_once(tmp_path):
+    path = tmp_path / "thinking.jinja"
+    path.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    call = adapter(template=str(path), reasoning="think").request(body(stream=True))
+    assert json.loads(call.body)["prompt"].endswith("<|im_start|>assistant\n<think>\n")
+    first = parse_sse(run_events(call, [event("Weighing it")]))[0]  # no `</think>` yet, but not held back
+    assert first["choices"][0]["delta"]["reasoning_content"] == "Weighing it"
+    call = adapter(template=str(path), reasoning="think").request(body())
+    msg = json.loads(call.response(completion("Weighing it.\n</think>\n\nYes.")))["choices"][0]["message"]
+    assert (msg["reasoning"], msg["content"]) == ("Weighing it.", "Yes.")

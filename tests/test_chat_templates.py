@@ -204,3 +204,32 @@ def test_tojson_like_hugging_face():
     env = jinja_environment()
     out = env.from_string("{{ x | tojson }}").render(x={"b": "ü<", "a": 1})
     assert out == '{"b": "ü<", "a": 1}'  # key order kept, no ASCII or HTML escaping
+
+
+def test_route_names_a_template_file_next_to_it(routes_dir):
+    from proxy.routes import RouteTable
+
+    folder = routes_dir(chat="""
+        path: /v1/chat/completions
+        upstream: http://127.0.0.1:9/v1/completions
+        adapter: chat-to-completions
+        template: qwen.jinja
+    """)
+    (folder / "qwen.jinja").write_text(QWEN_REF.read_text())
+    route = RouteTable.from_dir(folder).match("POST", "/v1/chat/completions", b"{}")
+    call = route.adapter.request(b'{"model": "m", "messages": [{"role": "user", "content": "Hi"}]}')
+    assert json.loads(call.body)["prompt"] == reference([{"role": "user", "content": "Hi"}])
+
+
+def test_route_with_a_broken_template_fails_to_load_naming_the_route_file(routes_dir):
+    from proxy.routes import RouteTable
+
+    folder = routes_dir(chat="""
+        path: /v1/chat/completions
+        upstream: http://127.0.0.1:9/v1/completions
+        adapter: chat-to-completions
+        template: broken.jinja
+    """)
+    (folder / "broken.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(ConfigError, match=r"chat.yaml: template: .*broken.jinja"):
+        RouteTable.from_dir(folder)
