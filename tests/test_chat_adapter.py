@@ -382,3 +382,19 @@ def test_template_that_prefills_think_streams_the_thought_at_once(tmp_path):
     call = adapter(template=str(path), reasoning="think").request(body())
     msg = json.loads(call.response(completion("Weighing it.\n</think>\n\nYes.")))["choices"][0]["message"]
     assert (msg["reasoning"], msg["content"]) == ("Weighing it.", "Yes.")
+
+
+def test_upstream_that_ignores_the_stream_flag_is_still_understood():
+    # stream: always, but the server answered whole JSON; stream: never, but it streamed anyway
+    doc = json.loads(adapter(stream="always").request(body()).response(completion("Whole.")))
+    assert doc["choices"][0]["message"]["content"] == "Whole."
+    events = parse_sse(run_events(adapter(stream="never").request(body(stream=True)),
+                                  [event("Str"), event("eamed.", "stop"), b"data: [DONE]\n\n"]))
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "Streamed."
+
+
+def test_stream_that_carries_no_event_is_broken():
+    with pytest.raises(UpstreamBroken, match="without any event"):
+        run_events(adapter().request(body(stream=True)), [b'{"choices": []}'])
+    with pytest.raises(UpstreamBroken):
+        adapter(stream="always").request(body()).response(b"")

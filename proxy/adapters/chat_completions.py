@@ -267,14 +267,17 @@ class ChatCall:
 
     def response(self, body: bytes) -> bytes:
         """The upstream's whole answer (JSON, or SSE under `stream: always`) -> one `chat.completion`."""
-        if self.upstream_stream or body[:5] == b"data:":
-            doc = self._aggregate(body)
-        else:
-            doc = self._decode(body, "completion")
-            if doc.choices is None:
-                raise UpstreamBroken(f"upstream of route {self.adapter.route!r} sent a completion without "
-                                     f"`choices`: {_excerpt(body)}")
-        return _encode(self._chat_completion(doc))
+        return _encode(self._chat_completion(self._whole(body)))
+
+    def _whole(self, body: bytes) -> Completion:
+        """A whole upstream answer, told by its first byte: a JSON completion, or an SSE stream to join."""
+        if body.lstrip()[:1] != b"{":
+            return self._aggregate(body)
+        doc = self._decode(body, "completion")
+        if doc.choices is None:
+            raise UpstreamBroken(f"upstream of route {self.adapter.route!r} sent a completion without "
+                                 f"`choices`: {_excerpt(body)}")
+        return doc
 
     def _chat_completion(self, doc: Completion) -> ChatCompletion:
         choices = []
@@ -305,7 +308,11 @@ class ChatCall:
         lps: dict[int, list[Any]] = {}
         first: Completion | None = None
         usage = None
-        for data in dec.feed(body) + dec.close():
+        events = dec.feed(body) + dec.close()
+        if not events:
+            raise UpstreamBroken(f"upstream of route {self.adapter.route!r} sent neither a completion nor "
+                                 f"stream events: {_excerpt(body)}")
+        for data in events:
             if data == sse.DONE:
                 break
             ev = self._event(data)
@@ -328,24 +335,19 @@ class ChatCall:
     async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Upstream bytes -> `chat.completion.chunk` events, one out per event in, then `[DONE]`."""
         if not self.upstream_stream:
-            body = b"".join([c async for c in chunks])
-            doc = self._decode(body, "completion")
-            if doc.choices is None:
-                raise UpstreamBroken(f"upstream of route {self.adapter.route!r} sent a completion without "
-                                     f"`choices`: {_excerpt(body)}")
-            yield self._synthesize(doc)
+            yield self._synthesize(self._whole(b"".join([c async for c in chunks])))
             return
         dec = sse.SSEDecoder()
         states: dict[int, _Choice] = {}
         usage: Usage | None = None
-        done = False
+        done = seen = False
         async for chunk in chunks:
             for data in dec.feed(chunk):
                 if data == sse.DONE:
                     done = True
                     break
                 out, ev_usage = self._on_event(data, states)
-                usage = ev_usage or usage
+                seen, usage = True, ev_usage or usage
                 if out:
                     yield out
             if done:
@@ -353,11 +355,14 @@ class ChatCall:
         if not done:
             for data in dec.close():
                 if data == sse.DONE:
+                    done = True
                     break
                 out, ev_usage = self._on_event(data, states)
-                usage = ev_usage or usage
+                seen, usage = True, ev_usage or usage
                 if out:
                     yield out
+        if not (seen or done):
+            raise UpstreamBroken(f"upstream of route {self.adapter.route!r} ended the stream without any event")
         yield self._end(states, usage)
 
     def _on_event(self, data: bytes, states: dict[int, _Choice]) -> tuple[bytes, Usage | None]:
