@@ -129,10 +129,11 @@ def run(routes: Path, pace_ms: int = 60) -> None:
             call = first.choices[0].message.tool_calls[0]
             _say(f"   finish_reason={first.choices[0].finish_reason}  "
                  f"{call.function.name}({call.function.arguments})  id={call.id}")
-            messages += [first.choices[0].message.model_dump(exclude_none=True, include={"role", "content", "tool_calls"}),
-                         {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21, "sky": "sunny"}'}]
+            answer = first.choices[0].message.model_dump(exclude_none=True, include={"role", "content", "tool_calls"})
+            messages += [answer, {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21, "sky": "sunny"}'}]
+            reply = json.dumps("It is 21 °C and sunny in Paris.")  # JSON-escaped: header values are ASCII
             final = client.chat.completions.create(model="qwen", messages=messages, tools=tools,
-                                                   extra_headers={"x-mock-text-json": json.dumps("It is 21 °C and sunny in Paris.")})
+                                                   extra_headers={"x-mock-text-json": reply})
             _say(f"   after the tool result: {final.choices[0].message.content}")
     _say("\ndone: both servers stopped.")
 

@@ -506,7 +506,7 @@ def _chat_logprobs(raw: msgspec.Raw) -> dict[str, Any] | None:
         return None
     tops = lp.top_logprobs or []
     content = []
-    for k, (token, logprob) in enumerate(zip(lp.tokens, lp.token_logprobs)):
+    for k, (token, logprob) in enumerate(zip(lp.tokens, lp.token_logprobs, strict=False)):
         top = tops[k] if k < len(tops) and tops[k] else {}
         content.append({
             "token": token, "logprob": logprob if logprob is not None else -9999.0,
