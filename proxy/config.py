@@ -208,7 +208,7 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
         if getattr(t, f) <= 0:
             raise fail(f"timeout.{f}", "must be a positive number of seconds")
     template = r.template
-    if template != "chatml":
+    if template not in ("chatml", "qwen2.5"):  # built-in templates (adapters/templates.py)
         tpath = (folder / template) if not Path(template).is_absolute() else Path(template)
         if not tpath.is_file():
             raise fail("template", f"neither 'chatml' nor an existing file: {tpath}")

@@ -1,0 +1,235 @@
+"""Prompt rendering: built-in ChatML / Qwen2.5 against expected strings and the published Qwen2.5 template."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from proxy.adapters.chat_types import ChatRequest
+from proxy.adapters.templates import ChatML, JinjaTemplate, jinja_environment, load_template
+from proxy.errors import BadRequest, ConfigError
+
+DATA = Path(__file__).parent / "data"
+QWEN_REF = DATA / "qwen2.5-instruct.jinja"
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city, in °C",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def msgs(*messages: dict[str, Any]) -> list[Any]:
+    return msgspec.convert({"messages": list(messages)}, ChatRequest).messages
+
+
+def reference(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """The published Qwen2.5-Instruct template, rendered the way `apply_chat_template` does.
+
+    Like vLLM, tool-call arguments go in as objects (OpenAI sends them as JSON strings).
+    """
+    messages = copy.deepcopy(messages)
+    for m in messages:
+        for call in m.get("tool_calls") or ():
+            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    template = jinja_environment().from_string(QWEN_REF.read_text())
+    return template.render(messages=messages, tools=tools, add_generation_prompt=True)
+
+
+def test_chatml_turns():
+    prompt = ChatML().render(msgs(
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+    ), None)
+    assert prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_chatml_without_system_adds_none():
+    assert ChatML().render(msgs({"role": "user", "content": "Hi"}), None) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_chatml_empty_system_is_kept_as_an_empty_turn():
+    assert ChatML().render(msgs({"role": "system", "content": ""}, {"role": "user", "content": "Hi"}), None) == (
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_chatml_list_of_text_parts_joined_by_newlines():
+    prompt = ChatML().render(msgs({"role": "user", "content": [
+        {"type": "text", "text": "first"}, {"type": "text", "text": "second"}]}), None)
+    assert prompt == "<|im_start|>user\nfirst\nsecond<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chatml_tools_without_system_open_with_the_tools_block():
+    prompt = ChatML().render(msgs({"role": "user", "content": "Weather in Paris?"}), [WEATHER])
+    assert prompt == (
+        "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        + json.dumps(WEATHER, ensure_ascii=False) +
+        "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+        "<args-json-object>}\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert "°C" in prompt  # tojson keeps non-ASCII text, as Hugging Face's does
+
+
+def test_tool_round_trip_rendering_expected_string():
+    prompt = ChatML().render(msgs(
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 °C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+    ), [WEATHER, TIME])
+    assert prompt.endswith(
+        "<|im_start|>user\nWeather and time in Paris?<|im_end|>\n"
+        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n"
+        "</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n21 °C\n</tool_response>\n<tool_response>\n12:00\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert prompt.startswith("<|im_start|>system\nS\n\n# Tools\n")
+
+
+CONVERSATIONS: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None]] = [
+    ("user only", [{"role": "user", "content": "Hi"}], None),
+    ("system", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], None),
+    ("multi-turn", [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+        {"role": "system", "content": "late system"}, {"role": "user", "content": "d"},
+    ], None),
+    ("tools, no system", [{"role": "user", "content": "Weather?"}], [WEATHER]),
+    ("tools and system", [{"role": "system", "content": "You help."}, {"role": "user", "content": "Weather?"}],
+     [WEATHER, TIME]),
+    ("tool round trip", [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Weather in Paris and Zürich?"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "a", "content": "21"},
+        {"role": "tool", "tool_call_id": "b", "content": "18"},
+        {"role": "assistant", "content": "Paris 21, Zürich 18."},
+        {"role": "user", "content": "And the time?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "12:00"},
+    ], [WEATHER, TIME]),
+    ("tool results without tools listed", [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"n": [1, 2.5, null]}'}}]},
+        {"role": "tool", "content": "ok"},
+    ], None),
+]
+
+
+@pytest.mark.parametrize(("name", "conversation", "tools"), CONVERSATIONS, ids=[c[0] for c in CONVERSATIONS])
+def test_builtin_qwen25_matches_the_published_template(name, conversation, tools):
+    assert load_template("qwen2.5").render(msgs(*conversation), tools) == reference(conversation, tools)
+
+
+@pytest.mark.parametrize(("name", "conversation", "tools"), CONVERSATIONS, ids=[c[0] for c in CONVERSATIONS])
+def test_chatml_matches_the_published_template_when_a_system_message_leads(name, conversation, tools):
+    conversation = conversation if conversation[0]["role"] == "system" else (
+        [{"role": "system", "content": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}]
+        + conversation)
+    assert ChatML().render(msgs(*conversation), tools) == reference(conversation, tools)
+
+
+def test_jinja_file_template_gets_messages_tools_and_generation_prompt(tmp_path):
+    path = tmp_path / "qwen.jinja"
+    path.write_text(QWEN_REF.read_text())
+    template = JinjaTemplate(path)
+    for _, conversation, tools in CONVERSATIONS:
+        assert template.render(msgs(*conversation), tools) == reference(conversation, tools)
+    assert template.stops == ("<|im_end|>", "<|endoftext|>")
+
+
+def test_jinja_template_stops_follow_its_family(tmp_path):
+    path = tmp_path / "llama.jinja"
+    path.write_text("{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+                    "{{ m.content }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert JinjaTemplate(path).stops == ("<|eot_id|>",)
+
+
+def test_jinja_template_raise_exception_is_a_400(tmp_path):
+    path = tmp_path / "strict.jinja"
+    path.write_text("{% if messages[0].role != 'user' %}{{ raise_exception('first message must be user') }}"
+                    "{% endif %}{{ messages[0].content }}")
+    with pytest.raises(BadRequest, match="first message must be user"):
+        JinjaTemplate(path).render(msgs({"role": "system", "content": "x"}), None)
+
+
+def test_jinja_template_is_sandboxed(tmp_path):
+    path = tmp_path / "evil.jinja"
+    path.write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(BadRequest):
+        JinjaTemplate(path).render(msgs({"role": "user", "content": "x"}), None)
+
+
+def test_jinja_syntax_error_is_a_config_error_naming_the_route(tmp_path):
+    path = tmp_path / "broken.jinja"
+    path.write_text("{% if %}")
+    with pytest.raises(ConfigError, match=r"routes.d/x.yaml: template: .*broken.jinja:1"):
+        JinjaTemplate(path, "routes.d/x.yaml")
+
+
+def test_tojson_like_hugging_face():
+    env = jinja_environment()
+    out = env.from_string("{{ x | tojson }}").render(x={"b": "ü<", "a": 1})
+    assert out == '{"b": "ü<", "a": 1}'  # key order kept, no ASCII or HTML escaping
+
+
+def test_route_names_a_template_file_next_to_it(routes_dir):
+    from proxy.routes import RouteTable
+
+    folder = routes_dir(chat="""
+        path: /v1/chat/completions
+        upstream: http://127.0.0.1:9/v1/completions
+        adapter: chat-to-completions
+        template: qwen.jinja
+    """)
+    (folder / "qwen.jinja").write_text(QWEN_REF.read_text())
+    route = RouteTable.from_dir(folder).match("POST", "/v1/chat/completions", b"{}")
+    call = route.adapter.request(b'{"model": "m", "messages": [{"role": "user", "content": "Hi"}]}')
+    assert json.loads(call.body)["prompt"] == reference([{"role": "user", "content": "Hi"}])
+
+
+def test_route_with_a_broken_template_fails_to_load_naming_the_route_file(routes_dir):
+    from proxy.routes import RouteTable
+
+    folder = routes_dir(chat="""
+        path: /v1/chat/completions
+        upstream: http://127.0.0.1:9/v1/completions
+        adapter: chat-to-completions
+        template: broken.jinja
+    """)
+    (folder / "broken.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(ConfigError, match=r"chat.yaml: template: .*broken.jinja"):
+        RouteTable.from_dir(folder)
