@@ -182,7 +182,7 @@ class Exchange:
     async def _cut(self, send: Any, *, started: bool, sse: bool) -> None:
         """Cancelled from outside (the shutdown grace period ran out), not by the client leaving:
         tell the client why rather than just dropping the connection."""
-        if self.disconnected or (started and not sse):
+        if self.disconnected or self._complete or (started and not sse):
             return
         err = errors.ShuttingDown(f"the proxy is shutting down; route {self.route.name!r} was cut off")
         with anyio.CancelScope(shield=True):
