@@ -7,6 +7,7 @@ catch-all handler asks our immutable `RouteTable` instead (shared/LITESTAR.md B1
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +24,8 @@ from .forward import prepare
 from .reload import POLL_INTERVAL, TableHolder
 from .routes import RouteTable
 from .transport import make_client
+
+log = logging.getLogger("llmproxy.app")
 
 DEFAULT_MAX_BODY = 10 * 2**20
 _PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
@@ -83,6 +86,7 @@ def create_app(
         debug=False,
     )
     app.state.holder = holder
+    app.state.max_body_size = max_body_size  # named in the 413 message
     return app
 
 
@@ -117,14 +121,13 @@ def _openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[b
     """Every error the app raises, in the OpenAI shape (the only error renderer)."""
     if not isinstance(exc, ProxyError):
         if isinstance(exc, HTTPException):
-            status = exc.status_code
-            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
-            kind = errors.BadRequest if status < 500 else errors.ProxyError
-            err = kind(str(exc.detail), code=code, headers=dict(exc.headers or {}))
-            err.status = status
+            exc = errors.from_http_exception(
+                exc.status_code, str(exc.detail), dict(exc.headers or {}), request.method,
+                _route_path(request.scope), getattr(request.app.state, "max_body_size", None),
+            )
         else:
-            err = errors.ProxyError("internal error in the proxy", code="internal_error")
-        exc = err
+            exc, where = errors.internal(exc)
+            log.error("internal error on %s %s: %s", request.method, _route_path(request.scope), where)
     return Response(errors.render(exc), status_code=exc.status, media_type="application/json", headers=exc.headers)
 
 

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reload", action="store_true", help="watch the routes folder and swap in a new table on change")
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default: 1)")
     s.add_argument("--max-body-size", type=int, default=10 * 2**20, help="largest request body in bytes (default: 10 MiB)")
+    s.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, stop accepting and let running responses finish for this long, "
+                   "then cut them (default: 30)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info")
 
     c = sub.add_parser("check", help="validate the routes and print the table",
@@ -124,12 +127,18 @@ def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
     os.environ["LLMPROXY_ROUTES"] = args.routes
     os.environ["LLMPROXY_MAX_BODY"] = str(args.max_body_size)
     if args.reload:
         os.environ["LLMPROXY_RELOAD"] = "1"
+    if args.grace_period < 0:
+        print("llmproxy: --grace-period must be >= 0", file=sys.stderr)
+        return EXIT_CONFIG
+    signal.signal(signal.SIGTERM, _stopped)
     uvicorn.run(
         "proxy.app:app_from_env",
         factory=True,
@@ -140,9 +149,16 @@ def _serve(args: argparse.Namespace) -> int:
         http="httptools",
         access_log=False,
         log_level=args.log_level,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=args.grace_period,
     )
     return 0
+
+
+def _stopped(signum: int, frame: object) -> None:
+    """SIGTERM is how services are stopped: exit 0. uvicorn replaces this handler while it
+    serves and, after its graceful shutdown, restores it and re-raises the signal, which
+    would otherwise kill the process with status -15."""
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,37 @@
 """Every error the proxy reports, and the one place they become OpenAI-shaped bytes.
 
-The client always gets `{"error": {"message", "type", "param", "code"}}`; httpx
-exceptions are mapped here and nowhere else. Messages name the route, never a
-header value (default headers carry secrets).
+The client always gets `{"error": {"message", "type", "param", "code"}}`;
+transport exceptions (httpx, and the aiohttp ones underneath) are mapped here
+and nowhere else. Messages name the route and the upstream host, never a
+header value: default headers carry secrets, and upstream error bodies are
+scrubbed of them before they are passed on.
 """
 
 from __future__ import annotations
 
+import re
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
 import msgspec
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .routes import Route
+
+MESSAGE_CAP = 500  # characters of a foreign (non-OpenAI) error body kept in our message
 
 
 class ConfigError(Exception):
     """A route file is wrong. The message reads `FILE[:LINE]: field: reason`."""
+
+
+class BadUpstreamEvent(Exception):
+    """Raised by an adapter when the upstream sent something it cannot read (a malformed SSE
+    event, a body that is not the promised JSON). Not a `ProxyError`: like a transport
+    exception it is a fact about the upstream, and `from_upstream` names the route."""
 
 
 class ProxyError(Exception):
@@ -65,37 +85,58 @@ class PayloadTooLarge(ProxyError):
 
 
 class UpstreamUnreachable(ProxyError):
+    """No connection: refused, DNS, TLS."""
+
     status = 502
     type = "upstream_error"
     code = "upstream_unreachable"
 
 
 class UpstreamTimeout(ProxyError):
+    """The route's `timeout.connect` or `timeout.read` ran out."""
+
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
 
 
 class UpstreamBroken(ProxyError):
-    """The upstream failed after the response began (reset, stall, bad event)."""
+    """The upstream accepted the request, then dropped the connection or sent something unreadable."""
 
     status = 502
     type = "upstream_error"
-    code = "upstream_stream_error"
+    code = "upstream_broken"
+
+
+class ShuttingDown(ProxyError):
+    """The grace period ran out while this response was still streaming."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
+class InternalError(ProxyError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
 
 
 class UpstreamStatus(ProxyError):
-    """The upstream answered non-2xx: same status, its OpenAI error kept if it sent one."""
+    """The upstream answered non-2xx: same status; its OpenAI error passed on, anything else wrapped."""
 
     type = "upstream_error"
 
-    def __init__(self, status: int, body: bytes, route: str) -> None:
+    def __init__(self, status: int, body: bytes, route: Route, retry_after: str | None = None) -> None:
         self.status = status
-        self.passthrough = _openai_error(body)
-        text = body.decode("utf-8", "replace").strip() or "(empty body)"
-        if len(text) > 500:
-            text = text[:500] + "…"
-        super().__init__(f"upstream of route {route!r} answered {status}: {text}", code=status)
+        body = scrub_bytes(body, secrets_of(route))
+        self.passthrough = body if _is_openai_error(body) else None
+        text = _readable(body)
+        super().__init__(
+            f"upstream of route {route.name!r} answered {status}: {text}",
+            code=status,
+            headers={"retry-after": retry_after} if retry_after else None,
+        )
 
 
 class _Error(msgspec.Struct, omit_defaults=False):
@@ -109,17 +150,6 @@ class _Envelope(msgspec.Struct):
     error: _Error
 
 
-def _openai_error(body: bytes) -> bytes | None:
-    """Return `body` when it already is an OpenAI error object, else None."""
-    try:
-        doc = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return None
-    if isinstance(doc, dict) and isinstance(doc.get("error"), dict) and "message" in doc["error"]:
-        return body
-    return None
-
-
 def render(exc: ProxyError) -> bytes:
     """The JSON body for `exc`."""
     passthrough = getattr(exc, "passthrough", None)
@@ -129,42 +159,136 @@ def render(exc: ProxyError) -> bytes:
 
 
 def sse_event(exc: ProxyError) -> bytes:
-    """`exc` as one SSE event: the only way to report a fault once a stream has begun."""
+    """`exc` as one SSE event: the only way to report a fault once a stream has begun.
+
+    The official `openai` client raises `APIError(message)` on an event carrying `error`.
+    """
     return b"data: " + render(exc) + b"\n\n"
 
 
-def from_httpx(exc: Exception, route: str) -> ProxyError:
-    """Map a transport failure to 502/504. The only place httpx exceptions are read.
+# --- client input -----------------------------------------------------------------------
 
-    The aiohttp-backed transport maps every `ClientConnectionError` (refused
-    included) to httpx's `ConnectTimeout`, so the aiohttp cause decides first.
+_AT = re.compile(r"^(.*) - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+# RFC 9110 §5.5: field values carry no CTL but HTAB (aiohttp enforces exactly this set).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def bad_body(exc: msgspec.DecodeError) -> BadRequest:
+    """A body msgspec could not decode -> 400; `param` names the field when msgspec says which.
+
+    For adapters and routing: `except msgspec.DecodeError as exc: raise errors.bad_body(exc) from None`.
+    """
+    text = str(exc)
+    if not isinstance(exc, msgspec.ValidationError):
+        return BadRequest(f"request body is not valid JSON: {text}", code="invalid_json")
+    path, reason = "", text
+    m = _AT.match(text)
+    if m:
+        reason, path = m.group(1), m.group(2)
+    missing = _MISSING.search(reason)
+    if missing:
+        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+        return BadRequest(f"{path}: required field is missing", param=path, code="missing_field")
+    if not path:
+        return BadRequest(f"request body: {reason}", code="invalid_type")
+    return BadRequest(f"{path}: {reason}", param=path, code="invalid_type")
+
+
+def bad_header(headers: Iterable[tuple[str | bytes, str | bytes]]) -> BadRequest | None:
+    """The 400 for a header value carrying CR, LF or another control character, if any.
+
+    Called only on the error path: the HTTP servers we run under (httptools, h11) refuse such
+    requests before the app sees them, and aiohttp refuses to send them upstream.
+    """
+    for name, value in headers:
+        raw = value.encode("latin-1") if isinstance(value, str) else value
+        if _CONTROL.search(raw):
+            label = name.decode("latin-1") if isinstance(name, bytes) else name
+            return BadRequest(
+                f"header {label!r} has a value with CR, LF or another control character",
+                param=label.lower(),
+                code="invalid_header",
+            )
+    return None
+
+
+def from_http_exception(status: int, detail: str, headers: dict[str, str] | None, method: str, path: str,
+                        max_body_size: int | None = None) -> ProxyError:
+    """Litestar's own HTTP exceptions (router 404/405, 413 from the body limit) as ours."""
+    if status == 413:
+        limit = f" of {max_body_size} bytes" if max_body_size else ""
+        return PayloadTooLarge(f"request body is larger than the limit{limit}", headers=headers)
+    if status == 405:
+        return MethodNotAllowed(f"method {method} is not allowed on {path}", headers=headers)
+    if status == 404:
+        return NotFound(f"no route for path {path}", headers=headers)
+    kind = BadRequest if status < 500 else ProxyError
+    err = kind(detail, headers=headers)
+    err.status = status
+    return err
+
+
+def internal(exc: BaseException) -> tuple[InternalError, str]:
+    """A bug in the proxy: a generic 500 for the client, and a log line naming the type and the
+    place but not the message (exception messages may quote a header value)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:  # anyio task groups wrap
+        exc = exc.exceptions[0]
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return InternalError("internal error in the proxy"), f"{type(exc).__name__}{where}"
+
+
+# --- upstream failures ------------------------------------------------------------------
+
+
+def from_upstream(exc: Exception, route: Route, url: httpx.URL) -> ProxyError:
+    """Map a transport failure or a `BadUpstreamEvent` to 502/504, naming the route and host.
+
+    The aiohttp-backed transport maps every `ClientConnectionError` (refused and read timeouts
+    included) to httpx's `ConnectTimeout`, so the aiohttp cause decides first. The messages are
+    built here rather than copied from aiohttp, whose timeout text quotes the whole URL, query
+    string included.
     """
     import httpx
 
+    name = route.name
+    where = _host(url)
+    if isinstance(exc, BadUpstreamEvent):
+        return UpstreamBroken(f"upstream of route {name!r} sent an unreadable response: {_scrub(str(exc), route)}")
     cause = exc.__cause__
     if cause is not None:
         import aiohttp
 
+        if isinstance(cause, aiohttp.SocketTimeoutError):
+            return _read_timeout(route, where)
         if isinstance(cause, (aiohttp.ServerTimeoutError, TimeoutError)):
-            return UpstreamTimeout(f"upstream of route {route!r} timed out")
+            return _connect_timeout(route, where)
+        if isinstance(cause, aiohttp.ClientConnectorDNSError):
+            return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: cannot resolve host {url.host!r}")
+        if isinstance(cause, aiohttp.ClientSSLError):
+            reason = _scrub(_os_reason(cause.os_error), route)
+            return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: TLS with {where} failed: {reason}")
         if isinstance(cause, aiohttp.ClientConnectorError):
-            return UpstreamUnreachable(f"upstream of route {route!r} is unreachable: {_reason(cause)}")
-        if isinstance(cause, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
-            return UpstreamBroken(f"upstream of route {route!r} closed the connection: {_reason(cause)}")
-        if isinstance(cause, aiohttp.ClientError):
-            return UpstreamUnreachable(f"upstream of route {route!r} failed: {_reason(cause)}")
+            os_error = cause.os_error
+            if isinstance(os_error, ConnectionRefusedError):
+                return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: connection refused by {where}")
+            reason = _scrub(_os_reason(os_error), route)
+            return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: cannot connect to {where}: {reason}")
+        if isinstance(cause, aiohttp.ServerDisconnectedError):
+            return UpstreamBroken(f"upstream of route {name!r} ({where}) closed the connection without answering")
+        if isinstance(cause, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)):
+            return UpstreamBroken(f"upstream of route {name!r} ({where}) closed the connection mid-response")
+    if isinstance(exc, httpx.ReadTimeout):
+        return _read_timeout(route, where)
     if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"upstream of route {route!r} timed out")
+        return _connect_timeout(route, where)
     if isinstance(exc, (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.ProxyError)):
-        return UpstreamUnreachable(f"upstream of route {route!r} is unreachable: {_reason(exc)}")
+        reason = _scrub(str(exc), route) or type(exc).__name__
+        return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: {reason}")
     if isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)):
-        return UpstreamBroken(f"upstream of route {route!r} closed the connection: {_reason(exc)}")
-    return UpstreamUnreachable(f"upstream of route {route!r} failed: {_reason(exc)}")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return UpstreamBroken(f"upstream of route {name!r} ({where}) closed the connection mid-response")
+    return UpstreamBroken(f"upstream of route {name!r} ({where}) failed: {type(exc).__name__}")
 
 
 def connect_failure(exc: Exception) -> str | None:
@@ -172,7 +296,7 @@ def connect_failure(exc: Exception) -> str | None:
 
     Only these failures are safe to repeat elsewhere: no byte of the request left
     the proxy. A reset or timeout after connecting is not (the upstream may be
-    generating already). aiohttp's cause decides first, as in `from_httpx`.
+    generating already). aiohttp's cause decides first, as in `from_upstream`.
     """
     import httpx
 
@@ -181,12 +305,110 @@ def connect_failure(exc: Exception) -> str | None:
         import aiohttp
 
         if isinstance(cause, aiohttp.ClientConnectorError):
-            return _reason(cause.os_error) if cause.os_error else _reason(cause)
+            err = cause.os_error or cause
+            return f"{type(err).__name__}: {_os_reason(err)}"
         if isinstance(cause, aiohttp.ConnectionTimeoutError):
             return "connect timed out"
         return None
     if isinstance(exc, httpx.ConnectError):
-        return _reason(exc)
+        return f"{type(exc).__name__}: {_os_reason(exc)}"
     if isinstance(exc, httpx.ConnectTimeout):
         return "connect timed out"
     return None
+
+
+def _read_timeout(route: Route, where: str) -> UpstreamTimeout:
+    return UpstreamTimeout(
+        f"upstream of route {route.name!r} ({where}) sent nothing for {route.timeout['read']:g} s (timeout.read)"
+    )
+
+
+def _connect_timeout(route: Route, where: str) -> UpstreamTimeout:
+    return UpstreamTimeout(
+        f"upstream of route {route.name!r}: no connection to {where} within "
+        f"{route.timeout['connect']:g} s (timeout.connect)"
+    )
+
+
+def _host(url: httpx.URL) -> str:
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return f"{url.host}:{port}"
+
+
+def _os_reason(exc: BaseException) -> str:
+    strerror = getattr(exc, "strerror", None)
+    return str(strerror or exc).strip() or type(exc).__name__
+
+
+# --- secrets ----------------------------------------------------------------------------
+
+_SCHEMES = frozenset({"bearer", "basic", "token", "digest", "apikey", "api-key"})
+
+
+def secrets_of(route: Route) -> tuple[bytes, ...]:
+    """Values that must never reach a client or a log: every default header value (and the
+    credential after an auth scheme word) and any password in the upstream URLs.
+    Computed on the error path only."""
+    from urllib.parse import urlsplit
+
+    found: set[bytes] = set()
+    for _, value in route.defaults:
+        found.add(value)
+        scheme, _, credential = value.partition(b" ")
+        if credential and scheme.lower().decode("latin-1") in _SCHEMES:
+            found.add(credential.strip())
+    for url in route.upstreams:
+        password = urlsplit(url).password
+        if password:
+            found.add(password.encode())
+    # Tiny values (a bare "Bearer", an org id of 2 letters) would shred messages, not hide secrets.
+    found = {s for s in found if len(s) >= 4 and s.lower().decode("latin-1") not in _SCHEMES}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def scrub_bytes(data: bytes, secrets: Sequence[bytes]) -> bytes:
+    for secret in secrets:
+        if secret in data:
+            data = data.replace(secret, b"***")
+    return data
+
+
+def _scrub(text: str, route: Route) -> str:
+    return scrub_bytes(text.encode("utf-8", "replace"), secrets_of(route)).decode("utf-8", "replace").strip()
+
+
+# --- foreign error bodies ---------------------------------------------------------------
+
+_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.S | re.I)
+_SPACE = re.compile(r"\s+")
+
+
+def _is_openai_error(body: bytes) -> bool:
+    doc = _json_or_none(body)
+    return isinstance(doc, dict) and isinstance(doc.get("error"), dict) and isinstance(doc["error"].get("message"), str)
+
+
+def _readable(body: bytes) -> str:
+    """A short, one-line text for any error body: its JSON message when it has one (OpenAI,
+    vLLM's top-level `message`, FastAPI's `detail`), else the text with HTML tags stripped."""
+    doc = _json_or_none(body)
+    text: Any = None
+    if isinstance(doc, dict):
+        err = doc.get("error")
+        text = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
+        text = text if isinstance(text, str) else doc.get("message") or doc.get("detail")
+    if not isinstance(text, str):
+        text = body.decode("utf-8", "replace")
+        if "<" in text:
+            text = _TAG.sub(" ", text)
+    text = _SPACE.sub(" ", text).strip()
+    if not text:
+        return "(empty body)"
+    return text if len(text) <= MESSAGE_CAP else text[:MESSAGE_CAP].rstrip() + "…"
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None

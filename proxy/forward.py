@@ -9,6 +9,7 @@ cancels the upstream call at once.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from .adapters import Call
     from .routes import Route
     from .upstreams import Upstream
+
+log = logging.getLogger("llmproxy.forward")
 
 _ERROR_BODY_CAP = 64 * 1024
 _JSON = [(b"content-type", b"application/json")]
@@ -59,9 +62,13 @@ def prepare(route: Route, scope: dict[str, Any], body: bytes) -> Exchange:
 
 
 class Exchange:
-    """One proxied request as an ASGI app."""
+    """One proxied request as an ASGI app.
 
-    __slots__ = ("route", "call", "request", "rid", "upstream")
+    `disconnected` becomes True when the client left before the response was complete
+    (the upstream request is then closed at once); observability reads it afterwards.
+    """
+
+    __slots__ = ("route", "call", "request", "rid", "upstream", "disconnected", "_complete")
 
     def __init__(self, route: Route, call: Call, request: httpx.Request, rid: bytes, upstream: Upstream) -> None:
         self.route = route
@@ -69,28 +76,43 @@ class Exchange:
         self.request = request
         self.rid = rid
         self.upstream = upstream  # which of the route's upstreams `request` goes to
+        self.disconnected = False
+        self._complete = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         client: httpx.AsyncClient = scope["app"].state.client
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            tg.start_soon(self._watch, receive, tg.cancel_scope)
             try:
                 await self._exchange(client, send)
             finally:
                 tg.cancel_scope.cancel()
+        if self.disconnected:
+            log.debug("client left before the end of the response; route %r: upstream request closed", self.route.name)
 
     async def _exchange(self, client: httpx.AsyncClient, send: Any) -> None:
-        name = self.route.name
+        route = self.route
         try:
             response = await self._send(client)
         except httpx.HTTPError as exc:
-            await send_error(send, errors.from_httpx(exc, name), self.rid)
+            await self._fail(send, errors.from_upstream(exc, route, self.request.url))
             return
+        except ValueError:
+            # aiohttp refuses control characters in header values; say which header, or it is a bug.
+            err = errors.bad_header(self.request.headers.raw)
+            if err is None:
+                raise
+            await self._fail(send, err)
+            return
+        except anyio.get_cancelled_exc_class():
+            await self._cut(send, started=False, sse=False)
+            raise
         started = False
         try:
             if response.status_code >= 400:
                 body = await _read_capped(response)
-                await send_error(send, UpstreamStatus(response.status_code, body, name), self.rid)
+                retry_after = response.headers.get("retry-after")
+                await self._fail(send, UpstreamStatus(response.status_code, body, route, retry_after))
                 return
             call = self.call
             if not call.translates:
@@ -112,15 +134,26 @@ class Exchange:
                 await send({"type": "http.response.start", "status": response.status_code, "headers": hdrs})
                 started = True
                 await send({"type": "http.response.body", "body": body, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (httpx.HTTPError, ProxyError) as exc:
-            err = exc if isinstance(exc, ProxyError) else errors.from_httpx(exc, name)
+            await self._end(send)
+        except (httpx.HTTPError, errors.BadUpstreamEvent, ProxyError) as exc:
+            err = exc if isinstance(exc, ProxyError) else errors.from_upstream(exc, route, self.request.url)
             if not started:
-                await send_error(send, err, self.rid)
-            elif self.call.stream or _is_sse(response):
-                await send({"type": "http.response.body", "body": errors.sse_event(err), "more_body": False})
+                await self._fail(send, err)
+            elif self._is_stream(response):
+                await self._end(send, errors.sse_event(err))
             else:
-                raise  # mid-body on a plain response: dropping the connection is the only signal left
+                # Mid-body on a plain response: HTTP/1.1 has no way to say so but to drop the
+                # connection, which the server does when we return without ending the body.
+                log.warning("%s; closing the client connection", err.message)
+        except anyio.get_cancelled_exc_class():
+            await self._cut(send, started=started, sse=started and self._is_stream(response))
+            raise
+        except Exception as exc:
+            if not (started and self._is_stream(response)):
+                raise
+            err, where = errors.internal(exc)
+            log.error("internal error while streaming route %r: %s", route.name, where)
+            await self._end(send, errors.sse_event(err))
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
@@ -152,10 +185,41 @@ class Exchange:
             return response
 
 
-def _retarget(request: httpx.Request, url: str) -> httpx.Request:
-    """The same request for another upstream (httpx derives `Host` from the URL)."""
-    hdrs = [(k, v) for k, v in request.headers.raw if k.lower() != b"host"]
-    return httpx.Request(request.method, url, headers=hdrs, content=request.content, extensions=request.extensions)
+    async def _watch(self, receive: Any, scope: anyio.CancelScope) -> None:
+        # The body has been read, so the next message is the client leaving (or, once the
+        # response is complete, uvicorn saying so: not a disconnect).
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self._complete:
+                    self.disconnected = True
+                    scope.cancel()
+                return
+
+    def _is_stream(self, response: httpx.Response) -> bool:
+        """An SSE answer: faults after its start line become one `data: {"error": ...}` event.
+        Asked only on error paths (a header lookup the hot path need not pay)."""
+        return self.call.stream or _is_sse(response)
+
+    async def _end(self, send: Any, body: bytes = b"") -> None:
+        self._complete = True  # before the send: the watcher may run while it is awaited
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _fail(self, send: Any, exc: ProxyError) -> None:
+        self._complete = True
+        await send_error(send, exc, self.rid)
+
+    async def _cut(self, send: Any, *, started: bool, sse: bool) -> None:
+        """Cancelled from outside (the shutdown grace period ran out), not by the client leaving:
+        tell the client why rather than just dropping the connection."""
+        if self.disconnected or self._complete or (started and not sse):
+            return
+        err = errors.ShuttingDown(f"the proxy is shutting down; route {self.route.name!r} was cut off")
+        with anyio.CancelScope(shield=True):
+            if started:
+                await self._end(send, errors.sse_event(err))
+            else:
+                await self._fail(send, err)
 
 
 async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None) -> None:
@@ -169,15 +233,6 @@ async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None) -> No
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
-    # The body has been read, so the next message is the client leaving.
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
-
-
 async def _read_capped(response: httpx.Response) -> bytes:
     buf = bytearray()
     async for chunk in response.aiter_bytes():
@@ -189,3 +244,9 @@ async def _read_capped(response: httpx.Response) -> bytes:
 
 def _is_sse(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _retarget(request: httpx.Request, url: str) -> httpx.Request:
+    """The same request for another upstream (httpx derives `Host` from the URL)."""
+    hdrs = [(k, v) for k, v in request.headers.raw if k.lower() != b"host"]
+    return httpx.Request(request.method, url, headers=hdrs, content=request.content, extensions=request.extensions)

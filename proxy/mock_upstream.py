@@ -8,9 +8,26 @@ Behaviour is deterministic and steered per request by headers:
 - `x-mock-events`: split the text into this many stream events (default: one per word);
 - `x-mock-interval-ms`: pause between stream events;
 - `x-mock-hold: KEY`: after the first event, wait until `POST /_mock/release?key=KEY` (10 s at most);
-- faults: see `_fault` (`x-mock-status`, `x-mock-fault`).
+- faults: see below.
 Every response echoes the request headers it received as JSON in `x-mock-echo-headers`,
 and `GET /_mock/requests` lists the last requests (method, path, headers, body).
+
+Faults (for the error tests; K counts stream events, or body bytes of a non-stream answer):
+- `x-mock-status: N` (+ `x-mock-body: TEXT`, `x-mock-content-type: TYPE`): answer N with that
+  body (default: an OpenAI error object; `x-mock-body:` empty sends an empty body);
+- `x-mock-retry-after: S`: add `retry-after: S` to that error response;
+- `x-mock-fault: drop`: close the connection without answering;
+- `x-mock-fault: drop-after:K`: send the head and K events (or K body bytes), then close
+  the connection mid-response (no chunked terminator, short of content-length);
+- `x-mock-fault: malformed-after:K`: after K events send one event whose data is not JSON,
+  then carry on normally (`malformed` = `malformed-after:1`);
+- `x-mock-stall-ms: S`: stall S ms before the response head (any endpoint), or, with
+  `x-mock-stall-after: K` (K >= 1), once after K stream events (K = 0: before the head). A stall ends early when the
+  client closes the connection, so no mock task outlives its caller.
+`GET /_mock/stats` answers `{"open_connections", "busy_connections", "connections"}`: the
+connections open now, those of them in the middle of a request (received, not yet fully
+answered), and all accepted so far; the connection asking is not counted. An idle
+keep-alive connection in a client's pool is open but not busy.
 """
 
 from __future__ import annotations
@@ -27,6 +44,8 @@ import msgspec
 DEFAULT_TEXT = "Hello from the mock upstream."
 _json = msgspec.json.Encoder()
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error"}
+MALFORMED_EVENT = b'data: {"id": "cmpl-mock", "choices": [{"text": \n\n'
+MAX_STALL_S = 30.0  # a stall is a test fixture, never a way to hang the suite
 
 
 class _Request(msgspec.Struct):
@@ -55,6 +74,13 @@ class MockUpstream:
         self.requests: collections.deque[_Request] = collections.deque(maxlen=100)
         self.holds: dict[str, asyncio.Event] = {}
         self.record = True
+        self.connections: set[_Connection] = set()
+        self.accepted = 0
+
+    def stats(self, asking: _Connection | None = None) -> dict[str, int]:
+        others = [c for c in self.connections if c is not asking]
+        return {"open_connections": len(others), "busy_connections": sum(c.busy for c in others),
+                "connections": self.accepted - (asking is not None)}
 
     def hold(self, key: str) -> asyncio.Event:
         return self.holds.setdefault(key, asyncio.Event())
@@ -72,10 +98,31 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body = bytearray()
+        self.busy = False  # a request was received and its answer is not complete
+        self.lost = asyncio.Event()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.mock.connections.add(self)
+        self.mock.accepted += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.mock.connections.discard(self)
+        self.busy = False
+        self.lost.set()
+
+    @property
+    def closed(self) -> bool:
+        return self.lost.is_set()
+
+    async def stall(self, seconds: float) -> bool:
+        """Wait `seconds` (capped); True when the peer closed the connection meanwhile."""
+        try:
+            await asyncio.wait_for(self.lost.wait(), min(seconds, MAX_STALL_S))
+        except TimeoutError:
+            return False
+        return True
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -109,27 +156,48 @@ class _Connection(asyncio.Protocol):
             self.mock.requests.append(_Request(method, path, query, hdrs, body.decode("utf-8", "replace")))
         self.echo = _json.encode(hdrs)
         self.keep_alive = self.parser.should_keep_alive()
+        self.busy = True
         handler = _ROUTES.get((method, path))
         if handler is None:
             self.write(404, _error(f"no mock endpoint {method} {path}"))
+            return
+        stall = _stall_before(hdrs)
+        if stall:
+            asyncio.ensure_future(self._stalled(stall, handler, hdrs, body, query))
             return
         result = handler(self, hdrs, body, query)
         if asyncio.iscoroutine(result):
             asyncio.ensure_future(result)
 
+    async def _stalled(self, seconds: float, handler: Any, hdrs: dict[str, str], body: bytes, query: str) -> None:
+        if await self.stall(seconds):
+            return
+        result = handler(self, hdrs, body, query)
+        if asyncio.iscoroutine(result):
+            await result
+
     # writing
-    def write(self, status: int, body: bytes, *, content_type: bytes = b"application/json", keep_alive: bool | None = None) -> None:
+    def write(self, status: int, body: bytes, *, content_type: bytes = b"application/json", keep_alive: bool | None = None,
+              extra: bytes = b"", cut_at: int | None = None) -> None:
+        """A whole response; `extra` is more header lines; `cut_at` closes the connection after
+        that many body bytes (a fault)."""
         assert self.transport is not None
         keep = self.keep_alive if keep_alive is None else keep_alive
-        head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-mock-echo-headers: %s\r\n%s\r\n" % (
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-mock-echo-headers: %s\r\n%s%s\r\n" % (
             status,
             _REASONS.get(status, b"Status"),
             content_type,
             len(body),
             self.echo if hasattr(self, "echo") else b"{}",
             b"" if keep else b"connection: close\r\n",
+            extra,
         )
+        if cut_at is not None:
+            self.transport.write(head + body[:cut_at])
+            self.transport.close()
+            return
         self.transport.write(head + body)
+        self.busy = False
         if not keep:
             self.transport.close()
 
@@ -147,6 +215,7 @@ class _Connection(asyncio.Protocol):
     def end_chunked(self) -> None:
         assert self.transport is not None
         self.transport.write(b"0\r\n\r\n")
+        self.busy = False
         if not self.keep_alive:
             self.transport.close()
 
@@ -213,7 +282,7 @@ def _completions(conn: _Connection, hdrs: dict[str, str], body: bytes, query: st
         "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": "stop"} for i in range(req.n)],
         "usage": _usage(req.prompt, text, req.n),
     }
-    conn.write(200, _json.encode(doc))
+    conn.write(200, _json.encode(doc), cut_at=_faults(hdrs).drop_after)
     return None
 
 
@@ -222,7 +291,11 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
     interval = float(hdrs.get("x-mock-interval-ms", "0")) / 1000
     hold = hdrs.get("x-mock-hold")
     created = int(time.time())
+    faults = _faults(hdrs)
     conn.start_chunked()
+    if faults.drop_after == 0:
+        conn.transport.close()  # type: ignore[union-attr]
+        return
     pieces = split_text(text, events)
     for k, piece in enumerate(pieces):
         for i in range(req.n):
@@ -235,8 +308,12 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
                 await asyncio.wait_for(conn.mock.hold(hold).wait(), 10)
             except TimeoutError:
                 pass
-        if interval:
-            await asyncio.sleep(interval)
+        if faults and await faults.after_event(conn, k + 1):
+            return
+        if interval and await conn.stall(interval):
+            return
+        if conn.closed:  # the caller left: stop, as a real server would
+            return
     for i in range(req.n):
         conn.chunk(b"data: " + _json.encode({
             "id": "cmpl-mock", "object": "text_completion", "created": created, "model": req.model,
@@ -252,17 +329,75 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
 
 
 def _fault(conn: _Connection, hdrs: dict[str, str]) -> Any:
-    """Staged failures. Returns None when the request asks for none.
-
-    - `x-mock-status: N` (+ `x-mock-body`): answer N with that body (default: an OpenAI error).
-    """
+    """Failures staged before any answer (module docstring). Returns None when none is asked for."""
     status = hdrs.get("x-mock-status")
     if status is not None:
         body = hdrs.get("x-mock-body")
+        retry = hdrs.get("x-mock-retry-after")
         conn.write(int(status), body.encode() if body is not None else _error(f"mock error {status}", "server_error"),
-                   content_type=hdrs.get("x-mock-content-type", "application/json").encode())
+                   content_type=hdrs.get("x-mock-content-type", "application/json").encode(),
+                   extra=b"retry-after: %s\r\n" % retry.encode() if retry else b"")
+        return True
+    if hdrs.get("x-mock-fault") == "drop":
+        assert conn.transport is not None
+        conn.transport.close()
         return True
     return None
+
+
+class _Faults(msgspec.Struct):
+    """Faults staged inside an answer, parsed once per request."""
+
+    drop_after: int | None = None
+    malformed_after: int | None = None
+    stall_after: int | None = None
+    stall_s: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.drop_after is not None or self.malformed_after is not None or self.stall_after is not None
+
+    async def after_event(self, conn: _Connection, k: int) -> bool:
+        """Act after the K-th stream event; True when the stream must end here."""
+        if k == self.malformed_after:
+            conn.chunk(MALFORMED_EVENT)
+        if k == self.drop_after:
+            assert conn.transport is not None
+            conn.transport.close()  # no chunked terminator: the answer is cut short
+            return True
+        if k == self.stall_after:
+            return await conn.stall(self.stall_s)
+        return False
+
+
+_NO_FAULTS = _Faults()
+
+
+def _faults(hdrs: dict[str, str]) -> _Faults:
+    if "x-mock-fault" not in hdrs and "x-mock-stall-after" not in hdrs:
+        return _NO_FAULTS  # the benchmark's path: no parsing
+    fault = hdrs.get("x-mock-fault", "")
+    kind, _, count = fault.partition("-after:")
+    out = _Faults()
+    if kind == "drop" and count:
+        out.drop_after = int(count)
+    elif fault == "malformed" or kind == "malformed":
+        out.malformed_after = int(count or 1)
+    after = int(hdrs.get("x-mock-stall-after", "0"))
+    if after >= 1 and "x-mock-stall-ms" in hdrs:
+        out.stall_after = after
+        out.stall_s = float(hdrs["x-mock-stall-ms"]) / 1000
+    return out
+
+
+def _stall_before(hdrs: dict[str, str]) -> float:
+    """Seconds to stall before the response head (`x-mock-stall-ms` without `x-mock-stall-after`)."""
+    if "x-mock-stall-ms" not in hdrs or hdrs.get("x-mock-stall-after", "0") != "0":
+        return 0.0
+    return float(hdrs["x-mock-stall-ms"]) / 1000
+
+
+def _stats(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
+    conn.write(200, _json.encode(conn.mock.stats(asking=conn)))
 
 
 def _models(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
@@ -290,6 +425,7 @@ _ROUTES = {
     ("GET", "/echo"): _echo,
     ("GET", "/_mock/requests"): _requests,
     ("POST", "/_mock/release"): _release,
+    ("GET", "/_mock/stats"): _stats,
 }
 
 

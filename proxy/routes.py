@@ -16,7 +16,7 @@ import msgspec
 
 from .adapters import Adapter, make_adapter
 from .config import RouteConfig, load_dir
-from .errors import MethodNotAllowed, ModelNotFound, NotFound
+from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body
 from .headers import Headers, normalize
 from .upstreams import Pool
 
@@ -173,7 +173,11 @@ def _overlap(a: str, b: str) -> bool:
 
 
 def _model_of(body: bytes) -> str | None:
+    """The body's `model`; None when the body is not JSON (the fallback route, or 404, decides).
+    JSON whose `model` is not a string is the client's mistake: 400 naming the field."""
     try:
         return _decode_model(body).model
+    except msgspec.ValidationError as exc:
+        raise bad_body(exc) from None
     except msgspec.DecodeError:
         return None

@@ -260,7 +260,7 @@ def test_connect_failure_moves_to_the_next_upstream(upstream, routes_dir, proxy_
     assert len(upstream.requests) == 4
     down = [rec.getMessage() for rec in caplog.records if "marked down" in rec.getMessage()]
     assert down == [f"upstream http://127.0.0.1:{dead}/v1/completions of route 'm' marked down for 10s: "
-                    f"ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', {dead})"]
+                    f"ConnectionRefusedError: Connect call failed ('127.0.0.1', {dead})"]
 
 
 def test_every_upstream_down_is_502(routes_dir, proxy_for):
