@@ -184,7 +184,6 @@ class Exchange:
             pool.succeeded(self.upstream)
             return response
 
-
     async def _watch(self, receive: Any, scope: anyio.CancelScope) -> None:
         # The body has been read, so the next message is the client leaving (or, once the
         # response is complete, uvicorn saying so: not a disconnect).
