@@ -337,30 +337,17 @@ class ChatCall:
         if not self.upstream_stream:
             yield self._synthesize(self._whole(b"".join([c async for c in chunks])))
             return
-        dec = sse.SSEDecoder()
         states: dict[int, _Choice] = {}
         usage: Usage | None = None
         done = seen = False
-        async for chunk in chunks:
-            for data in dec.feed(chunk):
-                if data == sse.DONE:
-                    done = True
-                    break
-                out, ev_usage = self._on_event(data, states)
-                seen, usage = True, ev_usage or usage
-                if out:
-                    yield out
-            if done:
+        async for data in sse.data_of(chunks):
+            if data == sse.DONE:
+                done = True
                 break
-        if not done:
-            for data in dec.close():
-                if data == sse.DONE:
-                    done = True
-                    break
-                out, ev_usage = self._on_event(data, states)
-                seen, usage = True, ev_usage or usage
-                if out:
-                    yield out
+            out, ev_usage = self._on_event(data, states)
+            seen, usage = True, ev_usage or usage
+            if out:
+                yield out
         if not (seen or done):
             raise UpstreamBroken(f"upstream of route {self.adapter.route!r} ended the stream without any event")
         yield self._end(states, usage)
