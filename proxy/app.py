@@ -7,6 +7,7 @@ catch-all handler asks our immutable `RouteTable` instead (shared/LITESTAR.md B1
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +17,7 @@ from litestar import Litestar, Request, Response, get, route
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp
 
-from . import errors
+from . import errors, headers, observe
 from .errors import ProxyError
 from .forward import prepare
 from .reload import TableHolder
@@ -25,6 +26,8 @@ from .transport import make_client
 
 DEFAULT_MAX_BODY = 10 * 2**20
 _PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+
+log = logging.getLogger("llmproxy")
 
 
 def create_app(
@@ -44,20 +47,24 @@ def create_app(
         include_in_schema=False,
     )
     async def proxy(request: Request[Any, Any, Any]) -> ASGIApp:
-        table = holder.current  # one read: the whole request uses this table
-        body = await request.body()
         scope = request.scope
-        entry = table.match(request.method, _route_path(scope), body)
+        meter = observe.Meter(scope)  # the clock starts; `_openai_error` finds it in the scope
+        table = holder.current  # one read: the whole request uses this table
+        meter.body = body = await request.body()
+        meter.route = entry = table.match(request.method, _route_path(scope), body)
         return prepare(entry, scope, body)  # type: ignore[arg-type]
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with make_client(transport) as client:
             app.state.client = client
-            yield
+            try:
+                yield
+            finally:
+                observe.worker_exit()
 
     app = Litestar(
-        route_handlers=[proxy, healthz, readyz],
+        route_handlers=[proxy, healthz, readyz, metrics],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _openai_error, HTTPException: _openai_error, 500: _openai_error},
         request_max_body_size=max_body_size,
@@ -83,6 +90,16 @@ def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     return Response({"status": "ok" if ready else "not ready", "routes": len(holder.current.routes)}, status_code=200 if ready else 503)
 
 
+@get("/metrics", include_in_schema=False, sync_to_thread=True)
+def metrics() -> Response[bytes]:
+    """Prometheus text format; with several workers, every worker's counts summed.
+
+    In a thread: in multiprocess mode it reads one file per worker and metric.
+    """
+    body, content_type = observe.exposition()
+    return Response(body, media_type=content_type)
+
+
 def _route_path(scope: Any) -> str:
     """The path as the client sent it (Litestar rewrites `scope["path"]`), minus a trailing `/`."""
     raw = scope.get("raw_path")
@@ -100,9 +117,17 @@ def _openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[b
             err = kind(str(exc.detail), code=code, headers=dict(exc.headers or {}))
             err.status = status
         else:
+            log.error("internal error on %s %s", request.method, _route_path(request.scope), exc_info=exc)
             err = errors.ProxyError("internal error in the proxy", code="internal_error")
         exc = err
-    return Response(errors.render(exc), status_code=exc.status, media_type="application/json", headers=exc.headers)
+    rid = headers.request_id(request.scope["headers"])
+    observe.rejected(request.scope, exc, rid)  # type: ignore[arg-type]
+    return Response(
+        errors.render(exc),
+        status_code=exc.status,
+        media_type="application/json",
+        headers={**exc.headers, "x-request-id": rid.decode("latin-1")},
+    )
 
 
 def app_from_env() -> Litestar:

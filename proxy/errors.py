@@ -20,6 +20,7 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "proxy_error"
     code: str | int | None = None
+    kind: str | None = None  # the upstream failure, as counted in `llmproxy_upstream_errors_total`
 
     def __init__(
         self,
@@ -68,12 +69,14 @@ class UpstreamUnreachable(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_unreachable"
+    kind = "unreachable"  # refused, DNS, TLS: nothing was sent
 
 
 class UpstreamTimeout(ProxyError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
+    kind = "timeout"
 
 
 class UpstreamBroken(ProxyError):
@@ -82,12 +85,14 @@ class UpstreamBroken(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_stream_error"
+    kind = "reset"
 
 
 class UpstreamStatus(ProxyError):
     """The upstream answered non-2xx: same status, its OpenAI error kept if it sent one."""
 
     type = "upstream_error"
+    kind = "non_2xx"
 
     def __init__(self, status: int, body: bytes, route: str) -> None:
         self.status = status

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 
-from . import errors, headers
+from . import errors, headers, observe
 from .errors import ProxyError, UpstreamStatus
 
 if TYPE_CHECKING:
@@ -59,35 +59,40 @@ def prepare(route: Route, scope: dict[str, Any], body: bytes) -> Exchange:
 class Exchange:
     """One proxied request as an ASGI app."""
 
-    __slots__ = ("route", "call", "request", "rid")
+    __slots__ = ("route", "call", "request", "rid", "error")
 
     def __init__(self, route: Route, call: Call, request: httpx.Request, rid: bytes) -> None:
         self.route = route
         self.call = call
         self.request = request
         self.rid = rid
+        self.error: ProxyError | None = None  # what failed, for `observe`
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         client: httpx.AsyncClient = scope["app"].state.client
+        meter = observe.begin(scope, self.route, send, receive)  # counts bytes, first byte, disconnect
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            tg.start_soon(_cancel_on_disconnect, meter.receive, tg.cancel_scope)
             try:
-                await self._exchange(client, send)
+                await self._exchange(client, meter.send)
             finally:
                 tg.cancel_scope.cancel()
+                observe.finish(meter, self, scope)
 
     async def _exchange(self, client: httpx.AsyncClient, send: Any) -> None:
         name = self.route.name
         try:
             response = await client.send(self.request, stream=True)
         except httpx.HTTPError as exc:
-            await send_error(send, errors.from_httpx(exc, name), self.rid)
+            self.error = err = errors.from_httpx(exc, name)
+            await send_error(send, err, self.rid)
             return
         started = False
         try:
             if response.status_code >= 400:
                 body = await _read_capped(response)
-                await send_error(send, UpstreamStatus(response.status_code, body, name), self.rid)
+                self.error = err = UpstreamStatus(response.status_code, body, name)
+                await send_error(send, err, self.rid)
                 return
             call = self.call
             if not call.translates:
@@ -111,7 +116,7 @@ class Exchange:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (httpx.HTTPError, ProxyError) as exc:
-            err = exc if isinstance(exc, ProxyError) else errors.from_httpx(exc, name)
+            self.error = err = exc if isinstance(exc, ProxyError) else errors.from_httpx(exc, name)
             if not started:
                 await send_error(send, err, self.rid)
             elif self.call.stream or _is_sse(response):

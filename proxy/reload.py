@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from . import observe
 from .errors import ConfigError
 from .routes import RouteTable
 
@@ -26,7 +27,9 @@ class TableHolder:
             table = RouteTable.from_dir(self.folder)
         except ConfigError as exc:
             log.error("reload failed, previous routes stay in service: %s", exc)
+            observe.reloaded(False)
             return False
         self.current = table
+        observe.reloaded(True)
         log.info("routes reloaded: %d route(s)", len(table.routes))
         return True
