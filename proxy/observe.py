@@ -208,6 +208,9 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
     """An exchange ended, however: record it once."""
     route = exchange.route
     _active(route.name).dec()
+    # scope -> meter -> the server's send -> its cycle -> scope: without this the request's
+    # objects wait for the cycle collector (measured: twice the GC time per request).
+    m._send = m._receive = None
     if m.recorded:
         return
     status = m.status
@@ -368,8 +371,16 @@ def _model_of(body: bytes | None) -> str | None:
     return model if isinstance(model, str) else None
 
 
+_second: list[Any] = [None, ""]  # the last whole second and its formatted prefix
+
+
 def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+    """UTC with milliseconds; strftime runs once per second, not once per line."""
+    sec = int(t)
+    if sec != _second[0]:
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _second[0] = sec
+    return f"{_second[1]}.{int(t * 1000) % 1000:03d}Z"
 
 
 # --- logging ----------------------------------------------------------------------------------
@@ -379,6 +390,10 @@ _encode = msgspec.json.Encoder().encode
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: access records as they are, other records as time/level/logger/message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        lean_log_records()  # made by each worker's logging config: the place that knows what is printed
 
     def format(self, record: logging.LogRecord) -> str:
         msg = record.msg
@@ -400,6 +415,7 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        lean_log_records()
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         return _iso(record.created)
@@ -429,6 +445,18 @@ def _text_value(v: Any) -> str:
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+
+
+def lean_log_records() -> None:
+    """Skip the LogRecord fields our formatters never print (Python's logging HOWTO, "Optimization").
+
+    Measured: the caller lookup (a frame walk) and thread/process names were
+    about a third of the cost of observing a request.
+    """
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def logging_config(level: str = "info", fmt: str = "json") -> dict[str, Any]:
