@@ -134,6 +134,7 @@ def app_from_env() -> Litestar:
     """uvicorn factory (`--workers N` needs an import string): settings come from `LLMPROXY_*`."""
     import os
 
+    observe.lean_log_records()
     folder = os.environ.get("LLMPROXY_ROUTES", "routes.d")
     holder = TableHolder(RouteTable.from_dir(folder), folder)
     max_body = int(os.environ.get("LLMPROXY_MAX_BODY", DEFAULT_MAX_BODY))

@@ -162,12 +162,14 @@ def test_metrics_count_a_known_sequence_exactly(upstream, routes_dir, proxy_for,
         with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, headers=slow) as r:
             next(r.iter_raw())  # one event, then the client leaves
         r = httpx.post(f"{base}/v1/nowhere", json=body, headers={"x-request-id": "t-404"})
-        assert r.status_code == 404
+        assert (r.status_code, r.headers["x-request-id"]) == (404, "t-404")  # refusals carry the id too
+        r = httpx.request("TRACE", f"{base}/v1/completions", headers={"x-request-id": "t-405"})
+        assert r.status_code == 405  # refused by Litestar's router, before our handler
         r = httpx.post(f"{base}/v1/strict", content=b"not json", headers={"x-request-id": "t-400"})
         assert r.status_code == 400
 
         wait_for(lambda: val(scrape(base), "llmproxy_client_disconnects_total", route=ok) == 1)
-        wait_for(lambda: len(access_lines()) == 7)
+        wait_for(lambda: len(access_lines()) == 8)
         m = scrape(base)
 
     requests = "llmproxy_requests_total"
@@ -176,9 +178,9 @@ def test_metrics_count_a_known_sequence_exactly(upstream, routes_dir, proxy_for,
     assert val(m, requests, route=refused, model="other", status="502") == 1
     assert val(m, requests, route=broken, model="other", status="200") == 1
     assert val(m, requests, route=strict, model="other", status="400") == 1
-    assert val(m, requests, route="unmatched", model="other", status="404") - val(
-        before, requests, route="unmatched", model="other", status="404"
-    ) == 1
+    for status in ("404", "405"):
+        unmatched = {"route": "unmatched", "model": "other", "status": status}
+        assert val(m, requests, **unmatched) - val(before, requests, **unmatched) == 1
     ours = {ok, refused, broken, strict}
     assert sum(v for (n, labels), v in m.items() if n == requests and dict(labels)["route"] in ours) == 6
 
@@ -201,7 +203,7 @@ def test_metrics_count_a_known_sequence_exactly(upstream, routes_dir, proxy_for,
         assert val(m, "llmproxy_active_streams", route=route) == 0
 
     lines = {line["request_id"]: line for line in access_lines()}
-    assert set(lines) == {"t-ok", "t-500", "t-refused", "t-reset", "t-gone", "t-404", "t-400"}
+    assert set(lines) == {"t-ok", "t-500", "t-refused", "t-reset", "t-gone", "t-404", "t-405", "t-400"}
     assert all(line["event"] == "access" for line in lines.values())
     assert lines["t-ok"]["status"] == 200
     assert lines["t-ok"]["bytes_out"] == ok_bytes
@@ -215,6 +217,7 @@ def test_metrics_count_a_known_sequence_exactly(upstream, routes_dir, proxy_for,
     assert (gone["status"], gone["disconnected"], gone["streamed"]) == (200, True, True)
     assert 0 < gone["bytes_out"]
     assert (lines["t-404"]["status"], lines["t-404"]["route"], lines["t-404"]["error"]) == (404, None, "not_found")
+    assert (lines["t-405"]["method"], lines["t-405"]["status"], lines["t-405"]["error"]) == ("TRACE", 405, "method_not_allowed")
     assert (lines["t-400"]["status"], lines["t-400"]["route"], lines["t-400"]["error"]) == (400, strict, "invalid_json")
     assert not any(line["disconnected"] for rid, line in lines.items() if rid != "t-gone")
 
@@ -417,7 +420,9 @@ def test_text_format_is_one_readable_line():
 
 
 def test_metrics_dir_for_workers(tmp_path, monkeypatch):
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    # setenv first: delenv of an absent variable records nothing to undo, and metrics_dir sets it.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "placeholder")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     assert metrics_dir(1) is None
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     made = metrics_dir(2)
@@ -436,3 +441,33 @@ def test_metrics_dir_for_workers(tmp_path, monkeypatch):
     assert sorted(p.name for p in chosen.iterdir()) == ["notes.txt"]
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "new" / "dir"))
     assert metrics_dir(2) is None and (tmp_path / "new" / "dir").is_dir()
+
+
+class _CrashingCall(_UsageCall):
+    """A translating call whose adapter has a bug: the exchange fails before its start line."""
+
+    translates = True
+
+    def response(self, body: bytes) -> bytes:
+        raise RuntimeError("adapter bug")
+
+
+class _CrashingAdapter:
+    def request(self, body: bytes) -> _CrashingCall:
+        return _CrashingCall(body)
+
+
+def test_a_crash_before_the_answer_is_counted_once(upstream, routes_dir, access_lines, caplog):
+    name = unique("crash")
+    table = RouteTable.from_dir(routes_dir(a=f"name: {name}\npath: /v1/completions\nupstream: {upstream.url}/v1/completions\n"))
+    table.routes[0].adapter = _CrashingAdapter()  # type: ignore[assignment]
+    with run_app(create_app(table)) as base:
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}, headers={"x-request-id": "t-crash"})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        m = scrape(base)
+    # The Exchange's finally recorded it; the app's error handler, which answered the 500, did not again.
+    assert val(m, "llmproxy_requests_total", route=name, model="other", status="500") == 1
+    assert val(m, "llmproxy_requests_total", route="unmatched", model="other", status="500") == 0
+    (line,) = access_lines()
+    assert (line["request_id"], line["status"], line["error"], line["route"]) == ("t-crash", 500, "internal_error", name)
+    assert "adapter bug" in caplog.text  # the traceback goes to the error log, not to the client
