@@ -69,7 +69,7 @@ class UpstreamUnreachable(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_unreachable"
-    kind = "unreachable"  # refused, DNS, TLS: nothing was sent
+    kind = "unreachable"  # refused, DNS, TLS, any failure to connect
 
 
 class UpstreamTimeout(ProxyError):
