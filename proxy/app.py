@@ -18,7 +18,7 @@ from litestar import Litestar, Request, Response, get, route
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp
 
-from . import errors
+from . import errors, headers, observe
 from .errors import ProxyError
 from .forward import prepare
 from .reload import POLL_INTERVAL, TableHolder
@@ -29,6 +29,8 @@ log = logging.getLogger("llmproxy.app")
 
 DEFAULT_MAX_BODY = 10 * 2**20
 _PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+
+log = logging.getLogger("llmproxy")
 
 
 def create_app(
@@ -57,10 +59,11 @@ def create_app(
         include_in_schema=False,
     )
     async def proxy(request: Request[Any, Any, Any]) -> ASGIApp:
-        table = holder.current  # one read: the whole request uses this table
-        body = await request.body()
         scope = request.scope
-        entry = table.match(request.method, _route_path(scope), body)
+        meter = observe.Meter(scope)  # the clock starts; `_openai_error` finds it in the scope
+        table = holder.current  # one read: the whole request uses this table
+        meter.body = body = await request.body()
+        meter.route = entry = table.match(request.method, _route_path(scope), body)
         return prepare(entry, scope, body)  # type: ignore[arg-type]
 
     @asynccontextmanager
@@ -74,10 +77,11 @@ def create_app(
                     yield
             finally:
                 holder.stop()
+                observe.worker_exit()
                 tg.cancel_scope.cancel()
 
     app = Litestar(
-        route_handlers=[proxy, healthz, readyz, models],
+        route_handlers=[proxy, healthz, readyz, models, metrics],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _openai_error, HTTPException: _openai_error, 500: _openai_error},
         request_max_body_size=max_body_size,
@@ -110,6 +114,16 @@ def models(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(request.app.state.holder.current.models_json, media_type="application/json")
 
 
+@get("/metrics", include_in_schema=False, sync_to_thread=True)
+def metrics() -> Response[bytes]:
+    """Prometheus text format; with several workers, every worker's counts summed.
+
+    In a thread: in multiprocess mode it reads one file per worker and metric.
+    """
+    body, content_type = observe.exposition()
+    return Response(body, media_type=content_type)
+
+
 def _route_path(scope: Any) -> str:
     """The path as the client sent it (Litestar rewrites `scope["path"]`), minus a trailing `/`."""
     raw = scope.get("raw_path")
@@ -128,13 +142,21 @@ def _openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[b
         else:
             exc, where = errors.internal(exc)
             log.error("internal error on %s %s: %s", request.method, _route_path(request.scope), where)
-    return Response(errors.render(exc), status_code=exc.status, media_type="application/json", headers=exc.headers)
+    rid = headers.request_id(request.scope["headers"])
+    observe.rejected(request.scope, exc, rid)  # type: ignore[arg-type]
+    return Response(
+        errors.render(exc),
+        status_code=exc.status,
+        media_type="application/json",
+        headers={**exc.headers, "x-request-id": rid.decode("latin-1")},
+    )
 
 
 def app_from_env() -> Litestar:
     """uvicorn factory (`--workers N` needs an import string): settings come from `LLMPROXY_*`."""
     import os
 
+    observe.lean_log_records()
     folder = os.environ.get("LLMPROXY_ROUTES", "routes.d")
     holder = TableHolder.load(folder)
     max_body = int(os.environ.get("LLMPROXY_MAX_BODY", DEFAULT_MAX_BODY))

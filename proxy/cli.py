@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
@@ -35,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, stop accepting and let running responses finish for this long, "
                    "then cut them (default: 30)")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="default: info (access lines are info: 'warning' silences them)")
+    s.add_argument("--log-format", default="json", choices=["json", "text"],
+                   help="json: one object per line (default); text: for a terminal")
 
     c = sub.add_parser("check", help="validate the routes and print the table",
                        description="Exit 0 when every route file is valid (warnings included), 2 otherwise.")
@@ -128,6 +134,7 @@ def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
 
 def _serve(args: argparse.Namespace) -> int:
     import signal
+    import logging.config
 
     import uvicorn
 
@@ -138,19 +145,34 @@ def _serve(args: argparse.Namespace) -> int:
     if args.grace_period < 0:
         print("llmproxy: --grace-period must be >= 0", file=sys.stderr)
         return EXIT_CONFIG
+    # Before `observe` is imported anywhere: prometheus-client picks its mode on import.
+    own_dir = metrics_dir(args.workers)
+    from . import observe
+
+    log_config = observe.logging_config(args.log_level, args.log_format)
+    logging.config.dictConfig(log_config)
+    if os.environ.get(observe.MULTIPROC_ENV):
+        logging.getLogger("llmproxy").info(
+            "metrics of %d worker(s) are summed through %s", args.workers, os.environ[observe.MULTIPROC_ENV]
+        )
     signal.signal(signal.SIGTERM, _stopped)
-    uvicorn.run(
-        "proxy.app:app_from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.grace_period,
-    )
+    try:
+        uvicorn.run(
+            "proxy.app:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_config=log_config,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.grace_period,
+        )
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
     return 0
 
 
@@ -159,6 +181,29 @@ def _stopped(signum: int, frame: object) -> None:
     serves and, after its graceful shutdown, restores it and re-raises the signal, which
     would otherwise kill the process with status -15."""
     raise SystemExit(0)
+
+
+def metrics_dir(workers: int) -> str | None:
+    """Make `PROMETHEUS_MULTIPROC_DIR` ready; return the folder to remove at exit, if we made it.
+
+    Each worker counts in its own process, so with `--workers N` a scrape
+    answered by one worker would see only its share: prometheus-client's
+    multiprocess mode keeps the counts in files that every worker sums. An
+    operator's folder is kept but emptied of a previous run's files (they
+    would be summed in); otherwise several workers get a fresh temporary one.
+    """
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        folder = Path(configured)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+        return None
+    if workers <= 1:
+        return None
+    made = tempfile.mkdtemp(prefix="llmproxy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
 
 
 if __name__ == "__main__":

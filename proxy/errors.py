@@ -40,6 +40,7 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "proxy_error"
     code: str | int | None = None
+    kind: str | None = None  # the upstream failure, as counted in `llmproxy_upstream_errors_total`
 
     def __init__(
         self,
@@ -90,6 +91,7 @@ class UpstreamUnreachable(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_unreachable"
+    kind = "unreachable"  # refused, DNS, TLS, any failure to connect
 
 
 class UpstreamTimeout(ProxyError):
@@ -98,6 +100,7 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
+    kind = "timeout"
 
 
 class UpstreamBroken(ProxyError):
@@ -106,6 +109,7 @@ class UpstreamBroken(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_broken"
+    kind = "reset"
 
 
 class ShuttingDown(ProxyError):
@@ -126,6 +130,7 @@ class UpstreamStatus(ProxyError):
     """The upstream answered non-2xx: same status; its OpenAI error passed on, anything else wrapped."""
 
     type = "upstream_error"
+    kind = "non_2xx"
 
     def __init__(self, status: int, body: bytes, route: Route, retry_after: str | None = None) -> None:
         self.status = status

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 
-from . import errors, headers
+from . import errors, headers, observe
 from .errors import ProxyError, UpstreamStatus
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class Exchange:
     (the upstream request is then closed at once); observability reads it afterwards.
     """
 
-    __slots__ = ("route", "call", "request", "rid", "upstream", "disconnected", "_complete")
+    __slots__ = ("route", "call", "request", "rid", "upstream", "disconnected", "error", "_complete")
 
     def __init__(self, route: Route, call: Call, request: httpx.Request, rid: bytes, upstream: Upstream) -> None:
         self.route = route
@@ -77,16 +77,19 @@ class Exchange:
         self.rid = rid
         self.upstream = upstream  # which of the route's upstreams `request` goes to
         self.disconnected = False
+        self.error: ProxyError | None = None  # what failed, for `observe`
         self._complete = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         client: httpx.AsyncClient = scope["app"].state.client
+        meter = observe.begin(scope, self.route, send)  # counts bytes and the first byte
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch, receive, tg.cancel_scope)
             try:
-                await self._exchange(client, send)
+                await self._exchange(client, meter.send)
             finally:
                 tg.cancel_scope.cancel()
+                observe.finish(meter, self, scope)
         if self.disconnected:
             log.debug("client left before the end of the response; route %r: upstream request closed", self.route.name)
 
@@ -136,7 +139,7 @@ class Exchange:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             await self._end(send)
         except (httpx.HTTPError, errors.BadUpstreamEvent, ProxyError) as exc:
-            err = exc if isinstance(exc, ProxyError) else errors.from_upstream(exc, route, self.request.url)
+            self.error = err = exc if isinstance(exc, ProxyError) else errors.from_upstream(exc, route, self.request.url)
             if not started:
                 await self._fail(send, err)
             elif self._is_stream(response):
@@ -205,6 +208,7 @@ class Exchange:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _fail(self, send: Any, exc: ProxyError) -> None:
+        self.error = exc
         self._complete = True
         await send_error(send, exc, self.rid)
 

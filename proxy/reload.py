@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 
+from . import observe
 from .errors import ConfigError
 from .routes import RouteTable
 
@@ -83,11 +84,14 @@ class TableHolder:
             table = RouteTable.from_dir(self.folder)
         except ConfigError as exc:
             log.error("routes not reloaded, the previous table stays in service: %s", exc)
+            observe.reloaded(False)
             return False
         except Exception:  # a bug must not end the watcher, nor the app with it
             log.exception("routes not reloaded, the previous table stays in service: unexpected error")
+            observe.reloaded(False)
             return False
         self.current = table
+        observe.reloaded(True)
         log.info("routes reloaded from %s: %d route(s) on %d path(s)", self.folder, len(table.routes), len(table.paths))
         return True
 

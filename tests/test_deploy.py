@@ -1,0 +1,162 @@
+"""deploy/: the manifests parse and agree with each other and with the code (ports, paths, probes)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.app import create_app
+from proxy.config import RESERVED_PATHS, load_dir
+from proxy.routes import RouteTable
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+K8S = DEPLOY / "k8s"
+
+
+def _docs() -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc and {"apiVersion", "kind"} <= doc.keys(), path
+            out[doc["kind"]] = doc
+    return out
+
+
+@pytest.fixture(scope="module")
+def docs() -> dict[str, dict[str, Any]]:
+    return _docs()
+
+
+def _container(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    (container,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _args(container: dict[str, Any]) -> dict[str, str | bool]:
+    """`--name=value` / `--name value` / `--flag` -> {name: value or True}."""
+    out: dict[str, str | bool] = {}
+    args = list(container["args"])
+    assert args[0] == "serve"
+    i = 1
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if eq:
+            out[name] = value
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[name] = args[i + 1]
+            i += 1
+        else:
+            out[name] = True
+        i += 1
+    return out
+
+
+def test_every_manifest_parses_and_kustomize_lists_them(docs):
+    assert {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Kustomization"} <= set(docs)
+    listed = set(docs["Kustomization"]["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_probes_and_scrape_use_the_proxys_own_endpoints(docs):
+    container = _container(docs)
+    served = {r.path for r in create_app(RouteTable([])).routes}
+    probes = {k: container[k]["httpGet"] for k in ("livenessProbe", "readinessProbe", "startupProbe")}
+    assert probes["livenessProbe"]["path"] == "/healthz"
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    for probe in probes.values():
+        assert probe["path"] in served and probe["path"] in RESERVED_PATHS
+        assert probe["port"] == "http"
+    annotations = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in served
+
+
+def test_ports_agree_from_the_dockerfile_to_the_service(docs):
+    container = _container(docs)
+    args = _args(container)
+    (port,) = container["ports"]
+    assert port["name"] == "http" and int(args["--port"]) == port["containerPort"]
+    assert args["--host"] == "0.0.0.0"  # reachable from the kubelet and the Service, not only loopback
+    annotations = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == port["containerPort"]
+    (svc_port,) = docs["Service"]["spec"]["ports"]
+    assert svc_port["targetPort"] in ("http", port["containerPort"])
+    pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert docs["Service"]["spec"]["selector"].items() <= pod_labels.items()
+    assert docs["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    (exposed,) = re.findall(r"^EXPOSE (\d+)$", dockerfile, re.M)
+    assert int(exposed) == port["containerPort"]
+    (cmd,) = re.findall(r"^CMD (\[.*\])$", dockerfile, re.M)
+    cmd_args = yaml.safe_load(cmd)  # a JSON array
+    assert cmd_args[0] == "serve" and cmd_args[cmd_args.index("--port") + 1] == exposed
+    assert "--reload" in cmd_args
+    assert "/healthz" in re.search(r"^HEALTHCHECK .*(?:\n .*)*", dockerfile, re.M).group(0)  # type: ignore[union-attr]
+    assert re.search(r'^ENTRYPOINT \["llmproxy"\]$', dockerfile, re.M)
+
+
+def test_the_routes_configmap_is_mounted_whole_and_reloaded(docs):
+    container = _container(docs)
+    args = _args(container)
+    assert args.get("--reload") is True
+    spec = docs["Deployment"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if "configMap" in v]
+    assert volume["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["mountPath"] == args["--routes"]
+    assert "subPath" not in mount  # subPath mounts never see ConfigMap updates
+
+
+def test_several_workers_have_a_writable_tmp_for_metrics(docs):
+    container = _container(docs)
+    if int(_args(container).get("--workers", 1)) > 1 and container["securityContext"].get("readOnlyRootFilesystem"):
+        assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_the_hpa_and_pdb_target_the_deployment(docs):
+    name = docs["Deployment"]["metadata"]["name"]
+    target = docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", name)
+    assert "resources" in _container(docs) and _container(docs)["resources"]["requests"]["cpu"]  # HPA on CPU needs it
+    pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_the_configmap_routes_load_as_a_pod_would_see_them(docs, tmp_path, monkeypatch):
+    """Lay the ConfigMap out as the kubelet does (`..data` symlink) and load it with the pod's environment."""
+    data: dict[str, str] = docs["ConfigMap"]["data"]
+    assert data and all(key.endswith((".yaml", ".yml")) for key in data)
+    stamp = tmp_path / "..2025_01_01_00_00_00.000000001"
+    stamp.mkdir()
+    for key, text in data.items():
+        (stamp / key).write_text(text)
+    (tmp_path / "..data").symlink_to(stamp.name)
+    for key in data:
+        (tmp_path / key).symlink_to(Path("..data") / key)
+
+    env = {e["name"]: e.get("value", "") for e in _container(docs)["env"]}
+    needed = {m.group(1) for text in data.values() for m in re.finditer(r"\$\{([A-Za-z_]\w*)\}", text)}
+    assert needed <= env.keys(), "every ${VAR} without a default must be set in the Deployment"
+    monkeypatch.delenv("QWEN_API_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    routes = load_dir(tmp_path)
+    assert sorted(r.source.rsplit(os.sep, 1)[1] for r in routes) == sorted(data)
+    assert all("10.103.232.66" not in u for r in routes for u in r.upstreams)
+
+
+def test_the_readme_commands_name_real_files(docs):
+    text = (DEPLOY / "README.md").read_text()
+    assert "docker build -f deploy/Dockerfile" in text and (DEPLOY / "Dockerfile").is_file()
+    assert "kubectl apply -k deploy/k8s" in text
+    updates = [line.strip() for line in text.splitlines() if line.strip().startswith("kubectl create configmap")]
+    assert updates
+    for line in updates:
+        words = shlex.split(line.split("|")[0])
+        assert words[3] == docs["ConfigMap"]["metadata"]["name"]  # the ConfigMap the Deployment mounts
