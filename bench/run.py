@@ -163,6 +163,7 @@ def evaluate(rows: list[dict[str, Any]], rss: dict[str, Any] | None, relay: list
     for via in ("passthrough", "chat"):
         vals = {f"c={c}": (get(via, True, c) or {}).get("proxy_us_per_event") for c in conc}
         got = [v for v in vals.values() if v is not None]
+        vals |= {f"marginal c={c}": (get(via, True, c) or {}).get("proxy_marginal_us_per_event") for c in conc}
         goal(f"{via} stream proxy CPU", vals, max(got) <= GOALS["us_per_event"] if got else None,
              f"<= {GOALS['us_per_event']:.0f} µs/event")
     for check in relay:
@@ -199,6 +200,12 @@ def add_deltas(rows: list[dict[str, Any]]) -> None:
         for k in ("p50_ms", "p99_ms", "ttfb_p50_ms"):
             if r.get(k) is not None and d.get(k) is not None:
                 r["added_" + k] = r[k] - d[k]
+    # A stream's CPU beyond a non-streaming request's, per event: the relay alone, without the per-request part.
+    plain = {(r["via"], r["concurrency"]): r for r in rows if not r["stream"] and "skipped" not in r}
+    for r in rows:
+        p = plain.get((r["via"], r["concurrency"]))
+        if r["stream"] and "skipped" not in r and p and r.get("proxy_us_per_req") is not None and r["events"]:
+            r["proxy_marginal_us_per_event"] = (r["proxy_us_per_req"] - p["proxy_us_per_req"]) / (r["events"] / r["requests"])
 
 
 # ---------------------------------------------------------------- report
@@ -230,7 +237,8 @@ def meta(args: argparse.Namespace, src: Path, use_wrk: bool) -> dict[str, Any]:
         "seconds_per_scenario": args.seconds,
         "load_tools": {"non-stream": wrkload.version() if use_wrk else "asyncio client",
                        "stream": "asyncio client (httptools, uvloop)"},
-        "python": platform.python_version(),
+        "python": subprocess.run([args.python, "-c", "import platform; print(platform.python_version())"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip(),
         "versions": {p: version(p) for p in PACKAGES},
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "mem_mib": mem, "kernel": platform.release(),
                     "loadavg_at_start": os.getloadavg()[0]},
@@ -308,6 +316,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-rss", action="store_true", help="skip the RSS phase (1k + 10k requests)")
     p.add_argument("--no-wrk", action="store_true", help="non-stream load with the asyncio client too")
     p.add_argument("--src", type=Path, default=ROOT, help="folder holding the `proxy` package under test (default: this repo)")
+    p.add_argument("--python", default=sys.executable, help="interpreter for the two servers (default: this one)")
     p.add_argument("--label", default="", help="a name for this run in the table and the JSON")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/latest.json", help="JSON output")
     p.add_argument("--profile", action="store_true", help="profile the proxy with py-spy instead of measuring")
@@ -335,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = [int(c) for c in args.concurrency.split(",") if c]
     report: dict[str, Any] = {"meta": meta(args, src, use_wrk)}
     t0 = time.monotonic()
-    with procs.start(src, chat="chat" in vias) as stack:
+    with procs.start(src, python=args.python, chat="chat" in vias) as stack:
         report["chat_missing"] = stack.chat_missing if "chat" in vias else None
         live = [v for v in vias if v != "chat" or stack.chat_missing is None]
         proxied = [v for v in live if v != "direct"]
