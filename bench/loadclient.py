@@ -116,7 +116,8 @@ async def _connect(port: int, on_chunk: Callable[[float, int], None] | None = No
 async def _one(conn: _Conn, request: bytes) -> float:
     loop = asyncio.get_running_loop()
     done = conn.reset()
-    timer = loop.call_later(REQUEST_TIMEOUT, done.cancel)
+    # A timeout is an error of that request; a cancellation (Ctrl-C) must stop the run.
+    timer = loop.call_later(REQUEST_TIMEOUT, _expire, done)
     t0 = time.perf_counter()
     assert conn.transport is not None
     conn.transport.write(request)
@@ -125,6 +126,11 @@ async def _one(conn: _Conn, request: bytes) -> float:
     finally:
         timer.cancel()
     return t0
+
+
+def _expire(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_exception(TimeoutError(f"no complete response in {REQUEST_TIMEOUT:.0f} s"))
 
 
 async def load(port: int, request: bytes, concurrency: int, seconds: float, count: int | None = None) -> Result:
@@ -141,7 +147,7 @@ async def load(port: int, request: bytes, concurrency: int, seconds: float, coun
                 budget[0] -= 1
                 try:
                     t0 = await _one(conn, request)
-                except (OSError, asyncio.CancelledError, httptools.HttpParserError):
+                except (OSError, httptools.HttpParserError):  # TimeoutError is an OSError
                     result.errors += 1
                     if conn.transport is not None:
                         conn.transport.abort()

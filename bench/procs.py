@@ -18,7 +18,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HOST = "127.0.0.1"  # loopback only, always
@@ -148,7 +148,6 @@ class Stack:
     proxy_port: int
     chat_missing: str | None  # why the chat route could not be loaded, or None
     src: Path
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _check_chat(python: str, env: dict[str, str], src: Path, folder: Path) -> str | None:
