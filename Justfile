@@ -30,3 +30,11 @@ serve *ARGS: install
 # Validate routes.d and print the route table.
 check *ARGS: install
     {{venv}}/bin/llmproxy check {{ARGS}}
+
+# Benchmark: mock upstream direct vs through the proxy on loopback (bench/README.md). ARGS: --quick, --seconds N, --profile.
+bench *ARGS: install
+    @command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
+        || echo "wrk could not be installed: non-stream load falls back to the asyncio client"
+    @if [[ " {{ARGS}} " == *" --profile "* ]] && [ ! -x {{venv}}/bin/py-spy ]; then \
+        {{py}} -m pip install -q --disable-pip-version-check -e '.[dev,bench]'; fi
+    {{py}} bench/run.py {{ARGS}}
