@@ -1,8 +1,7 @@
 """Every error the proxy reports, and the one place they become OpenAI-shaped bytes.
 
 The client always gets `{"error": {"message", "type", "param", "code"}}`;
-transport exceptions (httpx, and the aiohttp ones underneath) are mapped here
-and nowhere else. Messages name the route and the upstream host, never a
+the upstream client's (aiohttp) exceptions are mapped here and nowhere else. Messages name the route and the upstream host, never a
 header value: default headers carry secrets, and upstream error bodies are
 scrubbed of them before they are passed on.
 """
@@ -11,14 +10,13 @@ from __future__ import annotations
 
 import re
 import traceback
+from urllib.parse import urlsplit
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 if TYPE_CHECKING:
-    import httpx
-
     from .routes import Route
 
 MESSAGE_CAP = 500  # characters of a foreign (non-OpenAI) error body kept in our message
@@ -247,52 +245,38 @@ def internal(exc: BaseException) -> tuple[InternalError, str]:
 # --- upstream failures ------------------------------------------------------------------
 
 
-def from_upstream(exc: Exception, route: Route, url: httpx.URL) -> ProxyError:
-    """Map a transport failure or a `BadUpstreamEvent` to 502/504, naming the route and host.
-
-    The aiohttp-backed transport maps every `ClientConnectionError` (refused and read timeouts
-    included) to httpx's `ConnectTimeout`, so the aiohttp cause decides first. The messages are
-    built here rather than copied from aiohttp, whose timeout text quotes the whole URL, query
-    string included.
-    """
-    import httpx
+def from_upstream(exc: Exception, route: Route, url: str) -> ProxyError:
+    """Map an upstream failure (aiohttp's, a timeout, or a `BadUpstreamEvent`) to 502/504,
+    naming the route and host. The messages are built here rather than copied from
+    aiohttp, whose texts quote the whole URL, query string included."""
+    import aiohttp
 
     name = route.name
     where = _host(url)
     if isinstance(exc, BadUpstreamEvent):
         return UpstreamBroken(f"upstream of route {name!r} sent an unreadable response: {_scrub(str(exc), route)}")
-    cause = exc.__cause__
-    if cause is not None:
-        import aiohttp
-
-        if isinstance(cause, aiohttp.SocketTimeoutError):
-            return _read_timeout(route, where)
-        if isinstance(cause, (aiohttp.ServerTimeoutError, TimeoutError)):
-            return _connect_timeout(route, where)
-        if isinstance(cause, aiohttp.ClientConnectorDNSError):
-            return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: cannot resolve host {url.host!r}")
-        if isinstance(cause, aiohttp.ClientSSLError):
-            reason = _scrub(_os_reason(cause.os_error), route)
-            return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: TLS with {where} failed: {reason}")
-        if isinstance(cause, aiohttp.ClientConnectorError):
-            os_error = cause.os_error
-            if isinstance(os_error, ConnectionRefusedError):
-                return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: connection refused by {where}")
-            reason = _scrub(_os_reason(os_error), route)
-            return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: cannot connect to {where}: {reason}")
-        if isinstance(cause, aiohttp.ServerDisconnectedError):
-            return UpstreamBroken(f"upstream of route {name!r} ({where}) closed the connection without answering")
-        if isinstance(cause, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)):
-            return UpstreamBroken(f"upstream of route {name!r} ({where}) closed the connection mid-response")
-    if isinstance(exc, httpx.ReadTimeout):
+    if isinstance(exc, aiohttp.SocketTimeoutError):
         return _read_timeout(route, where)
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):  # ConnectionTimeoutError, and waiting for a pooled connection
         return _connect_timeout(route, where)
-    if isinstance(exc, (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.ProxyError)):
-        reason = _scrub(str(exc), route) or type(exc).__name__
-        return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: {reason}")
-    if isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)):
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        host = urlsplit(url).hostname
+        return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: cannot resolve host {host!r}")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        reason = _scrub(_os_reason(exc.os_error), route)
+        return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: TLS with {where} failed: {reason}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        if isinstance(os_error, ConnectionRefusedError):
+            return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: connection refused by {where}")
+        reason = _scrub(_os_reason(os_error), route)
+        return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: cannot connect to {where}: {reason}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamBroken(f"upstream of route {name!r} ({where}) closed the connection without answering")
+    if isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)):
         return UpstreamBroken(f"upstream of route {name!r} ({where}) closed the connection mid-response")
+    if isinstance(exc, (aiohttp.InvalidURL, aiohttp.ClientResponseError)):
+        return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: {type(exc).__name__}")
     return UpstreamBroken(f"upstream of route {name!r} ({where}) failed: {type(exc).__name__}")
 
 
@@ -301,23 +285,14 @@ def connect_failure(exc: Exception) -> str | None:
 
     Only these failures are safe to repeat elsewhere: no byte of the request left
     the proxy. A reset or timeout after connecting is not (the upstream may be
-    generating already). aiohttp's cause decides first, as in `from_upstream`.
+    generating already).
     """
-    import httpx
+    import aiohttp
 
-    cause = exc.__cause__
-    if cause is not None:
-        import aiohttp
-
-        if isinstance(cause, aiohttp.ClientConnectorError):
-            err = cause.os_error or cause
-            return f"{type(err).__name__}: {_os_reason(err)}"
-        if isinstance(cause, aiohttp.ConnectionTimeoutError):
-            return "connect timed out"
-        return None
-    if isinstance(exc, httpx.ConnectError):
-        return f"{type(exc).__name__}: {_os_reason(exc)}"
-    if isinstance(exc, httpx.ConnectTimeout):
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        err = exc.os_error or exc
+        return f"{type(err).__name__}: {_os_reason(err)}"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "connect timed out"
     return None
 
@@ -335,9 +310,9 @@ def _connect_timeout(route: Route, where: str) -> UpstreamTimeout:
     )
 
 
-def _host(url: httpx.URL) -> str:
-    port = url.port or (443 if url.scheme == "https" else 80)
-    return f"{url.host}:{port}"
+def _host(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
 def _os_reason(exc: BaseException) -> str:

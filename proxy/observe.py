@@ -29,6 +29,7 @@ import os
 import time
 from fnmatch import fnmatchcase
 from time import perf_counter
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -48,8 +49,6 @@ from .errors import ProxyError
 from .routes import _model_of as _decode_model
 
 if TYPE_CHECKING:
-    import httpx
-
     from .forward import Exchange
     from .routes import Route
 
@@ -217,7 +216,7 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
     record(
         _record(
             scope, m, exchange.rid, route.name, model, status,
-            upstream=upstream_label(exchange.request.url),
+            upstream=upstream_label(exchange.url),
             error=name,
             usage=usage,
         ),
@@ -277,9 +276,11 @@ def model_label(route: Route, model: str | None) -> str:
     return OTHER
 
 
-def upstream_label(url: httpx.URL) -> str:
+def upstream_label(url: str) -> str:
     """`scheme://host:port/path`: no user-info (a password), no query (a key)."""
-    return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}"
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
 def exposition() -> tuple[bytes, str]:

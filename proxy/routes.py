@@ -18,6 +18,7 @@ from .adapters import Adapter, make_adapter
 from .config import RouteConfig, load_dir
 from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body
 from .headers import Headers, normalize
+from .transport import route_timeout
 from .upstreams import Pool
 
 
@@ -44,7 +45,7 @@ class _ModelList(msgspec.Struct):
 class Route:
     """A route file compiled for the hot path."""
 
-    __slots__ = ("config", "name", "adapter", "upstreams", "pool", "defaults", "timeout", "models", "_match")
+    __slots__ = ("config", "name", "adapter", "upstreams", "pool", "defaults", "timeout", "client_timeout", "models", "_match")
 
     def __init__(self, config: RouteConfig) -> None:
         self.config = config
@@ -55,6 +56,7 @@ class Route:
         self.defaults: Headers = normalize(config.default_headers)
         t = config.timeout
         self.timeout = {"connect": t.connect, "read": t.read, "write": t.write, "pool": t.pool}
+        self.client_timeout = route_timeout(t.connect, t.read, t.pool)
         self.models = tuple(config.models)
         # All globs as one compiled regex: one match call per request instead of one fnmatch per glob.
         self._match = re.compile("|".join(translate(g) for g in self.models)).match if self.models else None
@@ -100,6 +102,9 @@ class RouteTable:
     @classmethod
     def from_dir(cls, folder: Path | str) -> RouteTable:
         return cls(load_dir(folder))
+
+    def has_path(self, path: str) -> bool:
+        return path in self._by_path
 
     @property
     def paths(self) -> frozenset[str]:

@@ -196,26 +196,16 @@ def test_stream_never_synthesizes_chunks_for_a_stream_client(chat, upstream):
     assert "stream" not in json.loads(upstream.requests[-1].body)
 
 
-def test_malformed_upstream_event_reaches_the_client_as_a_stream_error(routes_dir):
-    """A real proxy over an upstream (httpx.MockTransport) whose second event is not JSON."""
-    from proxy.app import create_app
-    from proxy.routes import RouteTable
-    from servers import run_app
-
-    async def events():
-        yield b'data: {"id": "cmpl-1", "choices": [{"index": 0, "text": "Hel", "finish_reason": null}]}\n\n'
-        yield b"data: {this is not json\n\n"
-
-    def upstream(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=events(), headers={"content-type": "text/event-stream"})
-
-    folder = routes_dir(chat=ROUTE.format(upstream="http://127.0.0.1:9", stream="auto", reasoning="none"))
-    app = create_app(RouteTable.from_dir(folder), transport=httpx.MockTransport(upstream))
-    with run_app(app) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0, timeout=10)
-        got = []
-        with pytest.raises(openai.APIError, match="malformed stream event"):
-            for chunk in client.chat.completions.create(model="qwen", stream=True,
-                                                        messages=[{"role": "user", "content": "Hi"}]):
-                got.append(chunk.choices[0].delta.content)
-        assert got == ["Hel"]
+def test_malformed_upstream_event_reaches_the_client_as_a_stream_error(routes_dir, upstream, proxy_for):
+    """The upstream's second event is not JSON (the mock's `malformed-after:1` fault)."""
+    folder = routes_dir(chat=ROUTE.format(upstream=upstream.url, stream="auto", reasoning="none"))
+    base = proxy_for(folder)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0, timeout=10)
+    got = []
+    with pytest.raises(openai.APIError, match="malformed stream event"):
+        for chunk in client.chat.completions.create(
+            model="qwen", stream=True, messages=[{"role": "user", "content": "Hi"}],
+            extra_headers={"x-mock-text": "Hel lo", "x-mock-fault": "malformed-after:1"},
+        ):
+            got.append(chunk.choices[0].delta.content)
+    assert got == ["Hel "]

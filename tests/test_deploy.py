@@ -65,7 +65,7 @@ def test_every_manifest_parses_and_kustomize_lists_them(docs):
 
 def test_probes_and_scrape_use_the_proxys_own_endpoints(docs):
     container = _container(docs)
-    served = {r.path for r in create_app(RouteTable([])).routes}
+    served = {r.path for r in create_app(RouteTable([])).litestar.routes}
     probes = {k: container[k]["httpGet"] for k in ("livenessProbe", "readinessProbe", "startupProbe")}
     assert probes["livenessProbe"]["path"] == "/healthz"
     assert probes["readinessProbe"]["path"] == "/readyz"

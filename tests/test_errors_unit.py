@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 import pytest
 
@@ -145,36 +145,34 @@ def test_secrets_of_a_route(tmp_path):
     assert errors.scrub_bytes(b"Bearer sk-route-secret / sk-route-secret", errors.secrets_of(route)) == b"*** / ***"
 
 
-# --- transport failures without a socket (respx-style, for causes the sockets cannot stage) ---
+# --- transport failures without a socket (for causes the sockets cannot stage) ------------
 
-
-def failing(exc: Exception) -> httpx.AsyncClient:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise exc
-
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+_KEY = SimpleNamespace(host="127.0.0.1", port=9, ssl=True)  # what aiohttp's connector errors carry
 
 
 @pytest.mark.parametrize(
     ("exc", "status", "code", "message"),
     [
-        (httpx.ConnectError("[Errno -2] Name or service not known"), 502, "upstream_unreachable",
-         "upstream of route 'r' is unreachable: [Errno -2] Name or service not known"),
-        (httpx.ConnectTimeout("x"), 504, "upstream_timeout",
+        (aiohttp.ClientConnectorDNSError(_KEY, OSError(-2, "Name or service not known")), 502, "upstream_unreachable",
+         "upstream of route 'r' is unreachable: cannot resolve host '127.0.0.1'"),
+        (aiohttp.ConnectionTimeoutError("x"), 504, "upstream_timeout",
          "upstream of route 'r': no connection to 127.0.0.1:9 within 2 s (timeout.connect)"),
-        (httpx.ReadTimeout("x"), 504, "upstream_timeout", "upstream of route 'r' (127.0.0.1:9) sent nothing for 7.5 s (timeout.read)"),
-        (httpx.RemoteProtocolError("x"), 502, "upstream_broken",
+        (aiohttp.SocketTimeoutError("x"), 504, "upstream_timeout",
+         "upstream of route 'r' (127.0.0.1:9) sent nothing for 7.5 s (timeout.read)"),
+        (aiohttp.ServerDisconnectedError(), 502, "upstream_broken",
+         "upstream of route 'r' (127.0.0.1:9) closed the connection without answering"),
+        (aiohttp.ClientPayloadError("x"), 502, "upstream_broken",
          "upstream of route 'r' (127.0.0.1:9) closed the connection mid-response"),
-        (httpx.ConnectError("Authorization: Bearer sk-route-secret refused"), 502, "upstream_unreachable",
-         "upstream of route 'r' is unreachable: Authorization: *** refused"),
+        (aiohttp.ClientConnectorError(_KEY, OSError(113, "Authorization: Bearer sk-route-secret refused")), 502,
+         "upstream_unreachable", "upstream of route 'r' is unreachable: cannot connect to 127.0.0.1:9: Authorization: *** refused"),
     ],
 )
-def test_cause_less_httpx_errors(route, exc, status, code, message):
-    err = errors.from_upstream(exc, route, httpx.URL(route.upstreams[0]))
+def test_upstream_errors_without_a_socket(route, exc, status, code, message):
+    err = errors.from_upstream(exc, route, route.upstreams[0])
     assert (err.status, err.code, err.message) == (status, code, message)
 
 
-# --- the Exchange on fakes --------------------------------------------------------------
+# --- the Exchange on a fake upstream session ---------------------------------------------
 
 
 @pytest.fixture
@@ -199,32 +197,51 @@ class Recorder:
         return b"".join(m.get("body", b"") for m in self.messages[1:])
 
 
-def scope_for(client: httpx.AsyncClient, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+class Upstream:
+    """A streaming upstream answer shaped like aiohttp's `ClientResponse`: `n` events, `delay`
+    apart; records whether the forwarder closed it."""
+
+    status = 200
+    raw_headers = ((b"Content-Type", b"text/event-stream"),)
+    headers = {"content-type": "text/event-stream"}
+
+    def __init__(self, n: int, delay: float = 0.0) -> None:
+        self.n, self.delay, self.closed, self.eof = n, delay, False, False
+        self.content = self
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for i in range(self.n):
+            await asyncio.sleep(self.delay)
+            yield b'data: {"i": %d}\n\n' % i
+        self.eof = True
+
+    def at_eof(self) -> bool:
+        return self.eof
+
+    def release(self) -> None:
+        self.closed = True
+
+    close = release
+
+
+class FakeSession:
+    """What the Exchange uses of `aiohttp.ClientSession`: `await request(...)`."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    async def request(self, method: str, url: str, **kw: Any) -> Any:
+        return await self.answer() if callable(self.answer) else self.answer
+
+
+def scope_for(client: Any, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
     return {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
             "query_string": b"", "headers": headers or [], "client": ("127.0.0.1", 1), "scheme": "http",
             "app": SimpleNamespace(state=SimpleNamespace(client=client))}
 
 
-class Upstream(httpx.AsyncByteStream):
-    """A streaming upstream body: `n` events, `delay` apart; records whether it was closed."""
-
-    def __init__(self, n: int, delay: float = 0.0) -> None:
-        self.n, self.delay, self.closed = n, delay, False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for i in range(self.n):
-            await asyncio.sleep(self.delay)
-            yield b'data: {"i": %d}\n\n' % i
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-def streaming_client(body: Upstream) -> httpx.AsyncClient:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=body)
-
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+def streaming_client(body: Upstream) -> FakeSession:
+    return FakeSession(body)
 
 
 @pytest.mark.anyio
@@ -272,11 +289,11 @@ async def test_disconnect_message_after_completion_is_not_a_client_leaving(route
 
 @pytest.mark.anyio
 async def test_cut_by_shutdown_before_the_first_byte_is_a_503(route):
-    async def handler(request: httpx.Request) -> httpx.Response:
+    async def never() -> Any:
         await asyncio.sleep(10)
         raise AssertionError("not reached")
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    client = FakeSession(never)
     scope = scope_for(client)
     send = Recorder()
 

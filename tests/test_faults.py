@@ -318,14 +318,11 @@ def test_read_timeout_closes_the_upstream_connection(env):
 
 
 def test_dns_failure_is_502(routes_dir, proxy_for):
-    from httpx_aiohttp import AiohttpTransport
-
     folder = routes_dir(dns="""
         path: /v1/completions
         upstream: http://llm.example.invalid:8019/v1/completions
     """)
-    transport = AiohttpTransport(client=lambda: aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=NoSuchHost())))
-    base = proxy_for(folder, transport=transport)
+    base = proxy_for(folder, client=lambda: aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=NoSuchHost())))
     r, data = post(base, "/v1/completions")
     assert r.status_code == 502
     assert error_of(r, data) == {
@@ -487,7 +484,7 @@ BAD_INPUT = [
     ("wrong-method-for-route", "GET", "/v1/completions", b"", {}, 405, "invalid_request_error",
      "method_not_allowed", None, "method GET is not allowed on /v1/completions; allowed: POST"),
     ("method-the-proxy-never-routes", "TRACE", "/v1/completions", b"", {}, 405, "invalid_request_error",
-     "method_not_allowed", None, "method TRACE is not allowed on /v1/completions"),
+     "method_not_allowed", None, "method TRACE is not allowed on /v1/completions; allowed: POST"),
     ("body-over-limit", "POST", "/v1/completions", b"x" * (100 * 1024), {}, 413, "invalid_request_error",
      "request_too_large", None, "request body is larger than the limit of 65536 bytes"),
 ]

@@ -302,7 +302,7 @@ def test_the_access_log_never_carries_a_secret(upstream, routes_dir, proxy_for, 
 
 
 def test_the_logged_upstream_drops_user_info_and_query():
-    url = httpx.URL(f"https://user:{SECRETS['url']}@llm.example:8443/v1/completions?key={SECRETS['query']}")
+    url = f"https://user:{SECRETS['url']}@llm.example:8443/v1/completions?key={SECRETS['query']}"
     assert observe.upstream_label(url) == "https://llm.example:8443/v1/completions"
 
 
@@ -471,5 +471,5 @@ def test_a_crash_before_the_answer_is_counted_once(upstream, routes_dir, access_
     (line,) = access_lines()
     assert (line["request_id"], line["status"], line["error"], line["route"]) == ("t-crash", 500, "internal_error", name)
     # The error log names the exception and where it was raised, not its message (which could carry a secret).
-    assert "internal error on POST /v1/completions: RuntimeError at" in caplog.text
+    assert "internal error on route" in caplog.text and "RuntimeError at" in caplog.text
     assert "adapter bug" not in caplog.text and "adapter bug" not in r.text
