@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,10 @@ HOP_BY_HOP = frozenset(
 # Set by the proxy for the upstream: the client's values would be wrong there.
 _REQUEST_OWN = frozenset({b"host", b"content-length", b"expect", b"x-request-id"})
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+# A random per-process prefix and a counter: unique across workers and replicas, and no
+# `getrandom` syscall per request (it showed in the profile at ~2 %).
+_ID_PREFIX = os.urandom(10).hex()
+_ID_COUNTER = itertools.count(1)
 
 
 def normalize(headers: dict[str, str]) -> Headers:
@@ -55,7 +60,7 @@ def request_id(client: Iterable[tuple[bytes, bytes]]) -> bytes:
     for name, value in client:
         if name == b"x-request-id" and _SANE_ID.match(value):
             return value
-    return os.urandom(16).hex().encode()
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}".encode()
 
 
 def to_upstream(

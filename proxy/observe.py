@@ -29,7 +29,6 @@ import os
 import time
 from fnmatch import fnmatchcase
 from time import perf_counter
-from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -216,7 +215,7 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
     record(
         _record(
             scope, m, exchange.rid, route.name, model, status,
-            upstream=upstream_label(exchange.url),
+            upstream=exchange.upstream.label,
             error=name,
             usage=usage,
         ),
@@ -274,13 +273,6 @@ def model_label(route: Route, model: str | None) -> str:
             if fnmatchcase(model, glob):
                 return glob
     return OTHER
-
-
-def upstream_label(url: str) -> str:
-    """`scheme://host:port/path`: no user-info (a password), no query (a key)."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
 def exposition() -> tuple[bytes, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 log = logging.getLogger("llmproxy.upstreams")
 
@@ -26,10 +27,11 @@ DOWN_FOR = 10.0  # seconds an upstream sits out after a connect failure
 class Upstream:
     """One base URL of a route, with its passive health."""
 
-    __slots__ = ("url", "down_until", "reason")
+    __slots__ = ("url", "label", "down_until", "reason")
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.label = upstream_label(url)  # for logs and metrics, made once
         self.down_until = 0.0  # monotonic time; 0: up
         self.reason = ""
 
@@ -39,6 +41,13 @@ class Upstream:
 
     def is_up(self, now: float) -> bool:
         return self.down_until <= now
+
+
+def upstream_label(url: str) -> str:
+    """`scheme://host:port/path`: no user-info (a password), no query (a key)."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
 class Pool:

@@ -25,6 +25,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.upstreams import upstream_label
 from proxy import observe
 from proxy.app import create_app
 from proxy.cli import metrics_dir
@@ -303,7 +304,7 @@ def test_the_access_log_never_carries_a_secret(upstream, routes_dir, proxy_for, 
 
 def test_the_logged_upstream_drops_user_info_and_query():
     url = f"https://user:{SECRETS['url']}@llm.example:8443/v1/completions?key={SECRETS['query']}"
-    assert observe.upstream_label(url) == "https://llm.example:8443/v1/completions"
+    assert upstream_label(url) == "https://llm.example:8443/v1/completions"
 
 
 class _UsageCall:
