@@ -50,7 +50,7 @@ GOALS = {
     "rss_mib": 80.0,
     "rss_growth": 0.10,
 }
-PACKAGES = ("litestar", "uvicorn", "httpx", "httpx-aiohttp", "aiohttp", "msgspec", "uvloop", "httptools", "anyio")
+PACKAGES = ("litestar", "uvicorn", "aiohttp", "msgspec", "uvloop", "httptools", "anyio")
 
 
 def body_for(via: str, stream: bool) -> bytes:
