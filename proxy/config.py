@@ -185,6 +185,9 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
             raise fail(field, f"bad URL {url!r}: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise fail(field, f"must be an http(s) URL with a host, got {url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise fail(field, "must not carry user:password@; put credentials in default_headers "
+                              "(e.g. Authorization: Basic ...), where they stay out of logs")
         if parts.query or parts.fragment:
             raise fail(field, f"must not carry a query or fragment, got {url!r}")
     headers: dict[str, str] = {}

@@ -326,21 +326,15 @@ _SCHEMES = frozenset({"bearer", "basic", "token", "digest", "apikey", "api-key"}
 
 
 def secrets_of(route: Route) -> tuple[bytes, ...]:
-    """Values that must never reach a client or a log: every default header value (and the
-    credential after an auth scheme word) and any password in the upstream URLs.
+    """Values that must never reach a client or a log: every default header value, and the
+    credential after an auth scheme word (config refuses passwords in upstream URLs).
     Computed on the error path only."""
-    from urllib.parse import urlsplit
-
     found: set[bytes] = set()
     for _, value in route.defaults:
         found.add(value)
         scheme, _, credential = value.partition(b" ")
         if credential and scheme.lower().decode("latin-1") in _SCHEMES:
             found.add(credential.strip())
-    for url in route.upstreams:
-        password = urlsplit(url).password
-        if password:
-            found.add(password.encode())
     # Tiny values (a bare "Bearer", an org id of 2 letters) would shred messages, not hide secrets.
     found = {s for s in found if len(s) >= 4 and s.lower().decode("latin-1") not in _SCHEMES}
     return tuple(sorted(found, key=len, reverse=True))

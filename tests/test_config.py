@@ -31,6 +31,7 @@ def write(folder: Path, name: str, text: str) -> Path:
         ("path: v1/x\nupstream: http://127.0.0.1:9/\n", r"r\.yaml:1: path: must be an absolute URL path"),
         ("path: /v1/x\nupstream: ftp://127.0.0.1/\n", r"r\.yaml:2: upstream: must be an http\(s\) URL with a host"),
         ("path: /v1/x\nupstream: http://127.0.0.1:99999/\n", r"r\.yaml:2: upstream: bad URL"),
+        ("path: /v1/x\nupstream: http://u:pw@127.0.0.1:9/\n", r"r\.yaml:2: upstream: must not carry user:password@"),
         ("path: /v1/x\nupstream: http://127.0.0.1:9/\nmethods: [FETCH]\n", r"r\.yaml:3: methods: unknown HTTP method 'FETCH'"),
         ("path: /v1/x\nupstream: http://127.0.0.1:9/\nadapter: magic\n", r"r\.yaml:3: adapter: Invalid enum value 'magic'"),
         ("path: /v1/x\nupstream: http://127.0.0.1:9/\nstream: sometimes\n", r"r\.yaml:3: stream: Invalid enum value"),
