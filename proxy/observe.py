@@ -211,7 +211,8 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
         status = CLIENT_CLOSED if m.disconnected else 500
         name = name or (None if m.disconnected else "internal_error")
     usage = getattr(exchange.call, "usage", None)
-    model = _model_of(m.body)
+    # The body's `model` is read again only when a label or the access line will show it.
+    model = _model_of(m.body) if route.models or access_log.isEnabledFor(logging.INFO) else None
     record(
         _record(
             scope, m, exchange.rid, route.name, model, status,

@@ -7,7 +7,6 @@ fields other than `data` are ignored, multi-line `data:` is joined by `\\n`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -63,12 +62,3 @@ class SSEDecoder:
                 data.append(value[1:] if value[:1] == b" " else value)
         return events
 
-
-async def data_of(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The `data` of each event as soon as it is complete (the unterminated last one at the end)."""
-    decoder = SSEDecoder()
-    async for chunk in chunks:
-        for data in decoder.feed(chunk):
-            yield data
-    for data in decoder.close():
-        yield data

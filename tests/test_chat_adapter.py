@@ -398,3 +398,22 @@ def test_stream_that_carries_no_event_is_broken():
         run_events(adapter().request(body(stream=True)), [b'{"choices": []}'])
     with pytest.raises(UpstreamBroken):
         adapter(stream="always").request(body()).response(b"")
+
+
+def test_events_of_one_read_go_out_together_and_none_is_lost_before_a_bad_one():
+    call = adapter().request(body(stream=True))
+
+    async def source():
+        yield event("Hel") + event("lo")  # one network read, two events: one write
+        yield event(" world") + b"data: {not json\n\n"  # the good event still reaches the client
+
+    async def collect():
+        out = []
+        with pytest.raises(UpstreamBroken):
+            async for chunk in call.events(source()):
+                out.append(chunk)
+        return out
+
+    out = asyncio.run(collect())
+    assert len(out) == 2
+    assert [e["choices"][0]["delta"].get("content") for e in parse_sse(out)] == ["Hel", "lo", " world"]

@@ -242,6 +242,17 @@ class _Choice:
         return reasoning, text, calls
 
 
+class _Tally:
+    """What a stream has shown so far: events, the last usage, whether `[DONE]` came."""
+
+    __slots__ = ("events", "usage", "done")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.usage: Usage | None = None
+        self.done = False
+
+
 class ChatCall:
     """One chat request in flight: the upstream body and how to translate the answer."""
 
@@ -333,24 +344,51 @@ class ChatCall:
     # --- streams -------------------------------------------------------------------------
 
     async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Upstream bytes -> `chat.completion.chunk` events, one out per event in, then `[DONE]`."""
+        """Upstream bytes -> `chat.completion.chunk` events, then `[DONE]`.
+
+        Every event is translated as soon as it is complete; the events of one upstream
+        read go out in one write (as passthrough relays a read), never held for a later one.
+        """
         if not self.upstream_stream:
             yield self._synthesize(self._whole(b"".join([c async for c in chunks])))
             return
         states: dict[int, _Choice] = {}
-        usage: Usage | None = None
-        done = seen = False
-        async for data in sse.data_of(chunks):
-            if data == sse.DONE:
-                done = True
-                break
-            out, ev_usage = self._on_event(data, states)
-            seen, usage = True, ev_usage or usage
+        tally = _Tally()
+        decoder = sse.SSEDecoder()
+        async for chunk in chunks:
+            out, failure = self._translate(decoder.feed(chunk), states, tally)
             if out:
                 yield out
-        if not (seen or done):
+            if failure is not None:
+                raise failure
+            if tally.done:
+                break
+        if not tally.done:
+            out, failure = self._translate(decoder.close(), states, tally)
+            if out:
+                yield out
+            if failure is not None:
+                raise failure
+        if not (tally.events or tally.done):
             raise UpstreamBroken(f"upstream of route {self.adapter.route!r} ended the stream without any event")
-        yield self._end(states, usage)
+        yield self._end(states, tally.usage)
+
+    def _translate(self, datas: list[bytes], states: dict[int, _Choice], tally: _Tally) -> tuple[bytes, Exception | None]:
+        """The client bytes for some complete upstream events, and the failure that stopped
+        them if one did (the events before it still reach the client)."""
+        out = b""
+        for data in datas:
+            if data == sse.DONE:
+                tally.done = True
+                break
+            try:
+                translated, usage = self._on_event(data, states)
+            except Exception as exc:
+                return out, exc
+            tally.events += 1
+            tally.usage = usage or tally.usage
+            out += translated
+        return out, None
 
     def _on_event(self, data: bytes, states: dict[int, _Choice]) -> tuple[bytes, Usage | None]:
         ev = self._event(data)
