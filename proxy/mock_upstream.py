@@ -43,6 +43,7 @@ import msgspec
 
 DEFAULT_TEXT = "Hello from the mock upstream."
 _json = msgspec.json.Encoder()
+_CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie", "api-key", "x-api-key"})
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error"}
 MALFORMED_EVENT = b'data: {"id": "cmpl-mock", "choices": [{"text": \n\n'
 MAX_STALL_S = 30.0  # a stall is a test fixture, never a way to hang the suite
@@ -154,7 +155,9 @@ class _Connection(asyncio.Protocol):
         body = bytes(self.body)
         if self.mock.record and not path.startswith("/_mock/"):
             self.mock.requests.append(_Request(method, path, query, hdrs, body.decode("utf-8", "replace")))
-        self.echo = _json.encode(hdrs)
+        # Credentials are echoed as "***": the echo crosses the proxy back to its client
+        # (`GET /_mock/requests` and in-process tests see the real values).
+        self.echo = _json.encode({k: "***" if k in _CREDENTIALS else v for k, v in hdrs.items()})
         self.keep_alive = self.parser.should_keep_alive()
         self.busy = True
         handler = _ROUTES.get((method, path))
