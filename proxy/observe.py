@@ -146,7 +146,7 @@ class Meter:
 
     __slots__ = (
         "start", "route", "body", "status", "first_byte", "bytes_out", "streamed",
-        "complete", "disconnected", "recorded", "_send",
+        "disconnected", "recorded", "_send",
     )  # fmt: skip
 
     def __init__(self, scope: dict[str, Any]) -> None:
@@ -157,7 +157,6 @@ class Meter:
         self.first_byte: float | None = None
         self.bytes_out = 0
         self.streamed = False
-        self.complete = False
         self.disconnected = False
         self.recorded = False
         scope[_METER] = self
@@ -169,8 +168,6 @@ class Meter:
                 if self.first_byte is None:
                     self.first_byte = perf_counter()
                 self.bytes_out += len(body)
-            if not message.get("more_body", False):
-                self.complete = True
         elif message["type"] == "http.response.start":
             self.status = message["status"]
             for name, value in message.get("headers", ()):

@@ -39,9 +39,6 @@ class Upstream:
         """The URL to send to, with the client's query string."""
         return f"{self.url}?{query.decode('latin-1')}" if query else self.url
 
-    def is_up(self, now: float) -> bool:
-        return self.down_until <= now
-
 
 def upstream_label(url: str) -> str:
     """`scheme://host:port/path`: no user-info (a password), no query (a key)."""
