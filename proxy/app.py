@@ -127,7 +127,7 @@ async def read_body(scope: Any, receive: Any, limit: int) -> bytes | None:
     """The whole request body, refused past `limit` bytes (early when Content-Length says so)."""
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise errors.PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+            raise errors.too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -137,7 +137,7 @@ async def read_body(scope: Any, receive: Any, limit: int) -> bytes | None:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise errors.PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+            raise errors.too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)

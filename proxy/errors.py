@@ -216,12 +216,16 @@ def bad_header(headers: Iterable[tuple[str | bytes, str | bytes]]) -> BadRequest
     return None
 
 
+def too_large(limit: int | None, headers: dict[str, str] | None = None) -> PayloadTooLarge:
+    """The 413 for a body over the limit (`--max-body-size`)."""
+    return PayloadTooLarge(f"request body is larger than the limit{f' of {limit} bytes' if limit else ''}", headers=headers)
+
+
 def from_http_exception(status: int, detail: str, headers: dict[str, str] | None, method: str, path: str,
                         max_body_size: int | None = None) -> ProxyError:
     """Litestar's own HTTP exceptions (router 404/405, 413 from the body limit) as ours."""
     if status == 413:
-        limit = f" of {max_body_size} bytes" if max_body_size else ""
-        return PayloadTooLarge(f"request body is larger than the limit{limit}", headers=headers)
+        return too_large(max_body_size, headers)
     if status == 405:
         return MethodNotAllowed(f"method {method} is not allowed on {path}", headers=headers)
     if status == 404:
