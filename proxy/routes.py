@@ -133,11 +133,13 @@ class RouteTable:
     def _models_json(self) -> bytes:
         """`GET /v1/models`: every declared model (glob) once, owned by the route that wins it.
 
+        A fallback route (no `models`) answers any name, so it is listed under its route
+        name: model pickers then offer something that works (the shipped default is one).
         `upstream_model` stays private: clients address the proxy's names only.
         """
         seen: dict[str, _ModelEntry] = {}
         for r in self.routes:
-            for g in r.models:
+            for g in r.models or (r.name,):
                 if g not in seen:
                     seen[g] = _ModelEntry(id=g, owned_by=r.name, created=self.created)
         return msgspec.json.encode(_ModelList(data=list(seen.values())))

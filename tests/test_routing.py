@@ -213,6 +213,7 @@ def test_v1_models_lists_declared_models_once(upstream, routes_dir, proxy_for):
     assert doc["object"] == "list"
     assert [(m["id"], m["owned_by"], m["object"]) for m in doc["data"]] == [
         ("qwen", "a", "model"), ("qwen2.5-*", "a", "model"), ("llama", "b", "model"),
+        ("c", "c", "model"),  # a fallback answers any name: listed under its route name
     ]
     assert all(isinstance(m["created"], int) for m in doc["data"])
     assert "Secret-Upstream-Name" not in r.text
@@ -222,7 +223,7 @@ def test_v1_models_lists_declared_models_once(upstream, routes_dir, proxy_for):
     import openai
 
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["qwen", "qwen2.5-*", "llama"]
+    assert [m.id for m in client.models.list()] == ["qwen", "qwen2.5-*", "llama", "c"]
 
     r = httpx.post(f"{base}/v1/models", json={})
     assert r.status_code == 405 and "error" in r.json()
