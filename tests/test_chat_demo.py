@@ -24,7 +24,7 @@ def test_demo_streams_and_calls_a_tool_over_the_shipped_routes(monkeypatch, caps
 def test_demo_refuses_a_route_that_is_not_on_loopback(routes_dir, monkeypatch):
     folder = routes_dir(far="""
         path: /v1/chat/completions
-        upstream: http://10.103.232.66:8019/v1/completions
+        upstream: http://192.0.2.10:8019/v1/completions  # TEST-NET-1: never routed
         adapter: chat-to-completions
     """)
     with pytest.raises(SystemExit, match="not at loopback"):
