@@ -70,6 +70,7 @@ def create_app(
         route_handlers=[healthz, readyz, models, metrics],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _openai_error, HTTPException: _openai_error, 500: _openai_error},
+        request_max_body_size=max_body_size,  # the one limit, also on the proxy's own endpoints
         openapi_config=None,
         logging_config=None,
         debug=False,
