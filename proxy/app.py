@@ -111,7 +111,8 @@ class Gateway:
             if body is None:
                 return  # the client left while sending
             meter.body = body
-            meter.route = route = table.match(scope["method"], path, body)
+            route, meter.model = table.match(scope["method"], path, body)
+            meter.route = route
             exchange = prepare(route, scope, body)
         except ProxyError as exc:
             await reject(scope, send, exc)

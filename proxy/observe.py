@@ -45,6 +45,7 @@ from prometheus_client import (
 )
 
 from .errors import ProxyError
+from .routes import UNREAD, Unread
 from .routes import _model_of as _decode_model
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ class Meter:
     """What one request did on the wire; lives in the ASGI scope from the handler to the log line."""
 
     __slots__ = (
-        "start", "route", "body", "status", "first_byte", "bytes_out", "streamed",
+        "start", "route", "body", "model", "status", "first_byte", "bytes_out", "streamed",
         "disconnected", "recorded", "_send",
     )  # fmt: skip
 
@@ -153,6 +154,7 @@ class Meter:
         self.start = perf_counter()
         self.route: Route | None = None
         self.body: bytes | None = None  # the client's body, read for `model` when the request is logged
+        self.model: str | None | Unread = UNREAD  # the body's `model`, when routing read it
         self.status: int | None = None
         self.first_byte: float | None = None
         self.bytes_out = 0
@@ -208,8 +210,7 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
         status = CLIENT_CLOSED if m.disconnected else 500
         name = name or (None if m.disconnected else "internal_error")
     usage = getattr(exchange.call, "usage", None)
-    # The body's `model` is read again only when a label or the access line will show it.
-    model = _model_of(m.body) if route.models or access_log.isEnabledFor(logging.INFO) else None
+    model = _model_of(m)
     record(
         _record(
             scope, m, exchange.rid, route.name, model, status,
@@ -230,7 +231,7 @@ def rejected(scope: dict[str, Any], exc: ProxyError, rid: bytes) -> None:
     if m.recorded:
         return
     route = m.route
-    model = _model_of(m.body)
+    model = _model_of(m)
     record(
         _record(scope, m, rid, route.name if route else None, model, exc.status, error=_error_name(exc)),
         model=model_label(route, model) if route else OTHER,
@@ -350,11 +351,15 @@ def _error_name(err: ProxyError | None) -> str | None:
     return str(err.code) if err.code is not None else type(err).__name__
 
 
-def _model_of(body: bytes | None) -> str | None:
-    if not body:
+def _model_of(m: Meter) -> str | None:
+    """The body's `model`: as routing read it (never decoded twice), else read here only
+    for the access line (a route without `models` labels every request `other`)."""
+    if m.model is not UNREAD:
+        return m.model  # type: ignore[return-value]
+    if not m.body or not access_log.isEnabledFor(logging.INFO):
         return None
     try:
-        return _decode_model(body)
+        return _decode_model(m.body)
     except ProxyError:  # a `model` of the wrong type: the request was refused for it, nothing to label
         return None
 

@@ -65,6 +65,18 @@ class Route:
         return model is not None and self._match is not None and self._match(model) is not None
 
 
+class Unread:
+    """The type of `UNREAD`: routing did not need the body's `model`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNREAD"
+
+
+UNREAD = Unread()
+
+
 class _Choice:
     """The routes of one path + method, as `match` needs them."""
 
@@ -110,7 +122,9 @@ class RouteTable:
     def paths(self) -> frozenset[str]:
         return frozenset(self._by_path)
 
-    def match(self, method: str, path: str, body: bytes) -> Route:
+    def match(self, method: str, path: str, body: bytes) -> tuple[Route, str | None | Unread]:
+        """The route for a request, and the body's `model` as read to choose it (`UNREAD`
+        when one route serves the path whatever the model: the body was not looked at)."""
         choices = self._by_path.get(path)
         if choices is None:
             raise NotFound(f"no route for path {path}")
@@ -119,13 +133,13 @@ class RouteTable:
             allowed = self._allowed[path]
             raise MethodNotAllowed(f"method {method} is not allowed on {path}; allowed: {allowed}", headers={"allow": allowed})
         if choice.direct is not None:
-            return choice.direct
+            return choice.direct, UNREAD
         model = _model_of(body)
         for r in choice.by_model:
             if r.serves(model):
-                return r
+                return r, model
         if choice.fallback is not None:
-            return choice.fallback
+            return choice.fallback, model
         served = ", ".join(choice.served)
         asked = f"model {model!r} is not served" if model is not None else "the request names no model"
         raise ModelNotFound(f"{asked} at {path}; available: {served}", param="model")

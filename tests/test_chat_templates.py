@@ -216,7 +216,7 @@ def test_route_names_a_template_file_next_to_it(routes_dir):
         template: qwen.jinja
     """)
     (folder / "qwen.jinja").write_text(QWEN_REF.read_text())
-    route = RouteTable.from_dir(folder).match("POST", "/v1/chat/completions", b"{}")
+    route, _ = RouteTable.from_dir(folder).match("POST", "/v1/chat/completions", b"{}")
     call = route.adapter.request(b'{"model": "m", "messages": [{"role": "user", "content": "Hi"}]}')
     assert json.loads(call.body)["prompt"] == reference([{"role": "user", "content": "Hi"}])
 

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from proxy.cli import main as cli
-from proxy.routes import RouteTable
+from proxy.routes import UNREAD, RouteTable
 from proxy.upstreams import Pool
 from servers import free_port, run_mock
 
@@ -317,7 +317,9 @@ def test_model_is_read_only_when_a_path_has_a_choice(routes_dir):
         """,
     ))
     # A single route without models never looks at the body, so even garbage routes.
-    assert table.match("POST", "/one", b"\xff not json").name == "one"
-    assert table.match("POST", "/two", b'{"messages": [{"content": "x"}], "model": "m"}').name == "two"
-    r = table.match("POST", "/two", b'{"model": "m", "prompt": "' + b"x" * 100_000 + b'"}')
+    route, model = table.match("POST", "/one", b"\xff not json")
+    assert (route.name, model) == ("one", UNREAD)
+    route, model = table.match("POST", "/two", b'{"messages": [{"content": "x"}], "model": "m"}')
+    assert (route.name, model) == ("two", "m")  # handed on, so observation need not decode it again
+    r, _ = table.match("POST", "/two", b'{"model": "m", "prompt": "' + b"x" * 100_000 + b'"}')
     assert r.name == "two"
