@@ -14,6 +14,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from .adapters.templates import BUILTIN
 from .errors import ConfigError
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -211,7 +212,7 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
         if getattr(t, f) <= 0:
             raise fail(f"timeout.{f}", "must be a positive number of seconds")
     template = r.template
-    if template not in ("chatml", "qwen2.5"):  # built-in templates (adapters/templates.py)
+    if template not in BUILTIN:
         tpath = (folder / template) if not Path(template).is_absolute() else Path(template)
         if not tpath.is_file():
             raise fail("template", f"neither 'chatml' nor an existing file: {tpath}")

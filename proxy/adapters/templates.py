@@ -222,7 +222,7 @@ def jinja_environment() -> Any:
     return env
 
 
-BUILTIN = ("chatml", "qwen2.5")
+BUILTIN = ("chatml", "qwen2.5")  # template names that are not files; config checks against these
 
 
 def load_template(name: str, label: str = "") -> Template:
