@@ -215,7 +215,8 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
     if template not in BUILTIN:
         tpath = (folder / template) if not Path(template).is_absolute() else Path(template)
         if not tpath.is_file():
-            raise fail("template", f"neither 'chatml' nor an existing file: {tpath}")
+            builtin = " nor ".join(repr(b) for b in BUILTIN)
+            raise fail("template", f"neither {builtin} nor an existing file: {tpath}")
         template = str(tpath)
     return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template)
 
