@@ -15,7 +15,7 @@ import msgspec
 import yaml
 
 from .adapters.templates import BUILTIN
-from .errors import ConfigError
+from .errors import ConfigError, invalid_field
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -101,8 +101,8 @@ def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
     try:
         route = msgspec.convert(data, RouteConfig)
     except msgspec.ValidationError as exc:
-        field, reason = _split_validation(str(exc))
-        raise fail(field, reason) from None
+        field, reason, _ = invalid_field(exc)
+        raise fail(field or "file", reason) from None
     return _check(route, path.parent, fail)
 
 
@@ -142,22 +142,6 @@ def _expand(value: Any, field: str, env: Any, fail: Any) -> Any:
     if isinstance(value, list):
         return [_expand(v, f"{field}[{i}]", env, fail) for i, v in enumerate(value)]
     return value
-
-
-def _split_validation(msg: str) -> tuple[str, str]:
-    """msgspec says "Expected `int`, got `str` - at `$.timeout.read`"; we want ("timeout.read", reason)."""
-    m = re.search(r"unknown field `([^`]+)`(?: - at `\$\.?([^`]*)`)?", msg)
-    if m:
-        prefix = f"{m.group(2)}." if m.group(2) else ""
-        return prefix + m.group(1), "unknown field"
-    m = re.search(r"missing required field `([^`]+)`(?: - at `\$\.?([^`]*)`)?", msg)
-    if m:
-        prefix = f"{m.group(2)}." if m.group(2) else ""
-        return prefix + m.group(1), "required field is missing"
-    m = re.match(r"(.*) - at `\$\.?([^`]*)`$", msg)
-    if m:
-        return m.group(2) or "file", m.group(1)
-    return "file", msg
 
 
 def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:

@@ -172,9 +172,29 @@ def sse_event(exc: ProxyError) -> bytes:
 # --- client input -----------------------------------------------------------------------
 
 _AT = re.compile(r"^(.*) - at `\$\.?([^`]*)`$")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
+_FIELD = re.compile(r"(missing required|contains unknown) field `([^`]+)`")
 # RFC 9110 §5.5: field values carry no CTL but HTAB (aiohttp enforces exactly this set).
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def invalid_field(exc: msgspec.ValidationError) -> tuple[str, str, str]:
+    """msgspec's "REASON - at `$.a.b`" as `(path, reason, kind)`, the one reader of that text.
+
+    A missing or unknown field is named in the path ("timeout.reed"); `kind` is
+    "missing", "unknown" or "invalid". `path` is "" when msgspec names no place.
+    """
+    text = str(exc)
+    path, reason = "", text
+    m = _AT.match(text)
+    if m:
+        reason, path = m.group(1), m.group(2)
+    f = _FIELD.search(reason)
+    if f:
+        path = f"{path}.{f.group(2)}" if path else f.group(2)
+        if f.group(1) == "missing required":
+            return path, "required field is missing", "missing"
+        return path, "unknown field", "unknown"
+    return path, reason, "invalid"
 
 
 def bad_body(exc: msgspec.DecodeError) -> BadRequest:
@@ -182,17 +202,11 @@ def bad_body(exc: msgspec.DecodeError) -> BadRequest:
 
     For adapters and routing: `except msgspec.DecodeError as exc: raise errors.bad_body(exc) from None`.
     """
-    text = str(exc)
     if not isinstance(exc, msgspec.ValidationError):
-        return BadRequest(f"request body is not valid JSON: {text}", code="invalid_json")
-    path, reason = "", text
-    m = _AT.match(text)
-    if m:
-        reason, path = m.group(1), m.group(2)
-    missing = _MISSING.search(reason)
-    if missing:
-        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
-        return BadRequest(f"{path}: required field is missing", param=path, code="missing_field")
+        return BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json")
+    path, reason, kind = invalid_field(exc)
+    if kind == "missing":
+        return BadRequest(f"{path}: {reason}", param=path, code="missing_field")
     if not path:
         return BadRequest(f"request body: {reason}", code="invalid_type")
     return BadRequest(f"{path}: {reason}", param=path, code="invalid_type")

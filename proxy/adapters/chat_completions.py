@@ -14,7 +14,6 @@ byte fragments.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import sse
-from ..errors import BadRequest, UpstreamBroken
+from ..errors import BadRequest, UpstreamBroken, invalid_field
 from . import reasoning as think
 from .chat_types import (
     ChatCompletion,
@@ -128,15 +127,7 @@ class ChatToCompletions:
 
 def _bad_field(exc: msgspec.ValidationError) -> BadRequest:
     """msgspec says "Expected `str | array | null`, got `int` - at `$.messages[2].content`"."""
-    text = str(exc)
-    reason, sep, where = text.rpartition(" - at `$")
-    if not sep:
-        reason, where = text, ""
-    param = where.rstrip("`").lstrip(".")
-    missing = re.match(r"Object missing required field `([^`]+)`", reason)
-    if missing:
-        param = f"{param}.{missing.group(1)}" if param else missing.group(1)
-        reason = "required field is missing"
+    param, reason, _ = invalid_field(exc)
     if ".content[" in param:  # a content part: name the content, say what is supported
         param = param[: param.index(".content[") + len(".content")]
         reason = f"only text content parts ({{'type': 'text', 'text': ...}}) are supported: {reason}"
