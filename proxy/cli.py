@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="A deterministic OpenAI legacy /v1/completions server (stream and non-stream) for demos and tests.")
     m.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
     m.add_argument("--port", type=int, default=8019, help="default: 8019")
+    m.add_argument("--dialect", choices=["vllm", "llama.cpp", "sglang", "openai"], default=None,
+                   help="behave as that server's completions endpoint does (defaults, refusals, /tokenize); "
+                   "default: accept anything")
+    m.add_argument("--context", type=int, default=32768, help="context length the mock serves, in words (default: 32768)")
     return p
 
 
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mock-upstream":
         from . import mock_upstream
 
-        mock_upstream.run(args.host, args.port)
+        mock_upstream.run(args.host, args.port, args.dialect, args.context)
         return 0
     from .routes import RouteTable
 

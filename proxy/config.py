@@ -32,6 +32,15 @@ class Timeout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool: float = 30.0
 
 
+class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`body:`: edits to the JSON that goes upstream, after any translation (README "The upstream body")."""
+
+    defaults: dict[str, Any] = {}  # filled in when the body lacks them (`max_tokens: auto`: the context remainder)
+    set: dict[str, Any] = {}  # forced
+    remove: tuple[str, ...] = ()  # dropped
+    limit: dict[str, int | float] = {}  # numeric ceilings
+
+
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One route file, validated. See README "Route files" for each field."""
 
@@ -47,6 +56,8 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     timeout: Timeout = Timeout()
     template: str = "chatml"
     reasoning: Literal["none", "think"] = "none"
+    dialect: Literal["vllm", "llama.cpp", "sglang", "openai"] = "vllm"  # how the upstream's completions speak
+    body: Body | None = None
     source: str = ""  # the file it came from; set by the loader, not by users
 
     @property
@@ -195,6 +206,7 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
     for f in ("connect", "read", "write", "pool"):
         if getattr(t, f) <= 0:
             raise fail(f"timeout.{f}", "must be a positive number of seconds")
+    _check_body(r, fail)
     template = r.template
     if template not in BUILTIN:
         tpath = (folder / template) if not Path(template).is_absolute() else Path(template)
@@ -203,6 +215,30 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
             raise fail("template", f"neither {builtin} nor an existing file: {tpath}")
         template = str(tpath)
     return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template)
+
+
+def _check_body(r: RouteConfig, fail: Any) -> None:
+    """`body:` values the upstream could only refuse, and routes that would answer 16 tokens."""
+    body = r.body or Body()
+    translating = r.adapter != "passthrough"
+    for key, ceiling in body.limit.items():
+        if isinstance(ceiling, bool) or ceiling <= 0:
+            raise fail(f"body.limit.{key}", f"must be a positive number, got {ceiling!r}")
+    for where, value in (("defaults", body.defaults.get("max_tokens")), ("set", body.set.get("max_tokens"))):
+        if value is None:
+            continue
+        if value == "auto" and where == "defaults":
+            if r.dialect not in ("vllm", "sglang"):
+                raise fail("body.defaults.max_tokens", f"auto needs a tokenizer endpoint (dialect vllm or sglang); "
+                                                       f"dialect {r.dialect} needs a number")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            allowed = "auto or a positive integer" if where == "defaults" else "a positive integer"
+            raise fail(f"body.{where}.max_tokens", f"must be {allowed}, got {value!r}")
+    if translating and r.dialect == "openai" and not (
+            isinstance(body.defaults.get("max_tokens"), int) or isinstance(body.set.get("max_tokens"), int)):
+        raise fail("body.defaults.max_tokens", "dialect openai answers 16 tokens when a client sets no limit and has "
+                                               "no tokenizer endpoint to learn the context: give a number")
 
 
 def _key_lines(node: Any) -> dict[str, int]:

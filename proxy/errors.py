@@ -110,6 +110,15 @@ class UpstreamBroken(ProxyError):
     kind = "reset"
 
 
+class ContextUnknown(ProxyError):
+    """`max_tokens: auto` could not learn the context remainder from the upstream's tokenizer endpoint."""
+
+    status = 502
+    type = "upstream_error"
+    code = "context_unknown"
+    kind = "non_2xx"
+
+
 class ShuttingDown(ProxyError):
     """The grace period ran out while this response was still streaming."""
 

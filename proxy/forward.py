@@ -103,6 +103,9 @@ class Exchange:
         except UPSTREAM_ERRORS as exc:
             await self._fail(send, errors.from_upstream(exc, route, self.url))
             return
+        except ProxyError as exc:  # raised by the call's `ready` step
+            await self._fail(send, exc)
+            return
         except ValueError:
             # aiohttp refuses control characters in header values; say which header, or it is a bug.
             err = errors.bad_header(self.headers)
@@ -178,8 +181,11 @@ class Exchange:
         """
         pool = self.route.pool
         tried: list[Upstream] = []
+        ready = getattr(self.call, "ready", None)
         while True:
             try:
+                if ready is not None:  # a last word with this upstream first (Call.ready)
+                    await ready(client, self.url, self.headers)
                 response = await client.request(
                     self.method, self.url, headers=self.headers, data=self.call.body or None,
                     allow_redirects=False, timeout=self.route.client_timeout,

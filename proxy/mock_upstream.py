@@ -24,6 +24,15 @@ Faults (for the error tests; K counts stream events, or body bytes of a non-stre
 - `x-mock-stall-ms: S`: stall S ms before the response head (any endpoint), or, with
   `x-mock-stall-after: K` (K >= 1), once after K stream events (K = 0: before the head). A stall ends early when the
   client closes the connection, so no mock task outlives its caller.
+Dialects (`--dialect vllm|llama.cpp|sglang|openai`, `MockUpstream(dialect=...)`): the mock then
+behaves on `/v1/completions` as that server does where the proxy depends on it (see
+`proxy/adapters/dialects.py` for the sources): its default `max_tokens` (16; llama.cpp unlimited),
+what it refuses and in which error shape, its `POST /tokenize` and `GET /v1/models` context
+(`context` tokens; a token is a whitespace-separated word, BOS one more when added). A completion
+is cut at `max_tokens` words (`finish_reason: "length"`). `x-mock-unconstrained: TEXT` is answered
+instead of the text when the request carries no constraint that dialect honours. Without a
+dialect the mock accepts any body and answers the whole text (`/tokenize` as vLLM's).
+
 `GET /_mock/stats` answers `{"open_connections", "busy_connections", "connections"}`: the
 connections open now, those of them in the middle of a request (received, not yet fully
 answered), and all accepted so far; the connection asking is not counted. An idle
@@ -71,7 +80,10 @@ _decode_completion = msgspec.json.Decoder(_Completion).decode
 class MockUpstream:
     """Shared state of one mock server: recorded requests and holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, dialect: str | None = None, context: int = 32768) -> None:
+        self.dialect = dialect
+        self.context = context  # the served context length, in mock tokens
+        self.lookups: collections.deque[_Request] = collections.deque(maxlen=100)  # /tokenize calls
         self.requests: collections.deque[_Request] = collections.deque(maxlen=100)
         self.holds: dict[str, asyncio.Event] = {}
         self.record = True
@@ -154,7 +166,8 @@ class _Connection(asyncio.Protocol):
         hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
         body = bytes(self.body)
         if self.mock.record and not path.startswith("/_mock/"):
-            self.mock.requests.append(_Request(method, path, query, hdrs, body.decode("utf-8", "replace")))
+            seen = self.mock.lookups if path == "/tokenize" else self.mock.requests
+            seen.append(_Request(method, path, query, hdrs, body.decode("utf-8", "replace")))
         # Credentials are echoed as "***": the echo crosses the proxy back to its client
         # (`GET /_mock/requests` and in-process tests see the real values).
         self.echo = _json.encode({k: "***" if k in _CREDENTIALS else v for k, v in hdrs.items()})
@@ -275,21 +288,27 @@ def _completions(conn: _Connection, hdrs: dict[str, str], body: bytes, query: st
     if fault is not None:
         return fault
     text = completion_text(hdrs)
+    finish = "stop"
+    if conn.mock.dialect is not None:
+        served = _as_dialect(conn, hdrs, body, text)
+        if served is None:
+            return None
+        text, finish = served
     if req.stream:
-        return _stream(conn, hdrs, req, text)
+        return _stream(conn, hdrs, req, text, finish)
     doc = {
         "id": "cmpl-mock",
         "object": "text_completion",
         "created": int(time.time()),
         "model": req.model,
-        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": "stop"} for i in range(req.n)],
+        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish} for i in range(req.n)],
         "usage": _usage(req.prompt, text, req.n),
     }
     conn.write(200, _json.encode(doc), cut_at=_faults(hdrs).drop_after)
     return None
 
 
-async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, text: str) -> None:
+async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, text: str, finish: str = "stop") -> None:
     events = int(hdrs["x-mock-events"]) if "x-mock-events" in hdrs else None
     interval = float(hdrs.get("x-mock-interval-ms", "0")) / 1000
     hold = hdrs.get("x-mock-hold")
@@ -320,7 +339,7 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
     for i in range(req.n):
         conn.chunk(b"data: " + _json.encode({
             "id": "cmpl-mock", "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": "stop"}],
+            "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": finish}],
         }) + b"\n\n")
     if req.stream_options and req.stream_options.get("include_usage"):
         conn.chunk(b"data: " + _json.encode({
@@ -404,7 +423,146 @@ def _stats(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> 
 
 
 def _models(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
-    conn.write(200, _json.encode({"object": "list", "data": [{"id": "mock", "object": "model", "owned_by": "mock"}]}))
+    card = {"id": "mock", "object": "model", "owned_by": "mock", "max_model_len": conn.mock.context}
+    conn.write(200, _json.encode({"object": "list", "data": [card]}))
+
+
+# --- the dialect fakes ---------------------------------------------------------------------------------
+
+# OpenAI's legacy completions fields: a strict server refuses any other.
+_OPENAI_FIELDS = frozenset({"model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
+                            "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options",
+                            "suffix", "temperature", "top_p", "user"})
+SGLANG_TOKENIZER_LENGTH = 131072  # what SGLang's /tokenize reports: the tokenizer's model_max_length
+
+
+def mock_tokens(prompt: str, add_special: bool = True) -> int:
+    """The mock's tokenizer: one token per whitespace-separated word, and BOS when added."""
+    return len(prompt.split()) + (1 if add_special else 0)
+
+
+def _tokenize(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
+    dialect = conn.mock.dialect
+    if dialect in ("openai", "llama.cpp"):  # llama.cpp's /tokenize answers tokens only; the proxy never asks it
+        conn.write(404, _dialect_error(dialect, 404, "Not Found"))
+        return
+    try:
+        doc = msgspec.json.decode(body)
+        prompt = doc["prompt"]
+        add_special = doc.get("add_special_tokens", True)
+    except (msgspec.DecodeError, KeyError, TypeError):
+        conn.write(400, _dialect_error(dialect, 400, "prompt is required"))
+        return
+    count = mock_tokens(prompt, add_special)
+    length = SGLANG_TOKENIZER_LENGTH if dialect == "sglang" else conn.mock.context
+    conn.write(200, _json.encode({"count": count, "max_model_len": length, "tokens": list(range(count))}))
+
+
+def _dialect_error(dialect: str | None, status: int, message: str, param: str | None = None) -> bytes:
+    """Each server's own error shape."""
+    if dialect == "sglang":
+        return _json.encode({"object": "error", "message": message, "type": "BadRequest", "param": param,
+                             "code": status})
+    if dialect == "llama.cpp":
+        return _json.encode({"error": {"code": status, "message": message, "type": "invalid_request_error"}})
+    if dialect == "openai":
+        return _json.encode({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                       "code": None}})
+    return _json.encode({"error": {"message": message, "type": "BadRequestError", "param": param, "code": status}})
+
+
+def _as_dialect(conn: _Connection, hdrs: dict[str, str], body: bytes, text: str) -> tuple[str, str] | None:
+    """The text and finish reason this dialect's server would answer, or None after answering an error."""
+    dialect = conn.mock.dialect
+    try:
+        doc = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        doc = None
+    refusal = _refusal(dialect, doc, conn.mock.context) if isinstance(doc, dict) else "the body must be a JSON object"
+    if refusal is not None:
+        message, param = refusal
+        conn.write(400, _dialect_error(dialect, 400, message, param))
+        return None
+    limit = doc.get("max_tokens", 16 if dialect != "llama.cpp" else -1)
+    if dialect == "llama.cpp":
+        limit = doc.get("n_predict", limit)
+        limit = -1 if limit is None else limit
+    elif limit is None:
+        limit = 16  # vLLM's normalize_null_max_tokens; OpenAI's default
+    if not _constrained(dialect, doc) and "x-mock-unconstrained" in hdrs:
+        text = hdrs["x-mock-unconstrained"]
+    pieces = split_text(text, None)
+    if 0 <= limit < len(pieces):
+        return "".join(pieces[:limit]), "length"
+    return text, "stop"
+
+
+def _refusal(dialect: str | None, doc: dict[str, Any], context: int) -> tuple[str, str | None] | None:
+    prompt = doc.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        return "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
+    count = mock_tokens(prompt, doc.get("add_special_tokens", True) if dialect == "vllm" else True)
+    if dialect == "vllm":  # vllm/entrypoints/openai/completion/protocol.py validators
+        if doc.get("stream_options") and not doc.get("stream"):
+            return "Stream options can only be defined when `stream=True`.", "stream_options"
+        so = doc.get("structured_outputs")
+        if isinstance(so, dict) and sum(so.get(k) is not None for k in ("json", "regex", "choice")) > 1:
+            return "You can only use one kind of constraints for structured outputs ('json', 'regex' or 'choice').", \
+                "structured_outputs"
+        rf = doc.get("response_format")
+        if isinstance(rf, dict) and rf.get("type") == "json_schema":
+            if not isinstance(rf.get("json_schema"), dict) or "name" not in rf["json_schema"]:
+                return "response_format.json_schema needs `name` (JsonSchemaResponseFormat)", "response_format"
+        max_tokens = doc.get("max_tokens")
+        max_tokens = 16 if max_tokens is None else max_tokens
+        if count + max_tokens > context:
+            return (f"This model's maximum context length is {context} tokens. However, you requested "
+                    f"{count + max_tokens} tokens ({count} in the messages, {max_tokens} in the completion). "
+                    "Please reduce the length of the messages or completion."), "max_tokens"
+    elif dialect == "llama.cpp":  # tools/server/server-common.cpp oaicompat_completion_params_parse
+        if doc.get("echo"):
+            return "Only no echo is supported", None
+        for param in ("best_of", "suffix"):
+            if param in doc:
+                return f"Unsupported param: {param}", None
+        if "json_schema" in doc and not isinstance(doc["json_schema"], dict):
+            return '"json_schema": JSON schema conversion failed', None
+    elif dialect == "sglang":  # python/sglang/srt/entrypoints/openai/protocol.py CompletionRequest
+        if "max_tokens" in doc and not isinstance(doc["max_tokens"], int):
+            return "1 validation error: max_tokens: Input should be a valid integer", "max_tokens"
+        max_tokens = doc.get("max_tokens", 16)
+        if max_tokens <= 0:
+            return "max_tokens must be positive", "max_tokens"
+        if doc.get("json_schema") is not None and not isinstance(doc["json_schema"], str):
+            return "1 validation error: json_schema: Input should be a valid string", "json_schema"
+        rf = doc.get("response_format")
+        if isinstance(rf, dict) and rf.get("type") == "json_schema":
+            if not isinstance(rf.get("json_schema"), dict) or "name" not in rf["json_schema"]:
+                return "1 validation error: response_format.json_schema.name: Field required", "response_format"
+        if count + max_tokens >= context:  # tokenizer_manager.py
+            return (f"Requested token count exceeds the model's maximum context length of {context} tokens. "
+                    f"You requested a total of {count + max_tokens} tokens: {count} tokens from the input "
+                    f"messages and {max_tokens} tokens for the completion."), None
+    elif dialect == "openai":
+        for key in doc:
+            if key not in _OPENAI_FIELDS:
+                return f"Unrecognized request argument supplied: {key}", None
+    return None
+
+
+def _constrained(dialect: str | None, doc: dict[str, Any]) -> bool:
+    """Whether the request carries a constraint this server honours."""
+    rf = doc.get("response_format")
+    rf_json = isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema", "structural_tag")
+    if dialect == "vllm":
+        so = doc.get("structured_outputs")
+        keys = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+        return rf_json or isinstance(so, dict) and any(so.get(k) is not None for k in keys)
+    if dialect == "llama.cpp":  # response_format is not read on completions
+        return isinstance(doc.get("json_schema"), dict) or bool(doc.get("grammar"))
+    if dialect == "sglang":
+        return rf_json or any(isinstance(doc.get(k), str) for k in ("json_schema", "regex", "ebnf"))
+    return False
 
 
 def _echo(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
@@ -424,6 +582,7 @@ def _release(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -
 _ROUTES = {
     ("POST", "/v1/completions"): _completions,
     ("GET", "/v1/models"): _models,
+    ("POST", "/tokenize"): _tokenize,
     ("POST", "/echo"): _echo,
     ("GET", "/echo"): _echo,
     ("GET", "/_mock/requests"): _requests,
@@ -432,12 +591,13 @@ _ROUTES = {
 }
 
 
-def run(host: str = "127.0.0.1", port: int = 8019) -> None:
+def run(host: str = "127.0.0.1", port: int = 8019, dialect: str | None = None, context: int = 32768) -> None:
     """Serve until interrupted (the `llmproxy mock-upstream` command)."""
 
     async def main() -> None:
-        server = await MockUpstream().serve(host, port)
-        print(f"mock upstream on http://{host}:{port} (legacy /v1/completions)", flush=True)
+        server = await MockUpstream(dialect, context).serve(host, port)
+        speaks = f"as {dialect}" if dialect else "lenient"
+        print(f"mock upstream on http://{host}:{port} (legacy /v1/completions, {speaks})", flush=True)
         async with server:
             await server.serve_forever()
 

@@ -22,6 +22,10 @@ class Call(Protocol):
     def response(self, body: bytes) -> bytes: ...
     def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]: ...
 
+    # Optional: `async def ready(session, url, headers) -> None`, awaited by the forwarder just
+    # before each send, with the upstream URL the body goes to (and, on a failover, the next
+    # one). It may ask that same server something first and update `body` (`max_tokens: auto`).
+
 
 class Adapter(Protocol):
     def request(self, body: bytes) -> Call: ...

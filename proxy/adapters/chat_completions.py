@@ -20,14 +20,17 @@ import msgspec
 
 from .. import sse
 from ..errors import BadRequest, invalid_field
-from .chat_types import ChatCompletion, ChatRequest, OutChoice, OutFunction, OutMessage, OutToolCall
+from .chat_types import ChatCompletion, ChatRequest, OutChoice, OutFunction, OutMessage, OutToolCall, StrictChatRequest
 from .chat_types import Usage as ChatUsage
 from .core import NULL, Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, Usage, decode_logprobs
 
 if TYPE_CHECKING:
     from ..config import RouteConfig
 
+_decode_strict = msgspec.json.Decoder(StrictChatRequest).decode
 _decode_request = msgspec.json.Decoder(ChatRequest).decode
+_decode_fields = msgspec.json.Decoder(dict[str, Any]).decode
+_FIELDS = frozenset(ChatRequest.__struct_fields__)
 _encode = msgspec.json.Encoder().encode
 
 # Pre-encoded pieces of a chunk event: `head` (per request and choice) + delta + tail.
@@ -58,12 +61,7 @@ class ChatToCompletions:
         self.reasoning = self.core.reasoning
 
     def request(self, body: bytes) -> ChatCall:
-        try:
-            req = _decode_request(body)
-        except msgspec.ValidationError as exc:
-            raise _bad_field(exc) from None
-        except msgspec.DecodeError as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        req, extras = _decode(body)
         _check(req)
         gen = Generation(
             messages=req.messages,
@@ -75,6 +73,8 @@ class ChatToCompletions:
             stop=[req.stop] if isinstance(req.stop, str) else req.stop,
             sampling={k: v for k in _SAMPLING if (v := getattr(req, k)) is not None},
             response_format=req.response_format,
+            template_kwargs=req.chat_template_kwargs,
+            extras=extras,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         return ChatCall(
@@ -85,6 +85,22 @@ class ChatToCompletions:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             logprobs=bool(req.logprobs),
         )
+
+
+def _decode(body: bytes) -> tuple[ChatRequest, dict[str, Any]]:
+    """The request, and its top-level fields that `ChatRequest` does not define (the extras)."""
+    try:
+        return _decode_strict(body), {}
+    except msgspec.ValidationError as exc:
+        if not str(exc).startswith("Object contains unknown field"):
+            raise _bad_field(exc) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    try:
+        req = _decode_request(body)
+    except msgspec.ValidationError as exc:
+        raise _bad_field(exc) from None
+    return req, {k: v for k, v in _decode_fields(body).items() if k not in _FIELDS}
 
 
 def _bad_field(exc: msgspec.ValidationError) -> BadRequest:
@@ -108,10 +124,6 @@ def _check(req: ChatRequest) -> None:
     for name, why in _REJECTED.items():
         if getattr(req, name) is not None:
             raise BadRequest(why, param=name, code="unsupported_parameter")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise BadRequest("only response_format {'type': 'text'} is supported by this route "
-                         "(a text completions upstream cannot be held to a JSON schema)",
-                         param="response_format", code="unsupported_parameter")
     if req.modalities is not None and any(m != "text" for m in req.modalities):
         raise BadRequest("only the text modality is supported by this route", param="modalities",
                          code="unsupported_parameter")
@@ -151,6 +163,12 @@ class ChatCall:
     def usage(self) -> tuple[int, int] | None:
         """(prompt_tokens, completion_tokens) the upstream reported, for metrics."""
         return self.turn.usage
+
+    async def ready(self, session: Any, url: str, headers: list[tuple[str, str]] | None = None) -> None:
+        """The forwarder's last step before sending to `url` (see `Call.ready`)."""
+        if self.turn.plan.auto:
+            await self.turn.ready(session, url, headers)
+            self.body = self.turn.body
 
     # --- whole answers --------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
-"""The typed edges of chat -> completions: what the client sends, what goes upstream, what comes back.
+"""The typed edges of chat -> completions: what the client sends, what comes back from upstream.
 
 msgspec decodes straight into these Structs (no intermediate dicts), which is
-most of why the adapter stays within its CPU budget. Unknown fields are
-ignored on the way in, as OpenAI-compatible servers do.
+most of why the adapter stays within its CPU budget. Top-level fields a
+`ChatRequest` does not define are collected by the chat face as the
+request's extras (forwarded where the upstream's dialect allows, refused by
+name where not); the upstream body itself is built in dialects.py.
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ class ChatRequest(msgspec.Struct):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    # Accepted only in their no-op form; anything else is refused with a reason.
+    chat_template_kwargs: dict[str, Any] | None = None  # reaches the template (e.g. enable_thinking)
+    # Held to the dialect's constraint (structured outputs), or refused by name where it has none.
     response_format: dict[str, Any] | None = None
+    # Refused with a reason (modalities: anything but text).
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -82,34 +86,8 @@ class ChatRequest(msgspec.Struct):
     web_search_options: Any = None
 
 
-# --- what goes upstream ----------------------------------------------------------------------
-
-
-class UpstreamStreamOptions(msgspec.Struct):
-    include_usage: bool = True
-
-
-class CompletionRequest(msgspec.Struct, omit_defaults=True):
-    """A legacy `/v1/completions` body; `None` fields are left out."""
-
-    prompt: str
-    model: str | None = None
-    stream: bool = False
-    stream_options: UpstreamStreamOptions | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stop: list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    logprobs: int | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+class StrictChatRequest(ChatRequest, forbid_unknown_fields=True):
+    """The same request, decoded first: most clients send no other field, so the extras cost nothing then."""
 
 
 # --- what comes back from upstream ---------------------------------------------------------

@@ -27,8 +27,8 @@ import msgspec
 from .. import sse
 from ..errors import BadRequest, UpstreamBroken
 from . import reasoning as think
-from .chat_types import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Message, \
-    UpstreamStreamOptions
+from .chat_types import Completion, CompletionChoice, CompletionLogprobs, Message
+from .dialects import Dialect, Plan
 from .tags import StopFilter
 from .templates import load_template
 from .toolcalls import ToolCallSplitter
@@ -119,6 +119,9 @@ class Core:
         self.template = load_template(config.template, config.source)
         self.stops = list(self.template.stops)
         self.reasoning = config.reasoning == "think"
+        self.dialect = Dialect(config, translating=True)
+        self.bos_token: str = getattr(self.template, "bos_token", None) or ""
+        self.tool_open = tool_call_open(self.template)
 
     def start(self, gen: Generation) -> Turn:
         """Render the prompt and build the upstream body. Raises `BadRequest` for what cannot be served."""
@@ -126,39 +129,33 @@ class Core:
             raise BadRequest("the conversation must hold at least one message", param="messages",
                              code="invalid_value")
         tools, parse_tools = _tools(gen)
+        forced = self.dialect.forced_call(tools, gen.tool_choice, self.tool_open) if parse_tools else None
         prompt = self.template.render(gen.messages, tools)
+        if forced is not None:
+            # The answer starts inside the call block; the dialect's constraint holds it to the call object.
+            prompt += self.tool_open
         upstream_stream = gen.stream if self.mode == "auto" else self.mode == "always"
-        return Turn(self, gen, self._upstream_body(gen, prompt, upstream_stream), upstream_stream=upstream_stream,
-                    parse_tools=parse_tools, prefilled=self.reasoning and think.prefills_think(prompt))
-
-    def _upstream_body(self, gen: Generation, prompt: str, upstream_stream: bool) -> bytes:
-        """The legacy completions body: the one place an upstream body is built."""
         stop = self.stops
         if gen.stop:
             stop = gen.stop + [s for s in stop if s not in gen.stop]
-        s = gen.sampling
-        out = CompletionRequest(
-            prompt=prompt,
-            model=self.upstream_model or gen.model,
-            stream=upstream_stream,
-            # Usage is asked for on every stream (metrics need it); faces show it as their client asked.
-            stream_options=UpstreamStreamOptions() if upstream_stream else None,
-            max_tokens=gen.max_tokens,
-            temperature=s.get("temperature"),
-            top_p=s.get("top_p"),
-            n=s.get("n"),
-            stop=stop or None,
-            seed=s.get("seed"),
-            presence_penalty=s.get("presence_penalty"),
-            frequency_penalty=s.get("frequency_penalty"),
-            logit_bias=s.get("logit_bias"),
-            user=s.get("user"),
-            logprobs=gen.logprobs,
-            top_k=s.get("top_k"),
-            min_p=s.get("min_p"),
-            repetition_penalty=s.get("repetition_penalty"),
-        )
-        return _encode(out)
+        plan = self.dialect.build(gen, prompt, model=self.upstream_model or gen.model, stop=stop or None,
+                                  upstream_stream=upstream_stream, bos_token=self.bos_token, forced=forced)
+        return Turn(self, gen, plan, upstream_stream=upstream_stream, parse_tools=parse_tools,
+                    prefilled=self.reasoning and think.prefills_think(prompt), forced=forced is not None)
+
+
+def tool_call_open(template: Any) -> str | None:
+    """How the template opens a tool call, when it is the Hermes form the parser reads (`<tool_call>`
+    then a newline, as Qwen2.5/Qwen3 write it), else None."""
+    source = getattr(template, "source", None)
+    if source is None and getattr(template, "path", None) is not None:
+        try:
+            source = template.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            source = ""
+    if source is None or "<tool_call>" in source:  # the built-in ChatML family writes Hermes calls
+        return "<tool_call>\n"
+    return None
 
 
 def _tools(gen: Generation) -> tuple[list[dict[str, Any]] | None, bool]:
@@ -204,7 +201,7 @@ class _Choice:
         self.index = index
         self.stop = StopFilter(turn.core.stops)
         self.think = think.ThinkSplitter(turn.prefilled) if turn.core.reasoning else None
-        self.tools = ToolCallSplitter() if turn.parse_tools else None
+        self.tools = ToolCallSplitter(inside=turn.forced) if turn.parse_tools else None
         self.calls = 0
         self.seen = False
         self.finished = False
@@ -264,23 +261,31 @@ class _Choice:
 class Turn:
     """One request in flight: the upstream body, and the answer turned into events."""
 
-    __slots__ = ("core", "gen", "body", "upstream_stream", "parse_tools", "prefilled", "usage", "_states",
-                 "_decoder", "_started", "_events", "done")
+    __slots__ = ("core", "gen", "plan", "body", "upstream_stream", "parse_tools", "prefilled", "forced", "usage",
+                 "_states", "_decoder", "_started", "_events", "done")
 
-    def __init__(self, core: Core, gen: Generation, body: bytes, *, upstream_stream: bool, parse_tools: bool,
-                 prefilled: bool) -> None:
+    def __init__(self, core: Core, gen: Generation, plan: Plan, *, upstream_stream: bool, parse_tools: bool,
+                 prefilled: bool, forced: bool = False) -> None:
         self.core = core
         self.gen = gen
-        self.body = body
+        self.plan = plan
+        # Final now, unless `max_tokens: auto` waits for the upstream's tokenizer (`ready`).
+        self.body = b"" if plan.auto else _encode(plan.doc)
         self.upstream_stream = upstream_stream
         self.parse_tools = parse_tools
         self.prefilled = prefilled
+        self.forced = forced  # the prompt ends inside a `<tool_call>` block
         self.usage: tuple[int, int] | None = None  # (prompt, completion) once known, for metrics
         self._states: dict[int, _Choice] = {}
         self._decoder = sse.SSEDecoder()
         self._started = False
         self._events = 0  # upstream events seen
         self.done = False  # `[DONE]` came
+
+    async def ready(self, session: Any, url: str, headers: list[tuple[str, str]] | None = None) -> None:
+        """Just before sending to `url`: finish a body that waits for the context remainder."""
+        if self.plan.auto:
+            self.body = await self.core.dialect.finish(self.plan, session, url, headers)
 
     # --- streams ------------------------------------------------------------------------------
 

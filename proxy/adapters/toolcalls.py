@@ -3,7 +3,9 @@
 One incremental parser serves both paths: a whole completion is fed once, a
 stream piece by piece, so the two cannot disagree. Rules:
 - a block whose body is a JSON object with a string `name` becomes a call;
-  `arguments` is re-encoded as a JSON string, the form OpenAI clients expect;
+  `arguments` becomes JSON text, the form OpenAI clients expect (`arguments_text`);
+- a splitter made with `inside=True` starts within a block: the prompt was
+  pre-filled up to `<tool_call>` (a forced tool call);
 - a block whose JSON is broken stays in the content verbatim, never dropped;
 - an unterminated block at the very end is parsed as if closed (the server
   may have stopped on `</tool_call>`), or kept verbatim when it is not JSON;
@@ -38,8 +40,20 @@ def parse_call(body: str) -> ParsedCall | None:
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         return None
-    args = obj.get("arguments", {})
-    return ParsedCall(name, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+    return ParsedCall(name, arguments_text(obj.get("arguments", {})))
+
+
+def arguments_text(args: object) -> str:
+    """`arguments` as the JSON text OpenAI clients `json.loads`: a string that holds a JSON object
+    is that text already; any other value, a bare string included (`"hello"` -> `"\\"hello\\""`,
+    as vLLM answers), is encoded."""
+    if isinstance(args, str):
+        try:
+            if isinstance(json.loads(args), dict):
+                return args
+        except ValueError:
+            pass
+    return json.dumps(args, ensure_ascii=False)
 
 
 class ToolCallSplitter:
@@ -47,9 +61,9 @@ class ToolCallSplitter:
 
     __slots__ = ("_pending", "_in_call", "_after_call", "_gap")
 
-    def __init__(self) -> None:
+    def __init__(self, inside: bool = False) -> None:
         self._pending = ""  # held text: an unfinished block, or trailing white space / a partial `<tool_call>`
-        self._in_call = False
+        self._in_call = inside
         self._after_call = False  # white space right after a block is dropped
         self._gap = ""  # white space before the open block: kept only if the block is broken
 

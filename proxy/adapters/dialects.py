@@ -1,0 +1,424 @@
+"""How each upstream server's legacy `POST /v1/completions` speaks, and the one place its body is built.
+
+A route's `dialect:` names the server behind it. The facts below come from
+each server's own source (README "Upstream dialects" has the table):
+
+- vLLM (`vllm/entrypoints/openai/completion/protocol.py`): `max_tokens`
+  defaults to 16, and `null` is read as 16 too (`normalize_null_max_tokens`);
+  there is no unlimited form, so the context remainder is asked of its
+  `POST /tokenize` (`vllm/entrypoints/serve/tokenize/protocol.py`: `count`,
+  `max_model_len`). Unknown fields are accepted and ignored
+  (`OpenAIBaseModel`, `extra="allow"`). Constraints: `structured_outputs`
+  {json, json_object, regex, choice, grammar} or `response_format`. BOS is
+  added unless `add_special_tokens: false`.
+- llama.cpp (`tools/server/server-common.cpp` `oaicompat_completion_params_parse`,
+  `tools/server/server-task.cpp` `params_from_json_cmpl`): `n_predict`/`max_tokens`
+  default −1, unlimited (`null` counts as absent); every other field is
+  copied through (unknown ones ignored); `echo`, `best_of`, `suffix` are
+  refused; constraints are `json_schema` (an object) or `grammar`;
+  `response_format` is not read on completions; BOS is always added.
+- SGLang (`python/sglang/srt/entrypoints/openai/protocol.py` `CompletionRequest`):
+  `max_tokens: int = 16` (`null` is a 400); fields it does not define are
+  dropped silently (pydantic's default); `json_schema` is a JSON *string*;
+  its `/tokenize` reports the tokenizer's `model_max_length`
+  (`serving_tokenize.py`), the served context is `max_model_len` of
+  `GET /v1/models`, and prompt + `max_tokens` must stay below it
+  (`tokenizer_manager.py`: `>= context_len` is refused). BOS is always added.
+- `openai`: a strict legacy completions server: only the fields of OpenAI's
+  completions API, `max_tokens` 16 by default, nothing to constrain with.
+
+A face never builds an upstream body; the core hands a `Generation` and the
+rendered prompt to `Dialect.build`, which returns a `Plan`. A plan whose
+`max_tokens` is `auto` is finished by `Dialect.finish` just before sending,
+with the upstream the request goes to.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import aiohttp
+import msgspec
+
+from ..errors import BadRequest, ContextUnknown, connect_failure
+
+if TYPE_CHECKING:
+    from ..config import Body, RouteConfig
+
+DIALECTS = ("vllm", "llama.cpp", "sglang", "openai")
+AUTO = "auto"
+
+# OpenAI's legacy completions request (https://platform.openai.com/docs/api-reference/completions/create).
+OPENAI_FIELDS = frozenset({
+    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
+    "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user",
+})
+# SGLang's `CompletionRequest` fields (python/sglang/srt/entrypoints/openai/protocol.py).
+SGLANG_FIELDS = OPENAI_FIELDS | frozenset({
+    "return_hidden_states", "return_routed_experts", "routed_experts_start_len", "return_cached_tokens_details",
+    "return_token_ids", "top_k", "min_p", "min_tokens", "json_schema", "regex", "ebnf", "repetition_penalty",
+    "stop_token_ids", "stop_regex", "no_stop_trim", "ignore_eos", "skip_special_tokens", "lora_path", "session_id",
+    "session_params", "response_format", "custom_params", "custom_logit_processor", "images_config",
+    "bootstrap_host", "bootstrap_port", "bootstrap_room", "routed_dp_rank", "disagg_prefill_dp_rank",
+    "data_parallel_rank", "rid", "extra_key", "cache_salt", "ngram_corpus_id", "priority", "custom_labels",
+})
+# vLLM removed these (around v0.12) and now ignores them with a 200, unconstrained.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
+           "guided_whitespace_pattern": "whitespace_pattern"}
+# Completions fields a chat request has no business setting: they would change what the answer is.
+_NOT_CHAT = {
+    "prompt": "the prompt is rendered from `messages`",
+    "echo": "`echo` would return the rendered prompt as the answer",
+    "suffix": "`suffix` is for text insertion, not chat",
+}
+_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+class Facts(NamedTuple):
+    """What one server's completions endpoint does, where it matters to the proxy."""
+
+    name: str
+    max_tokens: Literal["auto", "omit", "required"]  # what to do when neither client nor route sets it
+    extensions: bool  # fields it does not define are accepted (forwarded as they are)
+    fields: frozenset[str]  # the fields it defines (consulted when `extensions` is False)
+    constraint: Literal["structured_outputs", "json_schema_object", "json_schema_string"] | None
+    bos: Literal["flag", "strip", "keep"]  # a prompt that starts with BOS: add_special_tokens false / strip it / leave it
+    context: Literal["tokenize", "tokenize+models"] | None  # how `auto` learns the context remainder
+
+
+FACTS = {
+    "vllm": Facts("vllm", "auto", True, frozenset(), "structured_outputs", "flag", "tokenize"),
+    "llama.cpp": Facts("llama.cpp", "omit", True, frozenset(), "json_schema_object", "strip", None),
+    "sglang": Facts("sglang", "auto", False, SGLANG_FIELDS, "json_schema_string", "strip", "tokenize+models"),
+    "openai": Facts("openai", "required", False, OPENAI_FIELDS, None, "keep", None),
+}
+# llama.cpp names vLLM's `repetition_penalty` `repeat_penalty` (server-task.cpp).
+_RENAMED = {"llama.cpp": {"repetition_penalty": "repeat_penalty"}}
+
+
+class Plan:
+    """An upstream body in the making: `doc` is final unless `auto` still needs the context remainder."""
+
+    __slots__ = ("doc", "auto", "add_special")
+
+    def __init__(self, doc: dict[str, Any], auto: bool, add_special: bool) -> None:
+        self.doc = doc
+        self.auto = auto  # `max_tokens` is to be the context remainder (Dialect.finish)
+        self.add_special = add_special  # what the server does with BOS for this body (tokenize the same way)
+
+
+class BodyPolicy:
+    """A route's `body:` (defaults, set, remove, limit), applied to the JSON that goes upstream."""
+
+    __slots__ = ("defaults", "auto", "set", "remove", "limit", "unlimited")
+
+    def __init__(self, body: Body | None, facts: Facts, *, translating: bool) -> None:
+        defaults = dict(body.defaults) if body is not None else {}
+        # A translating route that says nothing about max_tokens gets the dialect's way of
+        # "up to the context", as chat endpoints do; passthrough bodies are the client's own.
+        if translating and "max_tokens" not in defaults and facts.max_tokens == "auto":
+            defaults["max_tokens"] = AUTO
+        self.auto = defaults.get("max_tokens") == AUTO
+        if self.auto:
+            del defaults["max_tokens"]
+        self.defaults = defaults
+        self.set = dict(body.set) if body is not None else {}
+        self.remove = tuple(body.remove) if body is not None else ()
+        self.limit = dict(body.limit) if body is not None else {}
+        self.unlimited = facts.max_tokens == "omit"  # an absent max_tokens means "no limit" (llama.cpp)
+
+    def apply(self, doc: dict[str, Any]) -> bool:
+        """Fill, force, drop, cap. True when `max_tokens` is still to be the context remainder."""
+        for key, value in self.defaults.items():
+            if doc.get(key) is None:
+                doc[key] = value
+        auto = self.auto and doc.get("max_tokens") is None
+        if self.set:
+            doc.update(self.set)
+        for key in self.remove:
+            doc.pop(key, None)
+        if auto and ("max_tokens" in self.set or "max_tokens" in self.remove):
+            auto = False
+        self.cap(doc, auto)
+        return auto
+
+    def cap(self, doc: dict[str, Any], pending: bool = False) -> None:
+        for key, ceiling in self.limit.items():
+            value = doc.get(key)
+            if value is None:
+                # No limit at all on a server where absent means unlimited: the ceiling is the limit.
+                if key == "max_tokens" and self.unlimited and not pending:
+                    doc[key] = ceiling
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > ceiling:
+                doc[key] = ceiling
+
+
+class _Tokenized(msgspec.Struct):
+    count: int
+    max_model_len: int
+
+
+class _Card(msgspec.Struct):
+    id: str = ""
+    max_model_len: int | None = None
+
+
+class _Cards(msgspec.Struct):
+    data: list[_Card] = []
+
+
+_decode_tokenized = msgspec.json.Decoder(_Tokenized).decode
+_decode_cards = msgspec.json.Decoder(_Cards).decode
+_encode = msgspec.json.Encoder().encode
+# Headers of the client's request that must not ride along on the proxy's own lookups.
+_LOOKUP_DROPS = frozenset({"content-type", "content-length", "transfer-encoding", "host"})
+
+
+class Dialect:
+    """A route's upstream dialect and `body:` policy, built once per route."""
+
+    def __init__(self, config: RouteConfig, *, translating: bool) -> None:
+        self.facts = FACTS[config.dialect]
+        self.route = config.name
+        self.policy = BodyPolicy(config.body, self.facts, translating=translating)
+        t = config.timeout
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.read,
+                                             connect=t.connect + t.pool)
+        self._served: dict[str, int] = {}  # SGLang: server root -> max_model_len of GET /v1/models
+
+    # --- building -------------------------------------------------------------------------------
+
+    def build(self, gen: Any, prompt: str, *, model: str | None, stop: list[str] | None, upstream_stream: bool,
+              bos_token: str = "", forced: dict[str, Any] | None = None) -> Plan:
+        """The completions body for a `Generation` whose prompt is rendered. Raises `BadRequest`
+        for what this server cannot do (naming the field), never drops it silently."""
+        facts = self.facts
+        doc: dict[str, Any] = {"prompt": prompt}
+        if model:
+            doc["model"] = model
+        if upstream_stream:
+            doc["stream"] = True
+            # Usage is asked for on every stream (metrics need it). Only with `stream: true`:
+            # vLLM answers `stream_options` without it with a 400.
+            doc["stream_options"] = {"include_usage": True}
+        if gen.max_tokens is not None:
+            doc["max_tokens"] = gen.max_tokens
+        if stop:
+            doc["stop"] = stop
+        refused: list[str] = []
+        renamed = _RENAMED.get(facts.name, {})
+        for key, value in gen.sampling.items():
+            key = renamed.get(key, key)
+            if not facts.extensions and key not in facts.fields:
+                refused.append(key)
+            doc[key] = value
+        if gen.logprobs is not None:
+            doc["logprobs"] = gen.logprobs
+        add_special = True
+        if bos_token and prompt.startswith(bos_token):
+            # The template wrote BOS, and the server adds its own: one must go.
+            if facts.bos == "flag":
+                doc["add_special_tokens"] = False
+                add_special = False
+            elif facts.bos == "strip":
+                doc["prompt"] = prompt[len(bos_token):]
+        self._extras(doc, gen.extras, refused)
+        if refused:
+            names = ", ".join(f"`{k}`" for k in refused)
+            raise BadRequest(f"this route's upstream (dialect {facts.name}) does not define {names} on its "
+                             "completions endpoint and would ignore or refuse it", param=refused[0],
+                             code="unsupported_parameter")
+        if forced is not None:
+            self._constrain(doc, forced, "tool_choice")
+        elif gen.response_format is not None:
+            self._response_format(doc, gen.response_format)
+        auto = self.policy.apply(doc)
+        return Plan(doc, auto, add_special)
+
+    def _extras(self, doc: dict[str, Any], extras: dict[str, Any], refused: list[str]) -> None:
+        """Fields the face did not consume: forwarded where the server takes them, refused by name where not."""
+        facts = self.facts
+        for key, value in extras.items():
+            if key in _NOT_CHAT:
+                raise BadRequest(f"`{key}` cannot be sent through this route: {_NOT_CHAT[key]}", param=key,
+                                 code="unsupported_parameter")
+            if facts.name == "vllm" and key in _GUIDED:
+                # Removed from vLLM, which now answers them unconstrained: say it the current way.
+                so = doc.setdefault("structured_outputs", {})
+                so[_GUIDED[key]] = value
+                continue
+            if key in doc and key != "structured_outputs":
+                raise BadRequest(f"`{key}` is set by the proxy from the request's own fields", param=key,
+                                 code="invalid_value")
+            if not facts.extensions and key not in facts.fields:
+                refused.append(key)
+                continue
+            if key == "structured_outputs" and isinstance(value, dict):
+                doc["structured_outputs"] = {**value, **doc.get("structured_outputs", {})}
+                continue
+            doc[key] = value
+
+    def _response_format(self, doc: dict[str, Any], rf: dict[str, Any]) -> None:
+        kind = rf.get("type", "text")
+        if kind == "text":
+            return
+        if kind == "json_object":
+            self._constrain(doc, None, "response_format")
+            return
+        if kind == "json_schema":
+            # OpenAI's form: {"name", "schema"?, "strict"?, "description"?}; no schema means any JSON object.
+            spec = rf.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or (
+                    schema is not None and not isinstance(schema, dict)):
+                raise BadRequest("`response_format.json_schema` must be an object with a `name` and a JSON schema "
+                                 "object as `schema`", param="response_format", code="invalid_value")
+            self._constrain(doc, schema, "response_format")
+            return
+        if kind == "structural_tag" and self.facts.constraint == "structured_outputs":
+            doc["response_format"] = rf  # vLLM takes it on completions as it is
+            return
+        raise BadRequest(f"`response_format` type {kind!r} is not supported: use text, json_object or json_schema",
+                         param="response_format", code="invalid_value")
+
+    def _constrain(self, doc: dict[str, Any], schema: dict[str, Any] | None, param: str) -> None:
+        """Hold the completion to a JSON schema (None: any JSON object), in the server's own form."""
+        how = self.facts.constraint
+        if how == "structured_outputs":
+            so = {k: v for k, v in doc.get("structured_outputs", {}).items()
+                  if k not in ("json", "json_object", "regex", "choice", "grammar")}
+            if schema is None:
+                so["json_object"] = True
+            else:
+                so["json"] = schema
+            doc["structured_outputs"] = so
+        elif how == "json_schema_object":
+            doc.pop("grammar", None)  # llama.cpp lets `grammar` win over `json_schema`
+            doc["json_schema"] = _OBJECT if schema is None else schema
+        elif how == "json_schema_string":
+            doc.pop("regex", None)
+            doc.pop("ebnf", None)
+            doc["json_schema"] = json.dumps(_OBJECT if schema is None else schema, ensure_ascii=False)
+        else:
+            raise BadRequest(f"`{param}` cannot be honoured: this route's upstream (dialect {self.facts.name}) "
+                             "has no way to constrain a completion", param=param, code="unsupported_parameter")
+
+    def forced_call(self, tools: list[dict[str, Any]] | None, choice: Any, tool_open: str | None
+                    ) -> dict[str, Any] | None:
+        """`tool_choice` `required` or a named function: the JSON schema the call object must match
+        (`tools` are those left after the choice), or None when the model may answer in prose."""
+        if not tools or choice is None or choice in ("auto", "none"):
+            return None
+        if self.facts.constraint is None:
+            raise BadRequest(f"`tool_choice` {_choice_name(choice)} cannot be honoured: this route's upstream "
+                             f"(dialect {self.facts.name}) has no way to constrain a completion",
+                             param="tool_choice", code="unsupported_parameter")
+        if tool_open is None:
+            raise BadRequest(f"`tool_choice` {_choice_name(choice)} cannot be honoured: the route's chat template "
+                             "writes tool calls in a form the proxy does not know (it knows <tool_call>)",
+                             param="tool_choice", code="unsupported_parameter")
+        calls = [_call_schema(t["function"]) for t in tools]
+        return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+    # --- the context remainder --------------------------------------------------------------------
+
+    async def finish(self, plan: Plan, session: aiohttp.ClientSession, url: str,
+                     headers: list[tuple[str, str]] | None = None) -> bytes:
+        """The body to send: `max_tokens` set to what is left of the context after the prompt,
+        learnt from `url`'s server (the one this request goes to). A connect failure is
+        raised as it is (the forwarder moves on to the next upstream); anything else is a
+        `ContextUnknown` 502 that names the fix."""
+        doc = plan.doc
+        if plan.auto:
+            prompt = doc.get("prompt")
+            if not isinstance(prompt, str):
+                raise BadRequest("`max_tokens: auto` (the route's body.defaults) needs the prompt as one string",
+                                 param="prompt", code="invalid_value")
+            count, context = await self._context(session, url, headers or [], prompt, plan.add_special,
+                                                 doc.get("model"))
+            room = context - count
+            if self.facts.context == "tokenize+models":
+                room -= 1  # SGLang refuses prompt + max_tokens >= context
+            if room < 1:
+                raise BadRequest(f"the prompt ({count} tokens) leaves no room in the model's context "
+                                 f"({context} tokens)", param="messages", code="context_length_exceeded")
+            doc["max_tokens"] = room
+            self.policy.cap(doc)
+        return _encode(doc)
+
+    async def _context(self, session: aiohttp.ClientSession, url: str, headers: list[tuple[str, str]], prompt: str,
+                       add_special: bool, model: Any) -> tuple[int, int]:
+        root = server_root(url)
+        hdrs = [(k, v) for k, v in headers if k.lower() not in _LOOKUP_DROPS]
+        body: dict[str, Any] = {"prompt": prompt, "add_special_tokens": add_special}
+        if isinstance(model, str):
+            body["model"] = model
+        if self.facts.context is None:
+            raise self._unknown("the dialect has no tokenizer endpoint")
+        try:
+            tokenized = await self._get(session, "POST", root + "/tokenize", hdrs, _encode(body), _decode_tokenized)
+            context = tokenized.max_model_len
+            if self.facts.context == "tokenize+models":
+                served = self._served.get(root)
+                if served is None:
+                    cards = await self._get(session, "GET", root + "/v1/models", hdrs, None, _decode_cards)
+                    lens = [c.max_model_len for c in cards.data if c.max_model_len and (c.id == model or not model)]
+                    lens = lens or [c.max_model_len for c in cards.data if c.max_model_len]
+                    if not lens:
+                        raise self._unknown("GET /v1/models names no max_model_len")
+                    served = self._served[root] = lens[0]
+                # The tokenizer's declared length can exceed the context the server runs with.
+                context = min(context, served) if context > 0 else served
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if connect_failure(exc) is not None:
+                raise
+            raise self._unknown(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+        return tokenized.count, context
+
+    async def _get(self, session: aiohttp.ClientSession, method: str, url: str, headers: list[tuple[str, str]],
+                   data: bytes | None, decode: Any) -> Any:
+        hdrs = headers + [("content-type", "application/json")] if data is not None else headers
+        async with session.request(method, url, data=data, headers=hdrs, timeout=self.timeout,
+                                   allow_redirects=False) as response:
+            raw = await response.read()
+            path = url[len(server_root(url)):]
+            if response.status != 200:
+                raise self._unknown(f"{method} {path} answered {response.status}")
+            try:
+                return decode(raw)
+            except msgspec.DecodeError as exc:
+                raise self._unknown(f"{method} {path} answered something else than expected: {exc}") from None
+
+    def _unknown(self, why: str) -> ContextUnknown:
+        return ContextUnknown(
+            f"route {self.route!r} could not learn how much of the model's context is left for the answer ({why}); "
+            "set `body.defaults.max_tokens` to a number in the route file to send that instead")
+
+
+def server_root(url: str) -> str:
+    """`http://h:8000/v1/completions?x` -> `http://h:8000`: where vLLM and SGLang serve `/tokenize`."""
+    base = url.split("?", 1)[0].rstrip("/")
+    for tail in ("/completions", "/v1"):
+        if base.endswith(tail):
+            base = base[: -len(tail)]
+    return base
+
+
+def _call_schema(fn: dict[str, Any]) -> dict[str, Any]:
+    """The `<tool_call>` body for one function: `{"name": NAME, "arguments": <its parameters>}`."""
+    params = fn.get("parameters")
+    return {
+        "type": "object",
+        "properties": {"name": {"enum": [fn["name"]]}, "arguments": params if isinstance(params, dict) else _OBJECT},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def _choice_name(choice: Any) -> str:
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        return f"naming {fn.get('name')!r}" if isinstance(fn, dict) else "(a named function)"
+    return repr(choice)
