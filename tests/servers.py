@@ -26,13 +26,19 @@ class MockServer:
     def requests(self) -> list[Any]:
         return list(self.mock.requests)
 
+    @property
+    def lookups(self) -> list[Any]:
+        """`POST /tokenize` calls (kept apart from `requests`)."""
+        return list(self.mock.lookups)
+
     def release(self, key: str) -> None:
         self.loop.call_soon_threadsafe(self.mock.hold(key).set)
 
 
 @contextmanager
-def run_mock() -> Iterator[MockServer]:
-    mock = MockUpstream()
+def run_mock(dialect: str | None = None, context: int = 32768) -> Iterator[MockServer]:
+    """The mock upstream; with `dialect`, the fake of that server (proxy/mock_upstream.py)."""
+    mock = MockUpstream(dialect, context)
     ready = threading.Event()
     box: dict[str, Any] = {}
 

@@ -358,12 +358,12 @@ class Dialect:
         if self.facts.context is None:
             raise self._unknown("the dialect has no tokenizer endpoint")
         try:
-            tokenized = await self._get(session, "POST", root + "/tokenize", hdrs, _encode(body), _decode_tokenized)
+            tokenized = await self._get(session, "POST", root, "/tokenize", hdrs, _encode(body), _decode_tokenized)
             context = tokenized.max_model_len
             if self.facts.context == "tokenize+models":
                 served = self._served.get(root)
                 if served is None:
-                    cards = await self._get(session, "GET", root + "/v1/models", hdrs, None, _decode_cards)
+                    cards = await self._get(session, "GET", root, "/v1/models", hdrs, None, _decode_cards)
                     lens = [c.max_model_len for c in cards.data if c.max_model_len and (c.id == model or not model)]
                     lens = lens or [c.max_model_len for c in cards.data if c.max_model_len]
                     if not lens:
@@ -377,13 +377,12 @@ class Dialect:
             raise self._unknown(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
         return tokenized.count, context
 
-    async def _get(self, session: aiohttp.ClientSession, method: str, url: str, headers: list[tuple[str, str]],
-                   data: bytes | None, decode: Any) -> Any:
+    async def _get(self, session: aiohttp.ClientSession, method: str, root: str, path: str,
+                   headers: list[tuple[str, str]], data: bytes | None, decode: Any) -> Any:
         hdrs = headers + [("content-type", "application/json")] if data is not None else headers
-        async with session.request(method, url, data=data, headers=hdrs, timeout=self.timeout,
+        async with session.request(method, root + path, data=data, headers=hdrs, timeout=self.timeout,
                                    allow_redirects=False) as response:
             raw = await response.read()
-            path = url[len(server_root(url)):]
             if response.status != 200:
                 raise self._unknown(f"{method} {path} answered {response.status}")
             try:

@@ -1,8 +1,11 @@
-"""Passthrough: bytes untouched, except `stream` (and `model`) when the route pins them.
+"""Passthrough: bytes untouched, except `stream` (and `model`) when the route pins them, and `body:`.
 
 With `upstream_model`, the upstream answers with its own model name; the client
-gets back the name it asked for, in the JSON body or in every SSE event. Routes
-without it never decode a byte.
+gets back the name it asked for, in the JSON body or in every SSE event. A
+route's `body:` (defaults, set, remove, limit) edits the JSON that goes
+upstream, as on translating routes (`max_tokens: auto` included, finished by
+`ready` with the upstream the request goes to). Routes with none of these
+never decode a byte.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import msgspec
 from ..config import RouteConfig
 from ..errors import BadRequest
 from ..sse import DONE, DONE_EVENT, SSEDecoder, event
+from .dialects import Dialect, Plan
 
 _decode_object = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
@@ -81,18 +85,50 @@ class _Renamed:
         return event(doc)
 
 
+class _Planned:
+    """A call whose `max_tokens` is still to be the context remainder (`body.defaults.max_tokens: auto`)."""
+
+    __slots__ = ()
+    body: bytes
+    plan: Plan
+    dialect: Dialect
+
+    async def ready(self, session: Any, url: str, headers: list[tuple[str, str]] | None = None) -> None:
+        self.body = await self.dialect.finish(self.plan, session, url, headers)
+
+
+class _RawPlanned(_Planned, _Raw):
+    __slots__ = ("plan", "dialect")
+
+    def __init__(self, plan: Plan, dialect: Dialect) -> None:
+        super().__init__(b"")
+        self.plan = plan
+        self.dialect = dialect
+
+
+class _RenamedPlanned(_Planned, _Renamed):
+    __slots__ = ("plan", "dialect")
+
+    def __init__(self, plan: Plan, dialect: Dialect, stream: bool, model: str) -> None:
+        super().__init__(b"", stream, model)
+        self.plan = plan
+        self.dialect = dialect
+
+
 class Passthrough:
     def __init__(self, config: RouteConfig) -> None:
         self.mode = config.stream
         self.upstream_model = config.upstream_model
+        self.dialect = Dialect(config, translating=False) if config.body is not None else None
 
     def request(self, body: bytes) -> _Raw | _Renamed:
-        if self.mode == "auto" and self.upstream_model is None:
+        if self.mode == "auto" and self.upstream_model is None and self.dialect is None:
             return _Raw(body)  # the hot path: no JSON work at all
         try:
             doc = _decode_object(body)
         except msgspec.DecodeError:
-            pinned = f"stream: {self.mode}" if self.mode != "auto" else "upstream_model"
+            pinned = f"stream: {self.mode}" if self.mode != "auto" else (
+                "upstream_model" if self.upstream_model is not None else "body")
             raise BadRequest(
                 f"this route sets {pinned}, so the body must be a JSON object",
                 code="invalid_json",
@@ -100,9 +136,17 @@ class Passthrough:
         if self.mode != "auto":
             doc["stream"] = self.mode == "always"
         asked = doc.get("model")
-        if self.upstream_model is None or asked is None:
-            return _Raw(_encode(doc))
-        doc["model"] = self.upstream_model
-        if not isinstance(asked, str) or asked == self.upstream_model:
-            return _Raw(_encode(doc))
-        return _Renamed(_encode(doc), doc.get("stream") is True, asked)
+        renamed = self.upstream_model is not None and asked is not None
+        if renamed:
+            doc["model"] = self.upstream_model
+        renamed = renamed and isinstance(asked, str) and asked != self.upstream_model
+        plan = None
+        if self.dialect is not None:
+            plan = Plan(doc, self.dialect.policy.apply(doc), doc.get("add_special_tokens", True) is not False)
+        if plan is not None and plan.auto:
+            if renamed:
+                return _RenamedPlanned(plan, self.dialect, doc.get("stream") is True, asked)  # type: ignore[arg-type]
+            return _RawPlanned(plan, self.dialect)  # type: ignore[arg-type]
+        if renamed:
+            return _Renamed(_encode(doc), doc.get("stream") is True, asked)  # type: ignore[arg-type]
+        return _Raw(_encode(doc))
