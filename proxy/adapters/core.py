@@ -27,7 +27,8 @@ import msgspec
 from .. import sse
 from ..errors import BadRequest, UpstreamBroken
 from . import reasoning as think
-from .chat_types import Completion, CompletionChoice, CompletionLogprobs, Message
+from .chat_types import Completion, CompletionChoice, CompletionLogprobs, FunctionCall, Message
+from .chat_types import ToolCall as ToolCallMsg
 from .dialects import Dialect, Plan
 from .tags import StopFilter
 from .templates import load_template
@@ -146,16 +147,16 @@ class Core:
 
 def tool_call_open(template: Any) -> str | None:
     """How the template opens a tool call, when it is the Hermes form the parser reads (`<tool_call>`
-    then a newline, as Qwen2.5/Qwen3 write it), else None."""
-    source = getattr(template, "source", None)
-    if source is None and getattr(template, "path", None) is not None:
-        try:
-            source = template.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            source = ""
-    if source is None or "<tool_call>" in source:  # the built-in ChatML family writes Hermes calls
-        return "<tool_call>\n"
-    return None
+    then a newline, as Qwen2.5/Qwen3 write it), else None. Found by rendering one sample call
+    (once per route), so it holds for any template, built-in or file."""
+    sample = [Message(role="user", content="x"),
+              Message(role="assistant", content=None, tool_calls=[ToolCallMsg(FunctionCall("probe_fn", "{}"))])]
+    tools = [{"type": "function", "function": {"name": "probe_fn", "parameters": {"type": "object"}}}]
+    try:
+        rendered = template.render(sample, tools)
+    except Exception:  # a template that refuses the sample: tool calls cannot be forced through it
+        return None
+    return "<tool_call>\n" if "<tool_call>\n" in rendered else None
 
 
 def _tools(gen: Generation) -> tuple[list[dict[str, Any]] | None, bool]:
