@@ -111,7 +111,7 @@ class Plan:
 class BodyPolicy:
     """A route's `body:` (defaults, set, remove, limit), applied to the JSON that goes upstream."""
 
-    __slots__ = ("defaults", "auto", "set", "remove", "limit", "unlimited")
+    __slots__ = ("defaults", "auto", "set", "remove", "limit", "unlimited", "idle")
 
     def __init__(self, body: Body | None, facts: Facts, *, translating: bool) -> None:
         defaults = dict(body.defaults) if body is not None else {}
@@ -127,9 +127,12 @@ class BodyPolicy:
         self.remove = tuple(body.remove) if body is not None else ()
         self.limit = dict(body.limit) if body is not None else {}
         self.unlimited = facts.max_tokens == "omit"  # an absent max_tokens means "no limit" (llama.cpp)
+        self.idle = not (self.defaults or self.set or self.remove or self.limit)  # the common case
 
     def apply(self, doc: dict[str, Any]) -> bool:
         """Fill, force, drop, cap. True when `max_tokens` is still to be the context remainder."""
+        if self.idle:
+            return self.auto and doc.get("max_tokens") is None
         for key, value in self.defaults.items():
             if doc.get(key) is None:
                 doc[key] = value
