@@ -39,6 +39,7 @@ class Message(msgspec.Struct):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier turn's thought; the template decides what to keep
 
 
 class StreamOptions(msgspec.Struct):
