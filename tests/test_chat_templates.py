@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.adapters.chat_types import ChatRequest
 from proxy.adapters.templates import ChatML, jinja_environment, load_template
@@ -332,3 +334,24 @@ def test_builtin_qwen3_route_loads(routes_dir):
     body = json.loads(call.body)
     assert body["prompt"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert body["stop"] == ["<|im_end|>", "<|endoftext|>"]
+
+
+TEXTS = st.sampled_from(["Hi", "", "  spaced  ", "ü 名前", "<think>\nhmm\n</think>\n\nok", "</think>x",
+                         "<tool_response>\n21\n</tool_response>", "<tool_response>x", "a\n\nb"])
+MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": TEXTS},
+                                          optional={"reasoning_content": TEXTS}), min_size=1, max_size=6)
+KWARGS = st.sampled_from([None, {}, {"enable_thinking": False}, {"enable_thinking": True}, {"enable_thinking": 0},
+                          {"other": 1}])
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=MESSAGES, kwargs=KWARGS)
+def test_qwen3_plain_turn_path_equals_the_template(messages, kwargs):
+    from proxy.adapters.templates import JinjaTemplate
+
+    qwen3 = _QWEN3_TEMPLATE
+    parsed = msgs(*messages)
+    assert qwen3.render(parsed, None, kwargs) == JinjaTemplate.render(qwen3, parsed, None, kwargs)
+
+
+_QWEN3_TEMPLATE = load_template("qwen3")
