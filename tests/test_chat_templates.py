@@ -355,3 +355,26 @@ def test_qwen3_plain_turn_path_equals_the_template(messages, kwargs):
 
 
 _QWEN3_TEMPLATE = load_template("qwen3")
+
+
+def test_template_errors_through_the_proxy_400_for_the_client_500_for_the_route(routes_dir, proxy_for, caplog):
+    import httpx
+
+    folder = routes_dir(chat=CHAT_ROUTE.format(template="picky.jinja"))
+    # Renders the sample (one user message); refuses an empty message; breaks on a second message.
+    (folder / "picky.jinja").write_text(
+        "{% if messages[0].content == '' %}{{ raise_exception('say something') }}{% endif %}"
+        "{% if messages|length > 1 %}{{ messages[1].content.nope() }}{% endif %}{{ messages[0].content }}")
+    base = proxy_for(folder)
+    empty = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": ""}]})
+    assert empty.status_code == 400
+    assert empty.json()["error"] == {"message": "the chat template (picky.jinja) rejected the conversation: say something",
+                                     "type": "invalid_request_error", "param": "messages", "code": "template_rejected"}
+    with caplog.at_level("ERROR", logger="llmproxy"):
+        broken = httpx.post(f"{base}/v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+    assert broken.status_code == 500
+    error = broken.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "template_failed")
+    assert "picky.jinja" in error["message"] and "UndefinedError" in error["message"]
+    assert any("chat template picky.jinja failed" in r.getMessage() for r in caplog.records)
