@@ -26,8 +26,8 @@ def body(**kw: Any) -> bytes:
 
 
 def upstream_doc(call: Any) -> dict[str, Any]:
-    """The upstream body; one that waits for `max_tokens: auto` (no client limit) as planned so far."""
-    return json.loads(call.body) if call.body else dict(call.turn.plan.doc)
+    """The upstream body (without `max_tokens` when it waits for `auto`: no client limit)."""
+    return json.loads(call.body)
 
 
 def completion(*texts: str, finish: str = "stop", usage: bool = True, **extra: Any) -> bytes:

@@ -227,7 +227,7 @@ def test_route_names_a_template_file_next_to_it(routes_dir):
     (folder / "qwen.jinja").write_text(QWEN_REF.read_text())
     route, _ = RouteTable.from_dir(folder).match("POST", "/v1/chat/completions", b"{}")
     call = route.adapter.request(b'{"model": "m", "messages": [{"role": "user", "content": "Hi"}]}')
-    assert call.turn.plan.doc["prompt"] == reference([{"role": "user", "content": "Hi"}])
+    assert json.loads(call.body)["prompt"] == reference([{"role": "user", "content": "Hi"}])
 
 
 def test_route_with_a_broken_template_fails_to_load_naming_the_route_file(routes_dir):

@@ -145,3 +145,27 @@ def test_sglang_reads_the_served_context_once_per_server(routes_dir, proxy_for):
         assert len(models) == 1 and len(up.lookups) == 2
         doc = json.loads(up.requests[-1].body)
         assert doc["max_tokens"] == 3000 - mock_tokens(doc["prompt"]) - 1
+
+
+LLAMA = Path(__file__).parent / "data" / "llama-3.1-instruct" / "tokenizer_config.json"
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "llama.cpp", "sglang"])
+def test_llama_3_1_template_reaches_each_server_with_one_bos(routes_dir, proxy_for, dialect):
+    with run_mock(dialect, context=4096) as up:
+        base = proxy_for(routes_dir(r=f"""
+            path: /v1/chat/completions
+            upstream: {up.url}/v1/completions
+            adapter: chat-to-completions
+            dialect: {dialect}
+            template: {LLAMA}
+        """))
+        openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Hi"}])
+        sent = json.loads(up.requests[-1].body)
+        if dialect == "vllm":  # the template's BOS kept, the server's switched off, and counted the same way
+            assert sent["prompt"].startswith("<|begin_of_text|><|start_header_id|>")
+            assert sent["add_special_tokens"] is False
+            assert json.loads(up.lookups[-1].body)["add_special_tokens"] is False
+        else:  # the server adds its own: the template's is stripped
+            assert sent["prompt"].startswith("<|start_header_id|>") and "add_special_tokens" not in sent

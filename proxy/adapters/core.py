@@ -131,7 +131,7 @@ class Core:
                              code="invalid_value")
         tools, parse_tools = _tools(gen)
         forced = self.dialect.forced_call(tools, gen.tool_choice, self.tool_open) if parse_tools else None
-        prompt = self.template.render(gen.messages, tools)
+        prompt = self.template.render(gen.messages, tools, gen.template_kwargs)
         if forced is not None:
             # The answer starts inside the call block; the dialect's constraint holds it to the call object.
             prompt += self.tool_open
@@ -270,8 +270,9 @@ class Turn:
         self.core = core
         self.gen = gen
         self.plan = plan
-        # Final now, unless `max_tokens: auto` waits for the upstream's tokenizer (`ready`).
-        self.body = b"" if plan.auto else _encode(plan.doc)
+        # Final now, unless `max_tokens: auto` waits for the upstream's tokenizer: then `ready`
+        # adds it (a call that does not forward `ready` would send the server's default).
+        self.body = _encode(plan.doc)
         self.upstream_stream = upstream_stream
         self.parse_tools = parse_tools
         self.prefilled = prefilled

@@ -101,7 +101,7 @@ class _RawPlanned(_Planned, _Raw):
     __slots__ = ("plan", "dialect")
 
     def __init__(self, plan: Plan, dialect: Dialect) -> None:
-        super().__init__(b"")
+        super().__init__(_encode(plan.doc))
         self.plan = plan
         self.dialect = dialect
 
@@ -110,7 +110,7 @@ class _RenamedPlanned(_Planned, _Renamed):
     __slots__ = ("plan", "dialect")
 
     def __init__(self, plan: Plan, dialect: Dialect, stream: bool, model: str) -> None:
-        super().__init__(b"", stream, model)
+        super().__init__(_encode(plan.doc), stream, model)
         self.plan = plan
         self.dialect = dialect
 
