@@ -392,3 +392,12 @@ def test_tool_arguments_are_always_json_text(fake, serve, stream, arguments, exp
         args = c.chat.completions.create(**kw).choices[0].message.tool_calls[0].function.arguments
     assert args == expected
     json.loads(args)
+
+
+def test_chat_template_kwargs_reach_the_template_not_the_upstream(fake, serve):
+    up = fake("vllm")
+    c = client(serve(up, "vllm", "template: qwen3"))
+    c.chat.completions.create(model="m", messages=USER, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    sent = last_body(up)
+    assert sent["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert "chat_template_kwargs" not in sent and "enable_thinking" not in sent
