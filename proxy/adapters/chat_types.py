@@ -74,7 +74,7 @@ class ChatRequest(msgspec.Struct):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None  # reaches the template (e.g. enable_thinking)
+    chat_template_kwargs: dict[str, Any] | None = None  # to the template (vLLM's extension), e.g. enable_thinking
     # Held to the dialect's constraint (structured outputs), or refused by name where it has none.
     response_format: dict[str, Any] | None = None
     # Refused with a reason (modalities: anything but text).
