@@ -224,6 +224,8 @@ def test_fields_the_server_does_not_define_are_refused_by_name(fake, serve, dial
                                                                         "mirostat": 2})
     assert "`include_stop_str_in_output`, `mirostat`" in err.value.message
     assert err.value.body["param"] == "include_stop_str_in_output" and not up.requests
+    c.chat.completions.create(model="m", messages=USER, extra_body={"service_tier": None})  # null: not set
+    assert "service_tier" not in last_body(up)
 
 
 def test_sglang_extensions_are_forwarded_and_openai_refuses_sampling_extensions(fake, serve):

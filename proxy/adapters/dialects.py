@@ -244,6 +244,8 @@ class Dialect:
         """Fields the face did not consume: forwarded where the server takes them, refused by name where not."""
         facts = self.facts
         for key, value in extras.items():
+            if value is None:  # OpenAI's "not set" (servers with typed fields would refuse a null)
+                continue
             if key in _NOT_CHAT:
                 raise BadRequest(f"`{key}` cannot be sent through this route: {_NOT_CHAT[key]}", param=key,
                                  code="unsupported_parameter")
