@@ -357,9 +357,9 @@ class Dialect:
                        add_special: bool, model: Any) -> tuple[int, int]:
         root = server_root(url)
         hdrs = [(k, v) for k, v in headers if k.lower() not in _LOOKUP_DROPS]
-        body: dict[str, Any] = {"prompt": prompt, "add_special_tokens": add_special}
-        if isinstance(model, str):
-            body["model"] = model
+        # No `model`: both servers then tokenize for the model they serve, and a model name only the
+        # completions endpoint would refuse is reported by it, not as a failed lookup.
+        body = {"prompt": prompt, "add_special_tokens": add_special}
         if self.facts.context is None:
             raise self._unknown("the dialect has no tokenizer endpoint")
         try:
