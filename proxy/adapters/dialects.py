@@ -42,6 +42,7 @@ import aiohttp
 import msgspec
 
 from ..errors import BadRequest, ContextUnknown, connect_failure
+from ..transport import route_timeout
 
 if TYPE_CHECKING:
     from ..config import Body, RouteConfig
@@ -187,8 +188,7 @@ class Dialect:
         self.route = config.name
         self.policy = BodyPolicy(config.body, self.facts, translating=translating)
         t = config.timeout
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.read,
-                                             connect=t.connect + t.pool)
+        self.timeout = route_timeout(t.connect, t.read, t.pool)  # the lookups wait as the request would
         self._served: dict[str, int] = {}  # SGLang: server root -> max_model_len of GET /v1/models
 
     # --- building -------------------------------------------------------------------------------
