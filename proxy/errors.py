@@ -316,6 +316,15 @@ def from_upstream(exc: Exception, route: Route, url: str) -> ProxyError:
     return UpstreamBroken(f"upstream of route {name!r} ({where}) failed: {type(exc).__name__}")
 
 
+def context_unknown(route: str, why: str | BaseException) -> ContextUnknown:
+    """`max_tokens: auto` failed: what went wrong with the lookup, and the setting that avoids it."""
+    if isinstance(why, BaseException):
+        why = f"{type(why).__name__}: {why}" if str(why) else type(why).__name__
+    return ContextUnknown(
+        f"route {route!r} could not learn how much of the model's context is left for the answer ({why}); "
+        "set `body.defaults.max_tokens` to a number in the route file to send that instead")
+
+
 def connect_failure(exc: Exception) -> str | None:
     """Why the connection to the upstream could not be made, or None if it was made.
 

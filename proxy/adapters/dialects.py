@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import aiohttp
 import msgspec
 
-from ..errors import BadRequest, ContextUnknown, connect_failure
+from ..errors import BadRequest, connect_failure, context_unknown
 from ..transport import route_timeout
 
 if TYPE_CHECKING:
@@ -361,7 +361,7 @@ class Dialect:
         # completions endpoint would refuse is reported by it, not as a failed lookup.
         body = {"prompt": prompt, "add_special_tokens": add_special}
         if self.facts.context is None:
-            raise self._unknown("the dialect has no tokenizer endpoint")
+            raise context_unknown(self.route, "the dialect has no tokenizer endpoint")
         try:
             tokenized = await self._get(session, "POST", root, "/tokenize", hdrs, _encode(body), _decode_tokenized)
             context = tokenized.max_model_len
@@ -372,14 +372,14 @@ class Dialect:
                     lens = [c.max_model_len for c in cards.data if c.max_model_len and (c.id == model or not model)]
                     lens = lens or [c.max_model_len for c in cards.data if c.max_model_len]
                     if not lens:
-                        raise self._unknown("GET /v1/models names no max_model_len")
+                        raise context_unknown(self.route, "GET /v1/models names no max_model_len")
                     served = self._served[root] = lens[0]
                 # The tokenizer's declared length can exceed the context the server runs with.
                 context = min(context, served) if context > 0 else served
         except (aiohttp.ClientError, TimeoutError) as exc:
             if connect_failure(exc) is not None:
                 raise
-            raise self._unknown(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+            raise context_unknown(self.route, exc) from None
         return tokenized.count, context
 
     async def _get(self, session: aiohttp.ClientSession, method: str, root: str, path: str,
@@ -389,16 +389,11 @@ class Dialect:
                                    allow_redirects=False) as response:
             raw = await response.read()
             if response.status != 200:
-                raise self._unknown(f"{method} {path} answered {response.status}")
+                raise context_unknown(self.route, f"{method} {path} answered {response.status}")
             try:
                 return decode(raw)
             except msgspec.DecodeError as exc:
-                raise self._unknown(f"{method} {path} answered something else than expected: {exc}") from None
-
-    def _unknown(self, why: str) -> ContextUnknown:
-        return ContextUnknown(
-            f"route {self.route!r} could not learn how much of the model's context is left for the answer ({why}); "
-            "set `body.defaults.max_tokens` to a number in the route file to send that instead")
+                raise context_unknown(self.route, f"{method} {path} answered something unexpected: {exc}") from None
 
 
 def server_root(url: str) -> str:
