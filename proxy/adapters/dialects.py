@@ -84,7 +84,7 @@ class Facts(NamedTuple):
     extensions: bool  # fields it does not define are accepted (forwarded as they are)
     fields: frozenset[str]  # the fields it defines (consulted when `extensions` is False)
     constraint: Literal["structured_outputs", "json_schema_object", "json_schema_string"] | None
-    bos: Literal["flag", "strip", "keep"]  # a prompt that starts with BOS: add_special_tokens false / strip it / leave it
+    bos: Literal["flag", "strip", "keep"]  # prompt starts with BOS: add_special_tokens false / strip it / keep it
     context: Literal["tokenize", "tokenize+models"] | None  # how `auto` learns the context remainder
 
 
