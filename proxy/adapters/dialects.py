@@ -16,7 +16,8 @@ each server's own source (README "Upstream dialects" has the table):
   default −1, unlimited (`null` counts as absent); every other field is
   copied through (unknown ones ignored); `echo`, `best_of`, `suffix` are
   refused; constraints are `json_schema` (an object) or `grammar`;
-  `response_format` is not read on completions; BOS is always added.
+  `response_format` is not read on completions; BOS is always added, with a warning
+  when the prompt then starts with two (`src/llama-vocab.cpp` `check_double_bos_eos`).
 - SGLang (`python/sglang/srt/entrypoints/openai/protocol.py` `CompletionRequest`):
   `max_tokens: int = 16` (`null` is a 400); fields it does not define are
   dropped silently (pydantic's default); `json_schema` is a JSON *string*;
