@@ -122,8 +122,8 @@ class Passthrough:
         self.dialect = Dialect(config, translating=False) if config.body is not None else None
 
     def request(self, body: bytes) -> _Raw | _Renamed:
-        if self.mode == "auto" and self.upstream_model is None and self.dialect is None:
-            return _Raw(body)  # the hot path: no JSON work at all
+        if self.mode == "auto" and self.upstream_model is None and (self.dialect is None or not body):
+            return _Raw(body)  # the hot path: no JSON work at all (a GET's empty body has nothing to edit)
         try:
             doc = _decode_object(body)
         except msgspec.DecodeError:
