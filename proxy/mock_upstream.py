@@ -21,7 +21,7 @@ Faults (for the error tests; K counts stream events, or body bytes of a non-stre
   the connection mid-response (no chunked terminator, short of content-length);
 - `x-mock-fault: malformed-after:K`: after K events send one event whose data is not JSON,
   then carry on normally (`malformed` = `malformed-after:1`);
-- `x-mock-stall-ms: S`: stall S ms before the response head (any endpoint), or, with
+- `x-mock-stall-ms: S`: stall S ms before the response head (any endpoint but `/tokenize`), or, with
   `x-mock-stall-after: K` (K >= 1), once after K stream events (K = 0: before the head). A stall ends early when the
   client closes the connection, so no mock task outlives its caller.
 Dialects (`--dialect vllm|llama.cpp|sglang|openai`, `MockUpstream(dialect=...)`): the mock then
@@ -177,7 +177,8 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             self.write(404, _error(f"no mock endpoint {method} {path}"))
             return
-        stall = _stall_before(hdrs)
+        # The proxy's own `/tokenize` lookup carries the client's headers: faults are for the request itself.
+        stall = _stall_before(hdrs) if path != "/tokenize" else 0.0
         if stall:
             asyncio.ensure_future(self._stalled(stall, handler, hdrs, body, query))
             return
