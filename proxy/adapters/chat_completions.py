@@ -22,7 +22,8 @@ from .. import sse
 from ..errors import BadRequest, invalid_field
 from .chat_types import ChatCompletion, ChatRequest, OutChoice, OutFunction, OutMessage, OutToolCall, StrictChatRequest
 from .chat_types import Usage as ChatUsage
-from .core import NULL, Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, Usage, decode_logprobs
+from .core import NULL, Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, TurnCall, Usage, \
+    decode_logprobs
 
 if TYPE_CHECKING:
     from ..config import RouteConfig
@@ -141,7 +142,7 @@ class _Out:
         self.role_sent = False
 
 
-class ChatCall:
+class ChatCall(TurnCall):
     """One chat request in flight: core events -> `chat.completion` or `chat.completion.chunk` bytes."""
 
     translates = True
@@ -163,12 +164,6 @@ class ChatCall:
     def usage(self) -> tuple[int, int] | None:
         """(prompt_tokens, completion_tokens) the upstream reported, for metrics."""
         return self.turn.usage
-
-    async def ready(self, session: Any, url: str, headers: list[tuple[str, str]] | None = None) -> None:
-        """The forwarder's last step before sending to `url` (see `Call.ready`)."""
-        if self.turn.plan.auto:
-            await self.turn.ready(session, url, headers)
-            self.body = self.turn.body
 
     # --- whole answers --------------------------------------------------------------------
 

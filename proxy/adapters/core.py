@@ -432,6 +432,21 @@ class Turn:
                                  f"({exc}): {excerpt(data)}") from None
 
 
+class TurnCall:
+    """Base of a face's `Call`: forwards the forwarder's `ready` step to its turn, so a body that
+    waits for `max_tokens: auto` is finished with the upstream the request goes to."""
+
+    __slots__ = ()
+    turn: Turn
+    body: bytes
+
+    async def ready(self, session: Any, url: str, headers: list[tuple[str, str]] | None = None) -> None:
+        turn = self.turn
+        if turn.plan.auto:
+            await turn.ready(session, url, headers)
+            self.body = turn.body
+
+
 def call_id() -> str:
     return "call_" + os.urandom(12).hex()
 
