@@ -32,6 +32,32 @@ class Timeout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool: float = 30.0
 
 
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """At most `max_concurrent` requests in flight; `queue` more wait FIFO up to `queue_timeout` s."""
+
+    max_concurrent: int
+    queue: int = 0
+    queue_timeout: float = 30.0
+
+
+class Retry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Send again, before any byte went to the client, when the upstream answers one of `when`."""
+
+    attempts: int = 2  # the first try included
+    when: tuple[int | Literal["connect", "timeout"], ...] = ("connect",)
+    max_wait: float = 10.0  # a longer Retry-After is not waited for
+
+
+class Health(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Active checks: GET `path` on each upstream's origin every `interval` s."""
+
+    path: str = "/health"
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_after: int = 2
+    healthy_after: int = 1
+
+
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One route file, validated. See README "Route files" for each field."""
 
@@ -47,6 +73,9 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     timeout: Timeout = Timeout()
     template: str = "chatml"
     reasoning: Literal["none", "think"] = "none"
+    limits: Limits | None = None
+    retry: Retry | None = None
+    health: Health | None = None
     source: str = ""  # the file it came from; set by the loader, not by users
 
     @property
@@ -73,18 +102,7 @@ def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None)
 def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
     """Read and validate one route file."""
     label = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{label}: cannot read: {exc}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{label}{where}: yaml: {problem}") from None
+    data, node = _read_yaml(path)
     lines = _key_lines(node)
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: file: expected a mapping of route fields, got {type(data).__name__}")
@@ -98,12 +116,32 @@ def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
         raise fail("source", "unknown field")
     data["source"] = label
     data = _expand(data, "", env, fail)
+    if isinstance(data.get("retry"), dict) and True in data["retry"]:
+        raise fail("retry.on", "write `when:` (YAML 1.1 reads a bare `on` as true)")
     try:
         route = msgspec.convert(data, RouteConfig)
     except msgspec.ValidationError as exc:
         field, reason, _ = invalid_field(exc)
         raise fail(field or "file", reason) from None
     return _check(route, path.parent, fail)
+
+
+def _read_yaml(path: Path) -> tuple[Any, Any]:
+    """The document and its node tree (for line numbers); `ConfigError` naming the file otherwise."""
+    label = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label}: cannot read: {exc}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{label}{where}: yaml: {problem}") from None
+    return data, node
 
 
 def load_dir(folder: Path | str, env: dict[str, str] | None = None) -> list[RouteConfig]:
@@ -195,6 +233,7 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
     for f in ("connect", "read", "write", "pool"):
         if getattr(t, f) <= 0:
             raise fail(f"timeout.{f}", "must be a positive number of seconds")
+    _check_resilience(r, fail)
     template = r.template
     if template not in BUILTIN:
         tpath = (folder / template) if not Path(template).is_absolute() else Path(template)
@@ -203,6 +242,125 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
             raise fail("template", f"neither {builtin} nor an existing file: {tpath}")
         template = str(tpath)
     return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template)
+
+
+def _check_resilience(r: RouteConfig, fail: Any) -> None:
+    """`limits`, `retry`, `health`: numbers that make sense (README "Gatekeeping and resilience")."""
+    if r.limits is not None:
+        _check_limits(r.limits.max_concurrent, r.limits.queue, r.limits.queue_timeout, "limits", fail)
+    if r.retry is not None:
+        if r.retry.attempts < 1:
+            raise fail("retry.attempts", "must be at least 1 (it counts the first try)")
+        if r.retry.max_wait < 0:
+            raise fail("retry.max_wait", "must be >= 0 seconds")
+        for i, w in enumerate(r.retry.when):
+            if isinstance(w, int) and not 400 <= w <= 599:
+                raise fail(f"retry.when[{i}]", f"{w} is not an HTTP error status (400-599), 'connect' or 'timeout'")
+    h = r.health
+    if h is not None:
+        if not h.path.startswith("/"):
+            raise fail("health.path", f"must start with '/', got {h.path!r}")
+        for f in ("interval", "timeout"):
+            if getattr(h, f) <= 0:
+                raise fail(f"health.{f}", "must be a positive number of seconds")
+        for f in ("unhealthy_after", "healthy_after"):
+            if getattr(h, f) < 1:
+                raise fail(f"health.{f}", "must be at least 1")
+
+
+def _check_limits(max_concurrent: int | None, queue: int, queue_timeout: float, field: str, fail: Any) -> None:
+    if max_concurrent is not None and max_concurrent < 1:
+        raise fail(f"{field}.max_concurrent", "must be at least 1")
+    if queue < 0:
+        raise fail(f"{field}.queue", "must be >= 0")
+    if queue_timeout <= 0:
+        raise fail(f"{field}.queue_timeout", "must be a positive number of seconds")
+
+
+# --- the keys file (`serve --keys FILE`) ------------------------------------------------------
+
+
+class KeyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One inbound API key. `name` is what logs and metrics show; `key` never appears anywhere."""
+
+    name: str
+    key: str
+    routes: tuple[str, ...] = ("*",)  # route-name globs
+    max_concurrent: int | None = None
+    queue: int = 0
+    queue_timeout: float = 30.0
+
+
+class KeysFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    keys: tuple[KeyConfig, ...]
+
+
+MAX_KEY_LENGTH = 512  # longer presented keys are refused before any comparison
+
+
+def load_keys(path: Path | str, env: dict[str, str] | None = None) -> tuple[KeyConfig, ...]:
+    """Read and validate a keys file: `FILE:LINE: keys[I].field: reason` on error."""
+    path = Path(path)
+    label = str(path)
+    data, node = _read_yaml(path)
+    lines = _all_lines(node)
+
+    def fail(field: str, reason: str) -> ConfigError:
+        probe = field
+        while probe and probe not in lines:  # the nearest enclosing place YAML knows a line for
+            probe = probe.rpartition(".")[0] if "." in probe else probe.rpartition("[")[0]
+        line = lines.get(probe)
+        return ConfigError(f"{label}{f':{line}' if line else ''}: {field}: {reason}")
+
+    if not isinstance(data, dict):
+        raise fail("file", f"expected a mapping with a `keys:` list, got {type(data).__name__}")
+    data = _expand(data, "", env, fail)
+    try:
+        parsed = msgspec.convert(data, KeysFile)
+    except msgspec.ValidationError as exc:
+        field, reason, _ = invalid_field(exc)
+        raise fail(field or "file", reason) from None
+    names: dict[str, int] = {}
+    secrets: dict[str, int] = {}
+    for i, k in enumerate(parsed.keys):
+        where = f"keys[{i}]"
+        if not k.name.strip():
+            raise fail(f"{where}.name", "must not be empty")
+        if k.name in names:
+            raise fail(f"{where}.name", f"{k.name!r} is already used by keys[{names[k.name]}]")
+        names[k.name] = i
+        if not k.key:
+            raise fail(f"{where}.key", "must not be empty (an unset variable expands to nothing)")
+        if k.key != k.key.strip() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in k.key):
+            raise fail(f"{where}.key", "must not contain white space or control characters")
+        if len(k.key.encode()) > MAX_KEY_LENGTH:
+            raise fail(f"{where}.key", f"longer than {MAX_KEY_LENGTH} bytes")
+        if k.key in secrets:  # the message never quotes the key itself
+            raise fail(f"{where}.key", f"the same key as keys[{secrets[k.key]}] ({parsed.keys[secrets[k.key]].name!r})")
+        secrets[k.key] = i
+        if not k.routes or any(not g for g in k.routes):
+            raise fail(f"{where}.routes", "must list route-name globs (leave it out for all routes)")
+        _check_limits(k.max_concurrent, k.queue, k.queue_timeout, where, fail)
+        if k.queue and k.max_concurrent is None:
+            raise fail(f"{where}.queue", "needs max_concurrent")
+    return parsed.keys
+
+
+def _all_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """Every mapping key and list item -> 1-based line: `keys[1].key` -> 7."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                field = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out[field] = k.start_mark.line + 1
+                out.update(_all_lines(v, field))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            field = f"{prefix}[{i}]"
+            out[field] = item.start_mark.line + 1
+            out.update(_all_lines(item, field))
+    return out
 
 
 def _key_lines(node: Any) -> dict[str, int]:

@@ -124,6 +124,48 @@ class InternalError(ProxyError):
     code = "internal_error"
 
 
+class Unauthorized(ProxyError):
+    """No key, or not one of the keys file's (OpenAI answers a wrong key the same way)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ProxyError):
+    """A valid key on a route its `routes:` globs do not name."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class Overloaded(ProxyError):
+    """A `limits:` queue was full, or the wait in it ran out. OpenAI's own 429 carries
+    type `requests` and code `rate_limit_exceeded`."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class NoHealthyUpstream(ProxyError):
+    """Every upstream of a route with `health:` is out: fail fast rather than wait on a dead one."""
+
+    status = 503
+    type = "upstream_error"
+    code = "no_healthy_upstream"
+    kind = "unreachable"
+
+
+class ClientLeftQueue(ProxyError):
+    """Only recorded (499), never sent: the client left while waiting for a slot."""
+
+    status = 499
+    type = "client_closed"
+    code = "client_left_queue"
+
+
 class UpstreamStatus(ProxyError):
     """The upstream answered non-2xx: same status; its OpenAI error passed on, anything else wrapped."""
 
@@ -159,6 +201,35 @@ def render(exc: ProxyError) -> bytes:
     if passthrough is not None:
         return passthrough
     return msgspec.json.encode(_Envelope(_Error(exc.message, exc.type, exc.param, exc.code)))
+
+
+# Anthropic's error `type` by status (https://docs.anthropic.com/en/api/errors; the SDK maps the
+# same statuses to its exception classes in anthropic-sdk-python src/anthropic/_client.py).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    500: "api_error", 529: "overloaded_error"}
+ANTHROPIC_ADAPTERS = frozenset({"messages-to-completions"})
+
+
+def anthropic_shape(route: Route | None) -> bool:
+    """Whether errors of `route` are answered in Anthropic's shape (its clients parse only that)."""
+    return route is not None and route.config.adapter in ANTHROPIC_ADAPTERS
+
+
+class _AnthropicError(msgspec.Struct):
+    type: str
+    message: str
+
+
+class _AnthropicEnvelope(msgspec.Struct):
+    error: _AnthropicError
+    type: str = "error"
+
+
+def render_anthropic(exc: ProxyError) -> bytes:
+    """`{"type": "error", "error": {"type", "message"}}`, as the Anthropic API answers errors."""
+    kind = _ANTHROPIC_TYPES.get(exc.status) or ("api_error" if exc.status >= 500 else "invalid_request_error")
+    return msgspec.json.encode(_AnthropicEnvelope(_AnthropicError(kind, exc.message)))
 
 
 def sse_event(exc: ProxyError) -> bytes:

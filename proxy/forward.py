@@ -20,6 +20,7 @@ from .errors import ProxyError, UpstreamStatus
 
 if TYPE_CHECKING:
     from .adapters import Call
+    from .retry import RetryPolicy
     from .routes import Route
     from .upstreams import Upstream
 
@@ -36,8 +37,10 @@ _ADAPTER_DROPS = frozenset({b"accept-encoding"})
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
-def prepare(route: Route, scope: dict[str, Any], body: bytes) -> Exchange:
-    """Turn a matched request into an `Exchange`. Raises `ProxyError` for bad input."""
+def prepare(route: Route, scope: dict[str, Any], body: bytes, strip: frozenset[bytes] = frozenset()) -> Exchange:
+    """Turn a matched request into an `Exchange`. Raises `ProxyError` for bad input.
+
+    `strip`: client headers never forwarded (the inbound API key, when keys are on)."""
     call = route.adapter.request(body)
     client_headers = scope["headers"]
     rid = headers.request_id(client_headers)
@@ -48,7 +51,7 @@ def prepare(route: Route, scope: dict[str, Any], body: bytes) -> Exchange:
         rid=rid,
         client_ip=client[0] if client else None,
         scheme=scope.get("scheme", "http"),
-        drop=_ADAPTER_DROPS if call.translates else frozenset(),
+        drop=(_ADAPTER_DROPS | strip if strip else _ADAPTER_DROPS) if call.translates else strip,
     )
     if call.translates:
         out.append((b"accept-encoding", b"identity"))
@@ -174,8 +177,11 @@ class Exchange:
         """Send upstream, moved on to the route's next upstream while connecting fails.
 
         Only a failed connect moves on: nothing was sent, so even a POST is safe to
-        repeat. The last failure is raised when every upstream was tried.
+        repeat. The last failure is raised when every upstream was tried. A route
+        with `retry:` goes through `_send_retrying` instead.
         """
+        if self.route.retry is not None:
+            return await self._send_retrying(client)
         pool = self.route.pool
         tried: list[Upstream] = []
         while True:
@@ -193,11 +199,80 @@ class Exchange:
                 nxt = pool.next_after(tried)
                 if nxt is None:
                     raise
-                self.upstream = nxt
-                self.url = nxt.target(self.query)
+                self._move(nxt)
                 continue
             pool.succeeded(self.upstream)
             return response
+
+    async def _send_retrying(self, client: aiohttp.ClientSession) -> aiohttp.ClientResponse:
+        """`retry:`: send again, to the next upstream at once or to the same one after its
+        `Retry-After`, while the answer is one the route lists and no byte went to the client
+        (this runs before the response head is relayed). The last try's answer or failure is
+        the client's."""
+        route = self.route
+        policy = route.retry
+        assert policy is not None
+        pool = route.pool
+        tried: list[Upstream] = []
+        attempt = 1
+        while True:
+            retry_after: str | None = None
+            try:
+                response = await client.request(
+                    self.method, self.url, headers=self.headers, data=self.call.body or None,
+                    allow_redirects=False, timeout=route.client_timeout,
+                )  # fmt: skip
+            except UPSTREAM_ERRORS as exc:
+                connect = errors.connect_failure(exc)
+                if connect is not None:
+                    pool.failed(self.upstream, connect)
+                    why = "connect" if policy.connect else None
+                else:
+                    why = "timeout" if policy.timeout and isinstance(exc, TimeoutError) else None
+                if why is None or attempt >= policy.attempts or not await self._again(tried, why, None, policy):
+                    raise
+                attempt += 1
+                continue
+            pool.succeeded(self.upstream)
+            status = response.status
+            if status < 400 or status not in policy.statuses or attempt >= policy.attempts:
+                return response
+            if not await self._again(tried, str(status), response.headers.get("retry-after"), policy, response):
+                return response  # too long a wait asked: this answer is the client's
+            attempt += 1
+
+    async def _again(self, tried: list[Upstream], why: str, retry_after: str | None, policy: RetryPolicy,
+                     response: aiohttp.ClientResponse | None = None) -> bool:  # fmt: skip
+        """Pick the next try's upstream and wait as asked; False when no retry is allowed."""
+        tried.append(self.upstream)
+        nxt = self.route.pool.next_after(tried)
+        if nxt is None:  # every upstream tried: the same one again, after its Retry-After
+            nxt = self.upstream
+            tried.clear()
+        wait = policy.wait_for(retry_after, same_upstream=nxt is self.upstream)
+        if wait is None:
+            return False
+        if response is not None:  # read the small error body, so the connection can be reused
+            try:
+                await _read_capped(response)
+            finally:
+                if response.content.at_eof():
+                    response.release()
+                else:
+                    response.close()
+        log.warning(
+            "retrying route %r on %s after %s from %s%s", self.route.name, nxt.label, why, self.upstream.label,
+            f" (waiting {wait:g} s)" if wait else "",
+        )
+        observe.retried(self.route.name, why)
+        if wait:
+            await asyncio.sleep(wait)
+        self._move(nxt)
+        return True
+
+    def _move(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.url = upstream.target(self.query)
 
     async def _watch(self, receive: Any, task: asyncio.Task[Any] | None) -> None:
         # The body has been read, so the next message is the client leaving (or, once the
@@ -236,9 +311,10 @@ class Exchange:
             await self._fail(send, err)
 
 
-async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None) -> None:
-    """A complete OpenAI-shaped error response (only before the start line was sent)."""
-    body = errors.render(exc)
+async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None, anthropic: bool = False) -> None:
+    """A complete OpenAI-shaped (or, for Anthropic clients, Anthropic-shaped) error response
+    (only before the start line was sent)."""
+    body = errors.render_anthropic(exc) if anthropic else errors.render(exc)
     hdrs = _JSON + [(b"content-length", str(len(body)).encode())]
     if rid is not None:
         hdrs.append((b"x-request-id", rid))

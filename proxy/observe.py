@@ -89,6 +89,33 @@ completion_tokens = Counter(
     "llmproxy_completion_tokens", "Completion tokens the upstream reported in `usage`.", ["route", "model"]
 )
 
+# Gatekeeping and resilience (README "Gatekeeping and resilience"). `kind` is `route` or `key`,
+# `name` the route or key name (never the key itself).
+limit_in_flight = Gauge(
+    "llmproxy_limit_in_flight", "Requests holding a `limits` / `max_concurrent` slot.", ["kind", "name"],
+    multiprocess_mode="livesum",
+)
+limit_queued = Gauge(
+    "llmproxy_limit_queued", "Requests waiting in a limit's queue.", ["kind", "name"], multiprocess_mode="livesum"
+)
+limit_wait = Histogram(
+    "llmproxy_limit_queue_wait_seconds", "Time spent waiting in a limit's queue (served or not).", ["kind", "name"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+limit_rejections = Counter(
+    "llmproxy_limit_rejections", "Requests answered 429 by a limit: queue_full or queue_timeout.",
+    ["kind", "name", "reason"],
+)
+retries = Counter("llmproxy_retries", "Upstream requests sent again, by the reason (status, connect, timeout).",
+                  ["route", "reason"])
+upstream_up = Gauge(
+    "llmproxy_upstream_up", "1 while the upstream takes requests, 0 while it is skipped as down.", ["route", "upstream"],
+    multiprocess_mode="livemin",
+)
+key_requests = Counter("llmproxy_key_requests", "Requests by the key name that made them, and status.", ["key", "status"])
+auth_failures = Counter("llmproxy_auth_failures", "Requests refused by the keys file: 401 or 403.", ["status"])
+keys_reloads = Counter("llmproxy_keys_reloads", "Keys file reloads, by result (ok, failed).", ["result"])
+
 
 class _Children:
     """`metric.labels(...)` validates, stringifies and locks on every call; cache the children."""
@@ -114,6 +141,8 @@ _upstream_errors = _Children(upstream_errors)
 _disconnects = _Children(disconnects)
 _prompt_tokens = _Children(prompt_tokens)
 _completion_tokens = _Children(completion_tokens)
+_key_requests = _Children(key_requests)
+limit_children = (_Children(limit_in_flight), _Children(limit_queued), _Children(limit_wait), _Children(limit_rejections))
 
 
 class RequestRecord(msgspec.Struct, tag_field="event", tag="access"):
@@ -137,6 +166,7 @@ class RequestRecord(msgspec.Struct, tag_field="event", tag="access"):
     completion_tokens: int | None = None
     client: str | None = None
     user_agent: str | None = None
+    key: str | None = None  # the keys file entry's name, never the key
 
 
 _METER = "llmproxy.meter"
@@ -254,12 +284,28 @@ def record(rec: RequestRecord, *, model: str = OTHER, kind: str | None = None) -
         _prompt_tokens(route, model).inc(rec.prompt_tokens)
     if rec.completion_tokens:
         _completion_tokens(route, model).inc(rec.completion_tokens)
+    if rec.key is not None:
+        _key_requests(rec.key, rec.status).inc()
+    if rec.status in (401, 403):
+        auth_failures.labels(status=str(rec.status)).inc()
     access_log.info(rec)
 
 
 def reloaded(ok: bool) -> None:
     """Count a route-table reload (`llmproxy_reloads_total{result}`)."""
     reloads.labels(result="ok" if ok else "failed").inc()
+
+
+def keys_reloaded(ok: bool) -> None:
+    keys_reloads.labels(result="ok" if ok else "failed").inc()
+
+
+def retried(route: str, reason: str) -> None:
+    retries.labels(route=route, reason=reason).inc()
+
+
+def upstream_state(route: str, upstream: str, up: bool) -> None:
+    upstream_up.labels(route=route, upstream=upstream).set(1 if up else 0)
 
 
 def model_label(route: Route, model: str | None) -> str:
@@ -333,7 +379,13 @@ def _record(
         completion_tokens=usage[1] if usage else None,
         client=client[0] if client else None,
         user_agent=ua,
+        key=_caller_name(scope),
     )
+
+
+def _caller_name(scope: dict[str, Any]) -> str | None:
+    caller = scope.get("llmproxy.caller")  # keys.SCOPE_KEY, set by the gate when keys are on
+    return caller.name if caller is not None else None
 
 
 def _path(scope: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -51,6 +51,34 @@ def fingerprint(folder: Path) -> bytes:
         h.update(b"%d:%s\0%d:" % (len(name), name.encode(), len(data)))
         h.update(data)
     return h.digest()
+
+
+async def watch_folder(folder: Path, check: Callable[[], object], stop: anyio.Event, poll: float = POLL_INTERVAL) -> None:
+    """Call `check()` on every change in `folder`, and at least every `poll` seconds, until `stop`.
+
+    `check` compares content itself (a fingerprint): events only wake it early, and
+    `yield_on_timeout` turns the silence into the periodic check.
+    """
+    from watchfiles import awatch
+
+    try:
+        async for _ in awatch(
+            folder,
+            watch_filter=None,
+            debounce=300,
+            step=30,
+            rust_timeout=max(1, int(poll * 1000)),
+            yield_on_timeout=True,
+            recursive=False,
+            stop_event=stop,
+        ):
+            check()
+    except (OSError, RuntimeError) as exc:  # no inotify, the folder replaced, too many watches
+        log.warning("cannot watch %s (%s); checking it every %gs instead", folder, exc, poll)
+    while not stop.is_set():
+        with anyio.move_on_after(poll):
+            await stop.wait()
+        check()
 
 
 class TableHolder:
@@ -97,30 +125,10 @@ class TableHolder:
 
     async def watch(self, poll: float = POLL_INTERVAL) -> None:
         """Reload on every change until cancelled (or `stop()`)."""
-        from watchfiles import awatch
-
         assert self.folder is not None, "watch() needs the routes folder"
         self._stop = stop = anyio.Event()
         self.reload()  # edits made between `load()` and now
-        try:
-            # Events only wake us early; `yield_on_timeout` turns the silence into the periodic check.
-            async for _ in awatch(
-                self.folder,
-                watch_filter=None,
-                debounce=300,
-                step=30,
-                rust_timeout=max(1, int(poll * 1000)),
-                yield_on_timeout=True,
-                recursive=False,
-                stop_event=stop,
-            ):
-                self.reload()
-        except (OSError, RuntimeError) as exc:  # no inotify, the folder replaced, too many watches
-            log.warning("cannot watch %s (%s); checking it every %gs instead", self.folder, exc, poll)
-        while not stop.is_set():
-            with anyio.move_on_after(poll):
-                await stop.wait()
-            self.reload()
+        await watch_folder(self.folder, self.reload, stop, poll)
 
     def stop(self) -> None:
         """End `watch()` promptly: the watcher thread checks this event every few ms, while

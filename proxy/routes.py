@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase, translate
 from pathlib import Path
 
@@ -16,8 +16,9 @@ import msgspec
 
 from .adapters import Adapter, make_adapter
 from .config import RouteConfig, load_dir
-from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body
+from .errors import MethodNotAllowed, ModelNotFound, NotFound, anthropic_shape, bad_body
 from .headers import Headers, normalize
+from .retry import RetryPolicy
 from .transport import route_timeout
 from .upstreams import Pool
 
@@ -45,14 +46,17 @@ class _ModelList(msgspec.Struct):
 class Route:
     """A route file compiled for the hot path."""
 
-    __slots__ = ("config", "name", "adapter", "upstreams", "pool", "defaults", "timeout", "client_timeout", "models", "_match")
+    __slots__ = ("config", "name", "adapter", "upstreams", "pool", "defaults", "timeout", "client_timeout", "models",
+                 "limits", "retry", "_match")  # fmt: skip
 
     def __init__(self, config: RouteConfig) -> None:
         self.config = config
         self.name = config.name
         self.adapter: Adapter = make_adapter(config)
         self.upstreams = config.upstreams
-        self.pool = Pool(config.name, config.upstreams)
+        self.pool = Pool(config.name, config.upstreams, config.health)
+        self.limits = config.limits  # None: the gate takes no slot (one attribute test per request)
+        self.retry = RetryPolicy(config.retry) if config.retry is not None else None
         self.defaults: Headers = normalize(config.default_headers)
         t = config.timeout
         self.timeout = {"connect": t.connect, "read": t.read, "write": t.write, "pool": t.pool}
@@ -96,7 +100,7 @@ class RouteTable:
     Routes are kept in file-name order, and the first route whose `models` match wins.
     """
 
-    __slots__ = ("routes", "created", "models_json", "_by_path", "_allowed")
+    __slots__ = ("routes", "created", "models_json", "anthropic_paths", "_by_path", "_allowed")
 
     def __init__(self, configs: Sequence[RouteConfig]) -> None:
         self.routes = tuple(Route(c) for c in configs)
@@ -110,6 +114,8 @@ class RouteTable:
         }
         self._allowed = {path: ", ".join(sorted(choices)) for path, choices in self._by_path.items()}
         self.models_json = self._models_json()
+        # Paths whose errors before routing (401, 404...) take Anthropic's shape.
+        self.anthropic_paths = frozenset(r.config.path for r in self.routes if anthropic_shape(r))
 
     @classmethod
     def from_dir(cls, folder: Path | str) -> RouteTable:
@@ -144,7 +150,11 @@ class RouteTable:
         asked = f"model {model!r} is not served" if model is not None else "the request names no model"
         raise ModelNotFound(f"{asked} at {path}; available: {served}", param="model")
 
-    def _models_json(self) -> bytes:
+    def models_json_for(self, may_use: Callable[[str], bool]) -> bytes:
+        """`GET /v1/models` as a key sees it: only models of routes it may use."""
+        return self._models_json(may_use)
+
+    def _models_json(self, may_use: Callable[[str], bool] | None = None) -> bytes:
         """`GET /v1/models`: every declared model (glob) once, owned by the route that wins it.
 
         A fallback route (no `models`) answers any name, so it is listed under its route
@@ -153,6 +163,8 @@ class RouteTable:
         """
         seen: dict[str, _ModelEntry] = {}
         for r in self.routes:
+            if may_use is not None and not may_use(r.name):
+                continue
             for g in r.models or (r.name,):
                 if g not in seen:
                     seen[g] = _ModelEntry(id=g, owned_by=r.name, created=self.created)
