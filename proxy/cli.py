@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError
 
 if TYPE_CHECKING:
+    from .config import KeyConfig
     from .routes import RouteTable
 
 EXIT_CONFIG = 2
@@ -42,12 +43,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: info (access lines are info: 'warning' silences them)")
     s.add_argument("--log-format", default="json", choices=["json", "text"],
                    help="json: one object per line (default); text: for a terminal")
+    s.add_argument("--keys", default=os.environ.get("LLMPROXY_KEYS") or None, metavar="FILE",
+                   help="require an API key from this YAML file on every proxied request and /v1/models "
+                   "(default: $LLMPROXY_KEYS; watched and reloaded on its own)")
+    s.add_argument("--cors-origins", default=os.environ.get("LLMPROXY_CORS_ORIGINS") or None, metavar="ORIGINS",
+                   help='answer browsers from these origins: "https://a.example,https://b.example" or "*" '
+                   "(default: $LLMPROXY_CORS_ORIGINS; off)")
 
     c = sub.add_parser("check", help="validate the routes and print the table",
                        description="Exit 0 when every route file is valid (warnings included), 2 otherwise.")
     c.add_argument("--routes", default=default_routes, help=routes_help)
     c.add_argument("--probe", action="store_true",
                    help="also try a TCP connect to every upstream and print up/down (off by default: check stays offline)")
+    c.add_argument("--keys", default=os.environ.get("LLMPROXY_KEYS") or None, metavar="FILE",
+                   help="also validate this keys file (default: $LLMPROXY_KEYS)")
 
     m = sub.add_parser("mock-upstream", help="run a development legacy-completions server",
                        description="A deterministic OpenAI legacy /v1/completions server (stream and non-stream) for demos and tests.")
@@ -65,16 +74,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .routes import RouteTable
 
+    from .config import load_keys
+
     try:
         table = RouteTable.from_dir(args.routes)
+        keys = load_keys(args.keys) if args.keys else None
     except ConfigError as exc:
         print(f"llmproxy: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
         health = probe(table) if args.probe else None
         print(format_table(table, health))
+        if keys is not None:
+            print(format_keys(args.keys, keys, table))
         return 0
     return _serve(args)
+
+
+def format_keys(path: str, keys: tuple[KeyConfig, ...], table: RouteTable) -> str:
+    """The keys file as `check --keys` prints it: names, routes, limits; never a key."""
+    from fnmatch import fnmatchcase
+
+    lines = []
+    for k in keys:
+        routes = "all routes" if k.routes == ("*",) else ", ".join(k.routes)
+        limit = f", max_concurrent {k.max_concurrent}" if k.max_concurrent is not None else ""
+        lines.append(f"key {k.name}: {routes}{limit}")
+        for g in k.routes:
+            if not any(fnmatchcase(r.name, g) for r in table.routes):
+                lines.append(f"warning: {path}: key {k.name!r}: routes: {g!r} matches no route of the table")
+    lines.append(f"{len(keys)} key(s) OK in {path}")
+    return "\n".join(lines)
 
 
 def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str:
@@ -140,6 +170,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     os.environ["LLMPROXY_ROUTES"] = args.routes
     os.environ["LLMPROXY_MAX_BODY"] = str(args.max_body_size)
+    if args.keys:
+        os.environ["LLMPROXY_KEYS"] = str(Path(args.keys).resolve())  # workers may not share the cwd's view
+    if args.cors_origins:
+        os.environ["LLMPROXY_CORS_ORIGINS"] = args.cors_origins
     if args.reload:
         os.environ["LLMPROXY_RELOAD"] = "1"
     if args.grace_period < 0:
@@ -154,6 +188,11 @@ def _serve(args: argparse.Namespace) -> int:
     if os.environ.get(observe.MULTIPROC_ENV):
         logging.getLogger("llmproxy").info(
             "metrics of %d worker(s) are summed through %s", args.workers, os.environ[observe.MULTIPROC_ENV]
+        )
+    if not args.keys and not is_loopback(args.host):
+        logging.getLogger("llmproxy").warning(
+            "serving on %s without --keys: anyone who reaches this address uses the upstreams with the routes' "
+            "default_headers credentials; give a keys file (README \"API keys\")", args.host,
         )
     signal.signal(signal.SIGTERM, _stopped)
     try:
@@ -174,6 +213,18 @@ def _serve(args: argparse.Namespace) -> int:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `--host` only accepts connections from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _stopped(signum: int, frame: object) -> None:
