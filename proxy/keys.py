@@ -23,8 +23,8 @@ import anyio
 
 from . import observe
 from .config import MAX_KEY_LENGTH, KeyConfig, load_keys
-from .errors import ConfigError, Forbidden, Unauthorized
-from .reload import POLL_INTERVAL, watch_folder
+from .errors import Forbidden, Unauthorized
+from .reload import POLL_INTERVAL, rebuild, watch_folder
 
 log = logging.getLogger("llmproxy.keys")
 
@@ -136,18 +136,11 @@ class KeysHolder:
         if snapshot == self.snapshot:
             return False
         self.snapshot = snapshot  # a broken file is reported once, not on every check
-        try:
-            keyring = Keyring(load_keys(self.path))
-        except ConfigError as exc:
-            log.error("keys not reloaded, the previous keys stay in service: %s", exc)
-            observe.keys_reloaded(False)
-            return False
-        except Exception:  # a bug must not end the watcher
-            log.exception("keys not reloaded, the previous keys stay in service: unexpected error")
-            observe.keys_reloaded(False)
+        keyring = rebuild(lambda p: Keyring(load_keys(p)), self.path,
+                          "keys not reloaded, the previous keys stay in service", observe.keys_reloaded)
+        if keyring is None:
             return False
         self.current = keyring
-        observe.keys_reloaded(True)
         log.info("keys reloaded from %s: %d key(s)", self.path, len(keyring.callers))
         return True
 

@@ -16,6 +16,7 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 
@@ -24,6 +25,8 @@ from .errors import ConfigError
 from .routes import RouteTable
 
 log = logging.getLogger("llmproxy.reload")
+
+T = TypeVar("T")
 
 POLL_INTERVAL = 1.0  # seconds between fingerprint checks when no event arrives
 
@@ -81,6 +84,23 @@ async def watch_folder(folder: Path, check: Callable[[], object], stop: anyio.Ev
         check()
 
 
+def rebuild(build: Callable[[Path], T], source: Path, failed: str, count: Callable[[bool], None]) -> T | None:
+    """`build(source)`, or None after logging `failed: reason` (a bad file, or a bug: neither may
+    end the watcher, nor the app with it); `count` tallies the result."""
+    try:
+        built = build(source)
+    except ConfigError as exc:
+        log.error("%s: %s", failed, exc)
+        count(False)
+        return None
+    except Exception:
+        log.exception("%s: unexpected error", failed)
+        count(False)
+        return None
+    count(True)
+    return built
+
+
 class TableHolder:
     """`current` is read once per request; a request keeps the table it started with."""
 
@@ -108,18 +128,11 @@ class TableHolder:
             return False
         # Taken even when the build fails: a broken file is reported once, not on every check.
         self.snapshot = snapshot
-        try:
-            table = RouteTable.from_dir(self.folder)
-        except ConfigError as exc:
-            log.error("routes not reloaded, the previous table stays in service: %s", exc)
-            observe.reloaded(False)
-            return False
-        except Exception:  # a bug must not end the watcher, nor the app with it
-            log.exception("routes not reloaded, the previous table stays in service: unexpected error")
-            observe.reloaded(False)
+        table = rebuild(RouteTable.from_dir, self.folder, "routes not reloaded, the previous table stays in service",
+                        observe.reloaded)
+        if table is None:
             return False
         self.current = table
-        observe.reloaded(True)
         log.info("routes reloaded from %s: %d route(s) on %d path(s)", self.folder, len(table.routes), len(table.paths))
         return True
 

@@ -3,13 +3,10 @@ header on every answer to an allowed origin (errors and streams included), nothi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import pytest
 
 from proxy.cors import Cors
-from proxy.keys import KeysHolder
 
 ORIGIN = "https://chat.example"
 KEY = "sk-browser-123456"
@@ -19,14 +16,8 @@ PREFLIGHT = {"origin": ORIGIN, "access-control-request-method": "POST",
 
 
 @pytest.fixture
-def base(routes_dir, upstream, proxy_for, tmp_path: Path) -> str:
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(f"keys:\n  - name: web\n    key: {KEY}\n")
-    folder = routes_dir(r=f"""
-        path: /v1/completions
-        upstream: {upstream.url}/v1/completions
-    """)
-    return proxy_for(folder, keys=KeysHolder.load(keys), cors=Cors.parse(f"{ORIGIN}, https://other.example"))
+def base(completions_route, keys_for, proxy_for) -> str:
+    return proxy_for(completions_route, keys=keys_for(web=KEY), cors=Cors.parse(f"{ORIGIN}, https://other.example"))
 
 
 def test_a_preflight_from_an_allowed_origin_is_answered_without_a_key(base, upstream):
@@ -67,11 +58,8 @@ def test_other_origins_get_nothing_and_their_preflight_is_an_ordinary_request(ba
     assert len(upstream.requests) == 1
 
 
-def test_a_star_allows_any_origin_and_cors_is_off_by_default(routes_dir, upstream, proxy_for):
-    folder = routes_dir(r=f"""
-        path: /v1/completions
-        upstream: {upstream.url}/v1/completions
-    """)
+def test_a_star_allows_any_origin_and_cors_is_off_by_default(completions_route, proxy_for):
+    folder = completions_route
     star = proxy_for(folder, cors=Cors.parse("*"))
     r = httpx.options(f"{star}/v1/completions", headers={**PREFLIGHT, "origin": "https://any.example"})
     assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "*"

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
-
 import pytest
 
-from proxy.keys import KeysHolder
 
 KEY = "sk-gate-0123456789"
 BODY = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 3}).encode()
@@ -33,14 +30,8 @@ def raw(base: str, head: str, body: bytes = BODY) -> tuple[int, bytes]:
 
 
 @pytest.fixture
-def gate(routes_dir, upstream, proxy_for, tmp_path: Path) -> str:
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(f"keys:\n  - name: k\n    key: {KEY}\n")
-    folder = routes_dir(r=f"""
-        path: /v1/completions
-        upstream: {upstream.url}/v1/completions
-    """)
-    return proxy_for(folder, keys=KeysHolder.load(keys))
+def gate(completions_route, keys_for, proxy_for) -> str:
+    return proxy_for(completions_route, keys=keys_for(k=KEY))
 
 
 TARGETS = [

@@ -131,13 +131,10 @@ def test_the_round_robin_turn_resumes_after_the_upstream_picked():
     assert picks.count(c) == picks.count(d) == 4
 
 
-def test_health_is_validated(routes_dir, upstream):
+def test_health_is_validated(completions_route, upstream):
     from proxy.errors import ConfigError
 
-    folder = routes_dir(r=f"""
-        path: /v1/completions
-        upstream: {upstream.url}/v1/completions
-        health: {{path: health}}
-    """)
-    with pytest.raises(ConfigError, match=r"r.yaml:4: health.path: must start with '/'"):
+    folder = completions_route
+    (folder / "r.yaml").write_text(f"path: /v1/completions\nupstream: {upstream.url}\nhealth: {{path: health}}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:3: health.path: must start with '/'"):
         RouteTable.from_dir(folder)

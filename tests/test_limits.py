@@ -117,13 +117,10 @@ def test_a_stream_holds_its_slot_until_its_last_byte(limited, upstream):
         assert c.post(url, json=BODY).status_code == 200  # the slot came back with the stream's end
 
 
-def test_a_keys_max_concurrent_limits_that_key_only(routes_dir, upstream, proxy_for, tmp_path: Path):
+def test_a_keys_max_concurrent_limits_that_key_only(completions_route, proxy_for, tmp_path: Path):
     keys = tmp_path / "keys.yaml"
     keys.write_text("keys:\n  - name: alice\n    key: sk-alice-1\n    max_concurrent: 1\n  - name: ci\n    key: sk-ci-1\n")
-    base = proxy_for(routes_dir(r=f"""
-        path: /v1/completions
-        upstream: {upstream.url}/v1/completions
-    """), keys=KeysHolder.load(keys))
+    base = proxy_for(completions_route, keys=KeysHolder.load(keys))
     url = f"{base}/v1/completions"
 
     async def run() -> list[httpx.Response]:
@@ -144,14 +141,11 @@ def test_a_keys_max_concurrent_limits_that_key_only(routes_dir, upstream, proxy_
     assert 'llmproxy_limit_rejections_total{kind="key",name="alice",reason="queue_full"}' in metrics
 
 
-def test_limits_are_validated_like_any_route_field(routes_dir, upstream):
+def test_limits_are_validated_like_any_route_field(completions_route, upstream):
     from proxy.errors import ConfigError
     from proxy.routes import RouteTable
 
-    folder = routes_dir(r=f"""
-        path: /v1/completions
-        upstream: {upstream.url}/v1/completions
-        limits: {{max_concurrent: 0}}
-    """)
-    with pytest.raises(ConfigError, match=r"r.yaml:4: limits.max_concurrent: must be at least 1"):
+    folder = completions_route
+    (folder / "r.yaml").write_text(f"path: /v1/completions\nupstream: {upstream.url}\nlimits: {{max_concurrent: 0}}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:3: limits.max_concurrent: must be at least 1"):
         RouteTable.from_dir(folder)
