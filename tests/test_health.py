@@ -138,3 +138,25 @@ def test_health_is_validated(completions_route, upstream):
     (folder / "r.yaml").write_text(f"path: /v1/completions\nupstream: {upstream.url}\nhealth: {{path: health}}\n")
     with pytest.raises(ConfigError, match=r"r.yaml:3: health.path: must start with '/'"):
         RouteTable.from_dir(folder)
+
+
+def test_a_route_edit_keeps_what_the_checks_learned(routes_dir):
+    import math
+
+    from proxy.health import Monitor
+    from proxy.reload import TableHolder
+
+    text = "path: /v1/completions\nupstream: [http://127.0.0.1:9/a, http://127.0.0.1:9/b]\nhealth: {unhealthy_after: 1}\n"
+    folder = routes_dir()
+    (folder / "r.yaml").write_text(text)
+    holder = TableHolder.load(folder)
+    monitor = Monitor(holder)
+    monitor._adopt(holder.current)
+    pool = holder.current.routes[0].pool
+    pool.checked(pool.members[0], False, "refused")
+    (folder / "r.yaml").write_text(text + "timeout: {read: 30}\n")
+    assert holder.reload()
+    monitor._adopt(holder.current)
+    a, b = holder.current.routes[0].pool.members
+    assert a.down_until == math.inf and a.reason == "refused"  # still out: no fresh chance per edit
+    assert b.down_until == 0.0

@@ -149,3 +149,35 @@ def test_limits_are_validated_like_any_route_field(completions_route, upstream):
     (folder / "r.yaml").write_text(f"path: /v1/completions\nupstream: {upstream.url}\nlimits: {{max_concurrent: 0}}\n")
     with pytest.raises(ConfigError, match=r"r.yaml:3: limits.max_concurrent: must be at least 1"):
         RouteTable.from_dir(folder)
+
+
+def test_the_queue_is_first_in_first_out_and_a_raised_limit_admits_waiters_at_once():
+    from proxy.limits import Limiter
+
+    async def never() -> dict[str, str]:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def run() -> list[str]:
+        lim = Limiter("route", "unit-fifo", 1, 3, 10)
+        order: list[str] = []
+        assert await lim.acquire(never)
+
+        async def wait(name: str) -> None:
+            assert await lim.acquire(never)
+            order.append(name)
+
+        tasks = []
+        for name in ("b", "c", "d"):
+            tasks.append(asyncio.ensure_future(wait(name)))
+            await asyncio.sleep(0.01)  # queued in this order
+        assert lim.try_acquire() is False  # no overtaking the queue
+        lim.release()
+        await asyncio.sleep(0.01)
+        assert order == ["b"]
+        lim.configure(3, 3, 10)  # a reload raised the limit: both remaining waiters go now
+        await asyncio.gather(*tasks)
+        assert order == ["b", "c", "d"] and lim.active == 3
+        return order
+
+    asyncio.run(run())
