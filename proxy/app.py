@@ -152,7 +152,7 @@ class Gateway:
         route: Route | None = None
         try:
             if self.keys is not None:  # before the body: an unknown client costs no read
-                caller = scope[SCOPE_KEY] = self.keys.current.authenticate(scope["headers"])
+                caller = scope[SCOPE_KEY] = self.keys.current.authenticate(scope["headers"], scope["query_string"])
             body = await read_body(scope, receive, self.max_body_size)
             if body is None:
                 return  # the client left while sending

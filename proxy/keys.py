@@ -18,12 +18,13 @@ import os
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 import anyio
 
 from . import observe
 from .config import MAX_KEY_LENGTH, KeyConfig, load_keys
-from .errors import Forbidden, Unauthorized
+from .errors import BadRequest, Forbidden, Unauthorized
 from .reload import POLL_INTERVAL, rebuild, watch_folder
 
 log = logging.getLogger("llmproxy.keys")
@@ -69,12 +70,13 @@ class Keyring:
     def _digest(self, key: bytes) -> bytes:
         return hmac.new(self._salt, key, hashlib.sha256).digest()
 
-    def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> Caller:
+    def authenticate(self, headers: Iterable[tuple[bytes, bytes]], query: bytes = b"") -> Caller:
         """The caller whose key the request carries; `Unauthorized` otherwise.
 
         Accepted: `Authorization: Bearer KEY` (OpenAI clients) or `x-api-key: KEY` (Anthropic
         clients), white space around KEY ignored. Several credential headers must all carry
-        the same key: two different ones are refused rather than guessed between.
+        the same key: two different ones are refused rather than guessed between. A query
+        string (forwarded upstream as it is) that repeats the key is refused with 400.
         """
         given: set[bytes] = set()
         for name, value in headers:
@@ -100,6 +102,9 @@ class Keyring:
                 found = caller
         if found is None:
             raise Unauthorized("invalid API key")
+        if query and token in unquote_to_bytes(query.replace(b"+", b" ")):
+            raise BadRequest("the API key is also in the query string, which is forwarded upstream; "
+                             "send it only in a header", code="api_key_in_query")
         return found
 
 

@@ -99,4 +99,6 @@ def test_with_a_key_each_variant_is_refused_or_served_as_the_plain_request(gate,
         assert plain_status == 200
     else:
         assert status in (400, 404, 405), (target, trick, status, body[:200])
+        if "?api_key=" in target and not target.startswith("/v1/models"):
+            assert b"api_key_in_query" in body  # the key would have gone upstream in the query
         assert len(upstream.requests) == before
