@@ -153,7 +153,9 @@ class KeysHolder:
         assert self.path is not None, "watch() needs the keys file"
         self._stop = stop = anyio.Event()
         self.reload()
-        await watch_folder(self.path.parent, self.reload, stop, poll)
+        name = self.path.name
+        # The file itself, and the `..data` link a Secret/ConfigMap volume swaps to update it.
+        await watch_folder(self.path.parent, self.reload, stop, poll, only=lambda n: n == name or n.startswith(".."))
 
     def stop(self) -> None:
         if self._stop is not None:

@@ -56,18 +56,20 @@ def fingerprint(folder: Path) -> bytes:
     return h.digest()
 
 
-async def watch_folder(folder: Path, check: Callable[[], object], stop: anyio.Event, poll: float = POLL_INTERVAL) -> None:
+async def watch_folder(folder: Path, check: Callable[[], object], stop: anyio.Event, poll: float = POLL_INTERVAL,
+                       only: Callable[[str], bool] | None = None) -> None:  # fmt: skip
     """Call `check()` on every change in `folder`, and at least every `poll` seconds, until `stop`.
 
     `check` compares content itself (a fingerprint): events only wake it early, and
-    `yield_on_timeout` turns the silence into the periodic check.
+    `yield_on_timeout` turns the silence into the periodic check. `only(name)` picks the
+    file names whose events count (a keys file may share its folder with a busy log).
     """
     from watchfiles import awatch
 
     try:
         async for _ in awatch(
             folder,
-            watch_filter=None,
+            watch_filter=None if only is None else (lambda _change, path: only(os.path.basename(path))),
             debounce=300,
             step=30,
             rust_timeout=max(1, int(poll * 1000)),
