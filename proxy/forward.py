@@ -216,7 +216,6 @@ class Exchange:
         tried: list[Upstream] = []
         attempt = 1
         while True:
-            retry_after: str | None = None
             try:
                 response = await client.request(
                     self.method, self.url, headers=self.headers, data=self.call.body or None,
