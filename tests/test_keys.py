@@ -244,3 +244,23 @@ def test_errors_on_an_anthropic_route_take_anthropics_shape(two_routes, keys_fil
 def test_serving_beyond_loopback_without_keys_is_warned_about():
     assert cli.is_loopback("127.0.0.1") and cli.is_loopback("::1") and cli.is_loopback("localhost")
     assert not cli.is_loopback("0.0.0.0") and not cli.is_loopback("10.1.2.3") and not cli.is_loopback("proxy.example")
+
+
+def test_the_official_anthropic_client_reads_the_refusals(two_routes, keys_file, proxy_for, monkeypatch):
+    """Anthropic's SDK sends `x-api-key` and raises by status, reading `error.message` from the
+    Anthropic shape (anthropic-sdk-python src/anthropic/_client.py `_make_status_error`)."""
+    anthropic = pytest.importorskip("anthropic")  # in the dev extra once the messages face lands
+    monkeypatch.setattr(errors, "ANTHROPIC_ADAPTERS", frozenset({"passthrough"}))
+    base = proxy_for(two_routes, keys=KeysHolder.load(keys_file))
+
+    def post(key: str, path: str) -> None:
+        client = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+        client.post(path, body={**BODY, "model": "other-model"}, cast_to=object)
+
+    with pytest.raises(anthropic.AuthenticationError) as info:
+        post("sk-wrong", "/v1/completions")
+    assert info.value.body == {"type": "error", "error": {"type": "authentication_error", "message": "invalid API key"}}
+    assert "invalid API key" in str(info.value)
+    with pytest.raises(anthropic.PermissionDeniedError):
+        post(ALICE, "/v1/other")
+    post(CI, "/v1/other")  # the key goes as x-api-key and is accepted
