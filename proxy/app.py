@@ -142,7 +142,7 @@ class Gateway:
                 scope[SCOPE_KEY] = self.keys.current.authenticate(scope["headers"])
             except ProxyError as exc:
                 observe.Meter(scope)
-                await reject(scope, send, exc, anthropic=path in table.anthropic_paths)
+                await reject(scope, send, exc, table.face(path))
                 return
         await self.litestar(scope, receive, send)
 
@@ -165,12 +165,12 @@ class Gateway:
                 caller.check(route.name)
                 exchange = prepare(route, scope, body, CREDENTIAL_HEADERS)
         except ProxyError as exc:
-            await reject(scope, send, exc, anthropic=_anthropic(table, path, route))
+            await reject(scope, send, exc, _face(table, path, route))
             return
         except Exception as exc:  # a bug, e.g. in an adapter's request(): a 500, not a dropped connection
             err, where = errors.internal(exc)
             log.error("internal error on %s %s: %s", scope["method"], path, where)
-            await reject(scope, send, err, anthropic=_anthropic(table, path, route))
+            await reject(scope, send, err, _face(table, path, route))
             return
         if route.limits is None and (caller is None or caller.config.max_concurrent is None):
             await exchange(scope, receive, send)
@@ -193,7 +193,7 @@ class Gateway:
                         observe.rejected(scope, errors.ClientLeftQueue("the client left while queued"), exchange.rid)
                         return
                 except Overloaded as exc:
-                    await reject(scope, send, exc, rid=exchange.rid, anthropic=errors.anthropic_shape(route))
+                    await reject(scope, send, exc, route.face, rid=exchange.rid)
                     return
                 held.append(limiter)
             await exchange(scope, receive, send)
@@ -222,16 +222,16 @@ async def read_body(scope: Any, receive: Any, limit: int) -> bytes | None:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def reject(scope: Any, send: Any, exc: ProxyError, *, rid: bytes | None = None, anthropic: bool = False) -> None:
-    """Answer a refused request in the OpenAI shape (Anthropic's for its clients), and count it once."""
+async def reject(scope: Any, send: Any, exc: ProxyError, face: str = "openai", *, rid: bytes | None = None) -> None:
+    """Answer a refused request in the path's error shape, and count it once."""
     rid = rid or headers.request_id(scope["headers"])
     observe.rejected(scope, exc, rid)
-    await send_error(send, exc, rid, anthropic)
+    await send_error(send, exc, rid, face)
 
 
-def _anthropic(table: RouteTable, path: str, route: Route | None) -> bool:
+def _face(table: RouteTable, path: str, route: Route | None) -> str:
     """The error shape of a refusal: the matched route's, else the path's (error path only)."""
-    return errors.anthropic_shape(route) if route is not None else path in table.anthropic_paths
+    return route.face if route is not None else table.face(path)
 
 
 @get("/healthz", include_in_schema=False, sync_to_thread=False)

@@ -204,25 +204,25 @@ class _Envelope(msgspec.Struct):
     error: _Error
 
 
-def render(exc: ProxyError) -> bytes:
-    """The JSON body for `exc`."""
-    passthrough = getattr(exc, "passthrough", None)
-    if passthrough is not None:
-        return passthrough
-    return msgspec.json.encode(_Envelope(_Error(exc.message, exc.type, exc.param, exc.code)))
+# --- faces: each API's clients read errors in their own shape ------------------------------
+# `face` is the error shape of the route's adapter: "openai" (chat, Responses, passthrough) or
+# "anthropic" (Messages). The gate and the forwarder pass it here; nothing else renders.
+# (Same names and semantics as on the `faces` branch, which brings the Messages adapter.)
 
-
-# Anthropic's error `type` by status (https://docs.anthropic.com/en/api/errors; the SDK maps the
-# same statuses to its exception classes in anthropic-sdk-python src/anthropic/_client.py).
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                    500: "api_error", 529: "overloaded_error"}
 ANTHROPIC_ADAPTERS = frozenset({"messages-to-completions"})
 
 
-def anthropic_shape(route: Route | None) -> bool:
-    """Whether errors of `route` are answered in Anthropic's shape (its clients parse only that)."""
-    return route is not None and route.config.adapter in ANTHROPIC_ADAPTERS
+def face_of(adapter: str) -> str:
+    """The error shape of a route with this `adapter:`: the one small place that decides it."""
+    return "anthropic" if adapter in ANTHROPIC_ADAPTERS else "openai"
+
+
+# Anthropic's error types by status (docs.anthropic.com/en/api/errors; the `anthropic` SDK's
+# `_client.py` `_make_status_error` maps the same statuses to its exception classes).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
 
 
 class _AnthropicError(msgspec.Struct):
@@ -235,10 +235,20 @@ class _AnthropicEnvelope(msgspec.Struct):
     type: str = "error"
 
 
-def render_anthropic(exc: ProxyError) -> bytes:
-    """`{"type": "error", "error": {"type", "message"}}`, as the Anthropic API answers errors."""
-    kind = _ANTHROPIC_TYPES.get(exc.status) or ("api_error" if exc.status >= 500 else "invalid_request_error")
-    return msgspec.json.encode(_AnthropicEnvelope(_AnthropicError(kind, exc.message)))
+def anthropic_type(status: int) -> str:
+    """The Anthropic `error.type` for an HTTP status."""
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def render(exc: ProxyError, face: str = "openai") -> bytes:
+    """The JSON body for `exc`, in the shape the route's clients read."""
+    if face == "anthropic":
+        # An upstream's own (OpenAI-shaped) error is re-told: Anthropic clients read only their shape.
+        return msgspec.json.encode(_AnthropicEnvelope(_AnthropicError(anthropic_type(exc.status), exc.message)))
+    passthrough = getattr(exc, "passthrough", None)
+    if passthrough is not None:
+        return passthrough
+    return msgspec.json.encode(_Envelope(_Error(exc.message, exc.type, exc.param, exc.code)))
 
 
 def sse_event(exc: ProxyError) -> bytes:

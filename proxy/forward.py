@@ -310,10 +310,9 @@ class Exchange:
             await self._fail(send, err)
 
 
-async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None, anthropic: bool = False) -> None:
-    """A complete OpenAI-shaped (or, for Anthropic clients, Anthropic-shaped) error response
-    (only before the start line was sent)."""
-    body = errors.render_anthropic(exc) if anthropic else errors.render(exc)
+async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None, face: str = "openai") -> None:
+    """A complete error response in the face's shape (only before the start line was sent)."""
+    body = errors.render(exc, face)
     hdrs = _JSON + [(b"content-length", str(len(body)).encode())]
     if rid is not None:
         hdrs.append((b"x-request-id", rid))

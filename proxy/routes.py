@@ -16,7 +16,7 @@ import msgspec
 
 from .adapters import Adapter, make_adapter
 from .config import RouteConfig, load_dir
-from .errors import MethodNotAllowed, ModelNotFound, NotFound, anthropic_shape, bad_body
+from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body, face_of
 from .headers import Headers, normalize
 from .retry import RetryPolicy
 from .transport import route_timeout
@@ -46,13 +46,14 @@ class _ModelList(msgspec.Struct):
 class Route:
     """A route file compiled for the hot path."""
 
-    __slots__ = ("config", "name", "adapter", "upstreams", "pool", "defaults", "timeout", "client_timeout", "models",
-                 "limits", "retry", "_match")  # fmt: skip
+    __slots__ = ("config", "name", "adapter", "face", "upstreams", "pool", "defaults", "timeout", "client_timeout",
+                 "models", "limits", "retry", "_match")  # fmt: skip
 
     def __init__(self, config: RouteConfig) -> None:
         self.config = config
         self.name = config.name
         self.adapter: Adapter = make_adapter(config)
+        self.face = face_of(config.adapter)  # the error shape its clients read
         self.upstreams = config.upstreams
         self.pool = Pool(config.name, config.upstreams, config.health)
         self.limits = config.limits  # None: the gate takes no slot (one attribute test per request)
@@ -100,7 +101,7 @@ class RouteTable:
     Routes are kept in file-name order, and the first route whose `models` match wins.
     """
 
-    __slots__ = ("routes", "created", "models_json", "anthropic_paths", "_by_path", "_allowed")
+    __slots__ = ("routes", "created", "models_json", "_by_path", "_allowed", "_faces")
 
     def __init__(self, configs: Sequence[RouteConfig]) -> None:
         self.routes = tuple(Route(c) for c in configs)
@@ -114,8 +115,7 @@ class RouteTable:
         }
         self._allowed = {path: ", ".join(sorted(choices)) for path, choices in self._by_path.items()}
         self.models_json = self._models_json()
-        # Paths whose errors before routing (401, 404...) take Anthropic's shape.
-        self.anthropic_paths = frozenset(r.config.path for r in self.routes if anthropic_shape(r))
+        self._faces = {path: rs[0].face for path, rs in by_path.items()}
 
     @classmethod
     def from_dir(cls, folder: Path | str) -> RouteTable:
@@ -123,6 +123,11 @@ class RouteTable:
 
     def has_path(self, path: str) -> bool:
         return path in self._by_path
+
+    def face(self, path: str) -> str:
+        """The error shape of the routes on `path` (its first route's face; "openai" when none):
+        for refusals before a route is matched (401, 404, 413)."""
+        return self._faces.get(path, "openai")
 
     @property
     def paths(self) -> frozenset[str]:

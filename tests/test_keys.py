@@ -230,7 +230,7 @@ def test_llmproxy_check_keys_validates_and_lists_names_never_keys(two_routes, ke
 
 def test_errors_on_an_anthropic_route_take_anthropics_shape(two_routes, keys_file, proxy_for, monkeypatch):
     # The messages adapter lands separately; the shape is keyed on the adapter name through
-    # `errors.anthropic_shape`, so pretend passthrough is one for this test.
+    # `errors.face_of`, so pretend passthrough is one for this test.
     monkeypatch.setattr(errors, "ANTHROPIC_ADAPTERS", frozenset({"passthrough"}))
     base = proxy_for(two_routes, keys=KeysHolder.load(keys_file))
     r = httpx.post(f"{base}/v1/completions", json=BODY, headers={"x-api-key": "sk-wrong", "anthropic-version": "2023-06-01"})
