@@ -224,8 +224,9 @@ def test_llmproxy_check_keys_validates_and_lists_names_never_keys(two_routes, ke
     assert "key alice: qwen-*" in out and "key ci: all routes" in out and "2 key(s) OK" in out
     assert ALICE not in out and CI not in out
     keys_file.write_text("keys:\n  - name: x\n    key: ''\n")
-    assert cli.main(["check", "--routes", str(two_routes), "--keys", str(keys_file)]) == cli.EXIT_CONFIG
-    assert f"{keys_file}:3: keys[0].key: must not be empty" in capsys.readouterr().err
+    for command in ("check", "serve"):  # serve refuses to start on it, as on a bad route file
+        assert cli.main([command, "--routes", str(two_routes), "--keys", str(keys_file)]) == cli.EXIT_CONFIG
+        assert f"{keys_file}:3: keys[0].key: must not be empty" in capsys.readouterr().err
 
 
 def test_errors_on_an_anthropic_route_take_anthropics_shape(two_routes, keys_file, proxy_for, monkeypatch):
