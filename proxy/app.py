@@ -37,7 +37,6 @@ DEFAULT_MAX_BODY = 10 * 2**20
 # Open without a key when keys are on: probes and scrapers carry none. Everything else,
 # unknown paths and path variants included, answers 401 first.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-_NO_STRIP: frozenset[bytes] = frozenset()
 
 log = logging.getLogger("llmproxy")
 
