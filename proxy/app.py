@@ -67,7 +67,7 @@ def create_app(
                 tg.cancel_scope.cancel()
 
     app = Litestar(
-        route_handlers=[healthz, readyz, models, metrics],
+        route_handlers=[healthz, readyz, models, model, metrics],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _openai_error, HTTPException: _openai_error, 500: _openai_error},
         request_max_body_size=max_body_size,  # the one limit, also on the proxy's own endpoints
@@ -170,6 +170,17 @@ def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
 def models(request: Request[Any, Any, Any]) -> Response[bytes]:
     """OpenAI's model list, from the route table (built with it, so this is one attribute read)."""
     return Response(request.app.state.holder.current.models_json, media_type="application/json")
+
+
+@get("/v1/models/{model_id:path}", include_in_schema=False, sync_to_thread=False)
+def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
+    """OpenAI's retrieve-model: a name some route serves, else 404 `model_not_found`.
+    A path parameter: model ids carry slashes (`Qwen/Qwen2.5-7B-Instruct`)."""
+    name = model_id.lstrip("/")
+    entry = request.app.state.holder.current.model(name)
+    if entry is None:
+        raise errors.ModelNotFound(f"model {name!r} is not served by any route", param="model")
+    return Response(entry, media_type="application/json")
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=True)

@@ -82,8 +82,9 @@ def test_unknown_model_is_404_listing_what_the_path_serves(two, routes_dir, prox
     assert err["message"].endswith("available: alpha, alpha-*, beta-*")
     r = completions(base, None)
     assert r.status_code == 404 and "names no model" in r.json()["error"]["message"]
+    # A body that is not JSON is the client's mistake whatever the path: 400, not 404.
     r = httpx.post(f"{base}/v1/completions", content=b"not json")
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert not a.requests and not b.requests
 
 
@@ -211,8 +212,9 @@ def test_v1_models_lists_declared_models_once(upstream, routes_dir, proxy_for):
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     doc = r.json()
     assert doc["object"] == "list"
+    # Concrete names only: a glob (`qwen2.5-*`) is not an id a client could pick.
     assert [(m["id"], m["owned_by"], m["object"]) for m in doc["data"]] == [
-        ("qwen", "a", "model"), ("qwen2.5-*", "a", "model"), ("llama", "b", "model"),
+        ("qwen", "a", "model"), ("llama", "b", "model"),
         ("c", "c", "model"),  # a fallback answers any name: listed under its route name
     ]
     assert all(isinstance(m["created"], int) for m in doc["data"])
@@ -223,13 +225,18 @@ def test_v1_models_lists_declared_models_once(upstream, routes_dir, proxy_for):
     import openai
 
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["qwen", "qwen2.5-*", "llama", "c"]
+    assert [m.id for m in client.models.list()] == ["qwen", "llama", "c"]
+    # One model: a listed name, a name a glob serves, any name when a fallback exists.
+    assert client.models.retrieve("qwen").owned_by == "a"
+    assert client.models.retrieve("qwen2.5-7b").owned_by == "a"
+    assert client.models.retrieve("anything").owned_by == "c"
+    assert client.models.retrieve("Qwen/Qwen2.5-7B").id == "Qwen/Qwen2.5-7B"  # ids carry slashes
 
     r = httpx.post(f"{base}/v1/models", json={})
     assert r.status_code == 405 and "error" in r.json()
     # The plain route must not shadow the catch-all for its neighbours (Litestar's trie does
     # not backtrack): both still get the proxy's own OpenAI-shaped answers.
-    r = httpx.get(f"{base}/v1/models/qwen")
+    r = httpx.get(f"{base}/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(f"{base}/v1/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
@@ -323,3 +330,19 @@ def test_model_is_read_only_when_a_path_has_a_choice(routes_dir):
     assert (route.name, model) == ("two", "m")  # handed on, so observation need not decode it again
     r, _ = table.match("POST", "/two", b'{"model": "m", "prompt": "' + b"x" * 100_000 + b'"}')
     assert r.name == "two"
+
+
+def test_v1_models_id_is_404_for_a_name_no_route_serves(upstream, routes_dir, proxy_for):
+    base = proxy_for(routes_dir(a=f"""
+        path: /v1/completions
+        models: ["llama-3*"]
+        upstream: {upstream.url}/v1/completions
+    """))
+    assert httpx.get(f"{base}/v1/models").json()["data"] == []  # a glob alone names no model
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve("llama-3-8b").id == "llama-3-8b"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("qwen")
+    assert info.value.code == "model_not_found"
