@@ -22,7 +22,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
-from . import errors, headers, observe
+from . import errors, headers, observe, tracing
 from .errors import ProxyError
 from .forward import prepare, send_error
 from .reload import POLL_INTERVAL, TableHolder
@@ -64,6 +64,7 @@ def create_app(
             finally:
                 holder.stop()
                 observe.worker_exit()
+                tracing.flush()
                 tg.cancel_scope.cancel()
 
     app = Litestar(
@@ -184,13 +185,16 @@ def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=True)
-def metrics() -> Response[bytes]:
+def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prometheus text format; with several workers, every worker's counts summed.
 
     In a thread: in multiprocess mode it reads one file per worker and metric.
     """
-    body, content_type = observe.exposition()
-    return Response(body, media_type=content_type)
+    routes = {r.name for r in request.app.state.holder.current.routes}
+    body, content_type = observe.exposition(routes)
+    # As a header, not `media_type`: Litestar appends its own `; charset=utf-8` to a text/*
+    # media type, and prometheus-client's already has one.
+    return Response(body, headers={"content-type": content_type})
 
 
 def route_path(scope: Any) -> str:
@@ -226,6 +230,7 @@ def app_from_env() -> Gateway:
     import os
 
     observe.lean_log_records()
+    tracing.from_env()
     folder = os.environ.get("LLMPROXY_ROUTES", "routes.d")
     holder = TableHolder.load(folder)
     max_body = int(os.environ.get("LLMPROXY_MAX_BODY", DEFAULT_MAX_BODY))

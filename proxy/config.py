@@ -121,8 +121,12 @@ def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
     return _check(route, path.parent, fail)
 
 
-def load_dir(folder: Path | str, env: dict[str, str] | None = None) -> list[RouteConfig]:
-    """Every `*.yaml`/`*.yml` in `folder`, in file-name order; names must be unique."""
+def load_dir(folder: Path | str, env: dict[str, str] | None = None, *, allow_empty: bool = False) -> list[RouteConfig]:
+    """Every `*.yaml`/`*.yml` in `folder`, in file-name order; names must be unique.
+
+    A folder without route files is an error at start-up (a typo in `--routes` would serve
+    nothing but 404s); a reload may empty it (`allow_empty`): the operator removed the routes.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         what = "is not a directory" if folder.exists() else "does not exist"
@@ -131,7 +135,7 @@ def load_dir(folder: Path | str, env: dict[str, str] | None = None) -> list[Rout
             "LLMPROXY_ROUTES to a folder of route files (*.yaml)"
         )
     files = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
-    if not files:
+    if not files and not allow_empty:
         raise ConfigError(
             f"{folder}: routes folder: no routes (no *.yaml or *.yml file); add one with at least "
             "`path:` and `upstream:` (see README, Route files)"

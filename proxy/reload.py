@@ -81,7 +81,7 @@ class TableHolder:
         # Taken even when the build fails: a broken file is reported once, not on every check.
         self.snapshot = snapshot
         try:
-            table = RouteTable.from_dir(self.folder)
+            table = RouteTable.from_dir(self.folder, allow_empty=True)
         except ConfigError as exc:
             log.error("routes not reloaded, the previous table stays in service: %s", exc)
             observe.reloaded(False)

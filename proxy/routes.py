@@ -112,8 +112,8 @@ class RouteTable:
         self.models_json = self._models_json()
 
     @classmethod
-    def from_dir(cls, folder: Path | str) -> RouteTable:
-        return cls(load_dir(folder))
+    def from_dir(cls, folder: Path | str, *, allow_empty: bool = False) -> RouteTable:
+        return cls(load_dir(folder, allow_empty=allow_empty))
 
     def has_path(self, path: str) -> bool:
         return path in self._by_path
@@ -221,7 +221,7 @@ class RouteTable:
                     )
             for var in dict.fromkeys(c.env_defaults):
                 out.append(
-                    f"{c.source}: upstream: {var} is not set, so route {r.name!r} sends to the default in the file: "
+                    f"{c.source}: upstream: {var} is not set (or empty), so route {r.name!r} sends to the default in the file: "
                     f"{', '.join(c.upstreams)}; set {var} to your model server's address"
                 )
         for r in self.routes:

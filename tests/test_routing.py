@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import httpx
 import msgspec
@@ -139,11 +140,49 @@ def test_check_probe_shows_each_upstream_up_or_down(upstream, routes_dir, capsys
     folder = routes_dir(m=f"""
         path: /v1/completions
         upstream: [{upstream.url}/v1/completions, http://127.0.0.1:{dead}/v1/completions]
+        default_headers: {{Authorization: Bearer probe-key}}
     """)
-    assert cli(["check", "--routes", str(folder), "--probe"]) == 0
+    assert cli(["check", "--routes", str(folder), "--probe"]) == 4  # one upstream is down
     out = capsys.readouterr().out
-    assert f"{upstream.url}/v1/completions [up]" in out
+    assert re.search(re.escape(f"{upstream.url}/v1/completions [up: GET /v1/models 200 in ") + r"\d+ ms\]", out), out
     assert f"http://127.0.0.1:{dead}/v1/completions [down: connection refused]" in out
+    # A real HTTP request to the server's base, with the route's headers (a keyed vLLM wants them).
+    (probe,) = upstream.requests
+    assert (probe.method, probe.path) == ("GET", "/v1/models")
+    assert probe.headers.get("authorization") == "Bearer probe-key"
+
+    only_up = routes_dir(m=f"""
+        path: /v1/completions
+        upstream: {upstream.url}/v1/completions
+    """)
+    assert cli(["check", "--routes", str(only_up), "--probe"]) == 0
+
+
+def test_check_probe_reports_an_http_error_as_down(routes_dir, capsys):
+    """A port that answers, but not as a model server (here: a 503 to every request)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Down(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        folder = routes_dir(m=f"""
+            path: /v1/completions
+            upstream: http://127.0.0.1:{server.server_port}/v1/
+        """)
+        assert cli(["check", "--routes", str(folder), "--probe"]) == 4
+    finally:
+        server.shutdown()
+    assert f"[down: GET /v1/models 503 in " in capsys.readouterr().out
 
 
 def test_upstream_model_is_sent_upstream_and_hidden_from_the_client(upstream, routes_dir, proxy_for):
