@@ -131,7 +131,8 @@ def load_dir(folder: Path | str, env: dict[str, str] | None = None, *, allow_emp
     if not folder.is_dir():
         what = "is not a directory" if folder.exists() else "does not exist"
         raise ConfigError(
-            f"{folder}: routes folder: {what} (relative to {Path.cwd()}); pass --routes DIR or set "
+            f"{folder}: routes folder: {what}{'' if folder.is_absolute() else f' (relative to {Path.cwd()})'}; "
+            "pass --routes DIR or set "
             "LLMPROXY_ROUTES to a folder of route files (*.yaml)"
         )
     files = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
@@ -210,12 +211,12 @@ def _enum_hint(field: str, reason: str, data: dict[str, Any]) -> str:
     return f"{reason}; valid values: {valid}"
 
 
-def _literal_values(field: str) -> tuple[Any, ...]:
-    """The values of the `Literal` type of `field` (a dotted path into RouteConfig), in declared
+def _literal_values(field: str, root: type[msgspec.Struct] = RouteConfig) -> tuple[Any, ...]:
+    """The values of the `Literal` type of `field` (a dotted path into `root`), in declared
     order, else ()."""
     import typing
 
-    tp: Any = RouteConfig
+    tp: Any = root
     for part in field.split("."):
         if not (isinstance(tp, type) and issubclass(tp, msgspec.Struct)):
             return ()
