@@ -82,3 +82,92 @@ def test_two_workers_share_one_port_and_their_metrics_add_up(upstream, routes_di
     access = [line for line in _log_lines(out)]
     assert len(access) == sent and {line["event"] for line in access} == {"access"}
     assert {line["status"] for line in access} == {200}
+
+
+def _serve_workers(folder: Path, port: int, err: Path, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with err.open("wb") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--routes", str(folder), "--port", str(port), "--workers", "2",
+             *extra],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+        )  # fmt: skip
+
+
+def _wait(check, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def _statuses(base: str, path: str, n: int = 12) -> set[int]:
+    """Each on a fresh connection, so both workers answer some."""
+    return {httpx.post(f"{base}{path}", json={"model": "m", "prompt": "hi"}, timeout=5).status_code for _ in range(n)}
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)  # only the server this test started
+    try:
+        return proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
+
+
+def _messages(err: Path) -> list[str]:
+    return [line["message"] for line in _log_lines(err)]
+
+
+def test_sighup_with_workers_reports_a_broken_file_once_and_keeps_serving(upstream, routes_dir, tmp_path):
+    good = f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n"
+    folder = routes_dir(a=good)
+    port, err = free_port(), tmp_path / "stderr"
+    base = f"http://127.0.0.1:{port}"
+    proc = _serve_workers(folder, port, err)
+    try:
+        _wait(lambda: _ready(base), 30, "the workers did not start")
+        (folder / "a.yaml").write_text("path: /v1/a\nupstream: [not a url\n")
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
+        time.sleep(1.5)  # room for a second report, or for uvicorn's restart of the workers, to show up
+        assert _statuses(base, "/v1/a") == {200}  # every worker keeps the previous table
+
+        (folder / "a.yaml").write_text(good)
+        (folder / "b.yaml").write_text(f"path: /v1/b\nupstream: {upstream.url}/v1/completions\n")
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: sum("routes reloaded from" in m and "route(s)" in m for m in _messages(err)) == 2, 5,
+              "both workers should reload")  # fmt: skip
+        assert _statuses(base, "/v1/b") == {200}
+        assert proc.poll() is None
+    finally:
+        assert _stop(proc) == 0
+    text = err.read_text()
+    assert "Traceback" not in text and "aborting the restart" not in text, text
+    reports = [m for m in _messages(err) if "routes not reloaded" in m]
+    assert len(reports) == 1 and "a.yaml:3: yaml:" in reports[0], reports
+    assert not any(line["level"] == "error" and "routes not reloaded" not in line["message"] for line in _log_lines(err))
+
+
+def test_reload_with_workers_is_watched_once(upstream, routes_dir, tmp_path):
+    folder = routes_dir(a=f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n")
+    port, err = free_port(), tmp_path / "stderr"
+    base = f"http://127.0.0.1:{port}"
+    proc = _serve_workers(folder, port, err, "--reload")
+    try:
+        _wait(lambda: _ready(base), 30, "the workers did not start")
+        (folder / "b.yaml").write_text("path: /v1/b\nupstream: {not a url\n")
+        _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
+        (folder / "b.yaml").write_text(f"path: /v1/b\nupstream: {upstream.url}/v1/completions\n")
+        _wait(lambda: _statuses(base, "/v1/b", 6) == {200}, 10, "the fixed file was not picked up by every worker")
+    finally:
+        assert _stop(proc) == 0
+    assert len([m for m in _messages(err) if "routes not reloaded" in m]) == 1
+    assert "Traceback" not in err.read_text()
