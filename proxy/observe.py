@@ -93,7 +93,7 @@ completion_tokens = Counter(
 # Time per output token: first byte -> last byte over (completion_tokens - 1), where the
 # adapter reads `usage`. Buckets as vLLM's own histograms of the same names
 # (vllm/v1/metrics/loggers.py), so both can be read side by side.
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160)
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640)
 _TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 ttft = Histogram(
     "llmproxy_time_to_first_token_seconds", "Streams: time from the request to the first token event.",

@@ -10,21 +10,18 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Literal
 
-import httpx
 import pytest
 
 from proxy.cli import main as cli
 from proxy.config import load_dir, load_file
 from proxy.errors import ConfigError
 from proxy.routes import RouteTable
-from servers import free_port
+from servers import free_port, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 LLMPROXY = [sys.executable, "-m", "proxy"]
@@ -188,28 +185,6 @@ def _lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-def _wait_ready(proc: subprocess.Popen, base: str, err: Path, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        assert proc.poll() is None, err.read_text()
-        assert time.monotonic() < deadline, "not ready in time\n" + err.read_text()
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)  # only the server this test started
-    try:
-        return proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(5)
-
-
 def test_start_up_logs_the_table_once_and_warns_about_the_default_upstream(tmp_path):
     """The shipped routes with QWEN_BASE_URL unset, two workers: the table and the warning are
     logged once (by the main process), and no request is sent anywhere."""
@@ -222,9 +197,9 @@ def test_start_up_logs_the_table_once_and_warns_about_the_default_upstream(tmp_p
         proc = subprocess.Popen([*LLMPROXY, "serve", "--routes", str(folder), "--port", str(port), "--workers", "2"],
                                 stdout=subprocess.DEVNULL, stderr=stderr, env=env)  # fmt: skip
     try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}", err)
+        wait_ready(proc, f"http://127.0.0.1:{port}", err)
     finally:
-        assert _stop(proc) == 0
+        assert stop(proc) == 0
     logs = _lines(err.read_text())
     table = [line["message"] for line in logs if line["message"].startswith("route table: ")]
     assert table[0].split()[2:8] == ["PATH", "METHODS", "MODELS", "ADAPTER", "STREAM", "UPSTREAM"]

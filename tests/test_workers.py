@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from servers import free_port
+from servers import free_port, stop, wait_ready
 
 
 def _requests_total(base: str, route: str) -> float:
@@ -42,16 +42,7 @@ def test_two_workers_share_one_port_and_their_metrics_add_up(upstream, routes_di
             stdout=stdout, stderr=stderr, env=env,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, "the workers did not start\n" + err.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_ready(proc, base, err)
         logs = _log_lines(err)
         (shared,) = [Path(line["message"].rsplit(" ", 1)[1]) for line in logs if "are summed through" in line["message"]]
         assert shared.is_dir()
@@ -106,22 +97,6 @@ def _statuses(base: str, path: str, n: int = 12) -> set[int]:
     return {httpx.post(f"{base}{path}", json={"model": "m", "prompt": "hi"}, timeout=5).status_code for _ in range(n)}
 
 
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)  # only the server this test started
-    try:
-        return proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(5)
-
-
 def _messages(err: Path) -> list[str]:
     return [line["message"] for line in _log_lines(err)]
 
@@ -133,7 +108,7 @@ def test_sighup_with_workers_reports_a_broken_file_once_and_keeps_serving(upstre
     base = f"http://127.0.0.1:{port}"
     proc = _serve_workers(folder, port, err)
     try:
-        _wait(lambda: _ready(base), 30, "the workers did not start")
+        wait_ready(proc, base, err)
         (folder / "a.yaml").write_text("path: /v1/a\nupstream: [not a url\n")
         proc.send_signal(signal.SIGHUP)
         _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
@@ -148,7 +123,7 @@ def test_sighup_with_workers_reports_a_broken_file_once_and_keeps_serving(upstre
         assert _statuses(base, "/v1/b") == {200}
         assert proc.poll() is None
     finally:
-        assert _stop(proc) == 0
+        assert stop(proc) == 0
     text = err.read_text()
     assert "Traceback" not in text and "aborting the restart" not in text, text
     reports = [m for m in _messages(err) if "routes not reloaded" in m]
@@ -162,12 +137,12 @@ def test_reload_with_workers_is_watched_once(upstream, routes_dir, tmp_path):
     base = f"http://127.0.0.1:{port}"
     proc = _serve_workers(folder, port, err, "--reload")
     try:
-        _wait(lambda: _ready(base), 30, "the workers did not start")
+        wait_ready(proc, base, err)
         (folder / "b.yaml").write_text("path: /v1/b\nupstream: {not a url\n")
         _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
         (folder / "b.yaml").write_text(f"path: /v1/b\nupstream: {upstream.url}/v1/completions\n")
         _wait(lambda: _statuses(base, "/v1/b", 6) == {200}, 10, "the fixed file was not picked up by every worker")
     finally:
-        assert _stop(proc) == 0
+        assert stop(proc) == 0
     assert len([m for m in _messages(err) if "routes not reloaded" in m]) == 1
     assert "Traceback" not in err.read_text()
