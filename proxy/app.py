@@ -22,7 +22,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
-from . import errors, headers, observe, tracing
+from . import catalog, errors, headers, observe, tracing
 from .errors import ProxyError
 from .forward import prepare, send_error
 from .reload import POLL_INTERVAL, TableHolder
@@ -167,10 +167,12 @@ def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     return Response({"status": "ok" if ready else "not ready", "routes": len(holder.current.routes)}, status_code=200 if ready else 503)
 
 
-@get("/v1/models", include_in_schema=False, sync_to_thread=False)
-def models(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """OpenAI's model list, from the route table (built with it, so this is one attribute read)."""
-    return Response(request.app.state.holder.current.models_json, media_type="application/json")
+@get("/v1/models", include_in_schema=False)
+async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """OpenAI's model list, from the route table (built with it, so usually one attribute read;
+    glob-only routes add what their upstreams list: proxy/catalog.py)."""
+    body = await catalog.models_json(request.app.state.holder.current, getattr(request.app.state, "client", None))
+    return Response(body, media_type="application/json")
 
 
 @get("/v1/models/{model_id:path}", include_in_schema=False, sync_to_thread=False)

@@ -111,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
 def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str:
     """The route table as `check` prints it: one row per route, one more per extra upstream,
     then the warnings. `health` maps an upstream URL to "up" or "down: reason"."""
-    rows = [("PATH", "METHODS", "MODELS", "ADAPTER", "STREAM", "UPSTREAM", "NAME", "FILE")]
+    # DIALECT once route files have that key (the upstream server kind), whoever adds it.
+    dialect = any(hasattr(r.config, "dialect") for r in table.routes)
+    rows = [("PATH", "METHODS", "MODELS", "ADAPTER", "STREAM", "UPSTREAM", *(("DIALECT",) if dialect else ()),
+             "NAME", "FILE")]  # fmt: skip
     for r in table.routes:
         c = r.config
         models = ",".join(c.models) or "* (fallback)"
         if c.upstream_model:
             models += f" -> {c.upstream_model}"
         ups = [f"{u} [{health.get(u, '?')}]" if health is not None else u for u in c.upstreams]
-        rows.append((c.path, ",".join(c.methods), models, c.adapter, c.stream, ups[0], c.name, c.source))
-        rows.extend(("", "", "", "", "", u, "", "") for u in ups[1:])
+        extra = (str(getattr(c, "dialect", "") or "-"),) if dialect else ()
+        rows.append((c.path, ",".join(c.methods), models, c.adapter, c.stream, ups[0], *extra, c.name, c.source))
+        rows.extend(("", "", "", "", "", u, *("" for _ in extra), "", "") for u in ups[1:])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     warnings = table.warnings()
@@ -143,6 +147,8 @@ def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
     from time import perf_counter
 
     import aiohttp
+
+    from .upstreams import models_url
 
     async def get(session: aiohttp.ClientSession, url: str, hdrs: dict[str, str]) -> str:
         started = perf_counter()
@@ -175,16 +181,6 @@ def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
         return {u: results[b] for u, (b, _) in checks.items()}
 
     return asyncio.run(run())
-
-
-def models_url(upstream: str) -> str:
-    """The `/v1/models` of the server behind an upstream URL: its path up to `/v1`, else the origin."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(upstream)
-    path = parts.path
-    base = path[: path.index("/v1/")] if "/v1/" in path else path[:-3] if path.endswith("/v1") else ""
-    return f"{parts.scheme}://{parts.netloc}{base}/v1/models"
 
 
 def _path_of(url: str) -> str:

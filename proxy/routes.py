@@ -154,13 +154,13 @@ class RouteTable:
         name, so it is listed under its route name: model pickers then offer something that
         works (the shipped default is one). `upstream_model` stays private.
         """
-        return msgspec.json.encode(_ModelList(data=list(self._model_entries().values())))
+        return msgspec.json.encode(_ModelList(data=list(self.model_entries().values())))
 
-    def _model_entries(self) -> dict[str, _ModelEntry]:
+    def model_entries(self) -> dict[str, _ModelEntry]:
         seen: dict[str, _ModelEntry] = {}
         for r in self.routes:
             for name in r.models or (r.name,):
-                if name not in seen and not _is_glob(name):
+                if name not in seen and not is_glob(name):
                     seen[name] = _ModelEntry(id=name, owned_by=r.name, created=self.created)
         return seen
 
@@ -169,7 +169,7 @@ class RouteTable:
 
         A listed name, a name one route's glob matches, or any name when a fallback route
         exists (it would answer the request)."""
-        entry = self._model_entries().get(name)
+        entry = self.model_entries().get(name)
         if entry is None:
             owner = next((r for r in self.routes if r.serves(name)), None) or next(
                 (r for r in self.routes if not r.models), None
@@ -230,7 +230,7 @@ class RouteTable:
         return out
 
 
-def _is_glob(name: str) -> bool:
+def is_glob(name: str) -> bool:
     return any(c in name for c in "*?[")
 
 

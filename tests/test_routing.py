@@ -385,3 +385,33 @@ def test_v1_models_id_is_404_for_a_name_no_route_serves(upstream, routes_dir, pr
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("qwen")
     assert info.value.code == "model_not_found"
+
+
+def test_v1_models_lists_what_a_glob_only_routes_upstream_serves(upstream, routes_dir, proxy_for):
+    """A glob names no model; the upstream's own /v1/models does. Listed: its ids that match the
+    glob and that this route would really serve (an earlier file may win one)."""
+    dead = free_port()
+    base = proxy_for(routes_dir(
+        a=f"""
+            path: /v1/chat/completions
+            models: [qwen2.5-72b]
+            upstream: {upstream.url}/v1/completions
+        """,
+        b=f"""
+            path: /v1/chat/completions
+            models: ["qwen2.5-*"]
+            upstream: {upstream.url}/v1/completions
+            default_headers: {{x-mock-models: "qwen2.5-7b, llama-3, qwen2.5-72b"}}
+        """,
+        c=f"""
+            path: /v1/completions
+            models: ["llama-*"]
+            upstream: http://127.0.0.1:{dead}/v1/completions
+        """,
+    ))
+    data = httpx.get(f"{base}/v1/models", timeout=10).json()["data"]
+    assert [(m["id"], m["owned_by"]) for m in data] == [("qwen2.5-72b", "a"), ("qwen2.5-7b", "b")]
+    (asked,) = upstream.requests  # once: the next list comes from the cache
+    assert (asked.method, asked.path) == ("GET", "/v1/models")
+    assert httpx.get(f"{base}/v1/models").json()["data"] == data
+    assert len(upstream.requests) == 1
