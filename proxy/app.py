@@ -25,7 +25,7 @@ from litestar.exceptions import HTTPException
 from . import catalog, errors, headers, observe, tracing
 from .errors import ProxyError
 from .forward import prepare, send_error
-from .reload import POLL_INTERVAL, TableHolder
+from .reload import LAST_GOOD_ENV, POLL_INTERVAL, TableHolder
 from .routes import RouteTable
 from .transport import ClientFactory, make_client
 
@@ -234,7 +234,7 @@ def app_from_env() -> Gateway:
     observe.lean_log_records()
     tracing.from_env()
     folder = os.environ.get("LLMPROXY_ROUTES", "routes.d")
-    holder = TableHolder.load(folder)
+    holder = TableHolder.load(folder, last_good=os.environ.get(LAST_GOOD_ENV))
     max_body = int(os.environ.get("LLMPROXY_MAX_BODY", DEFAULT_MAX_BODY))
     reload = os.environ.get("LLMPROXY_RELOAD", "") not in ("", "0")
     app = create_app(holder, max_body_size=max_body, reload=reload)

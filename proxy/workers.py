@@ -20,15 +20,17 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
 from uvicorn import Config
 from uvicorn.supervisors import Multiprocess
 
 from .errors import ConfigError
-from .reload import fingerprint
+from .reload import LAST_GOOD_ENV, fingerprint, save_last_good
 from .routes import RouteTable
 
 log = logging.getLogger("llmproxy.reload")
@@ -48,6 +50,18 @@ class RouteSupervisor(Multiprocess):
         self.folder = Path(folder)
         self.watch = watch
         self.snapshot = fingerprint(self.folder)  # the workers load what is there now
+        # The last table that loaded, for a worker started while a file is broken (uvicorn
+        # replaces a worker that dies): it serves that instead of failing to start.
+        self.scratch = Path(tempfile.mkdtemp(prefix="llmproxy-routes-"))
+        self.last_good = self.scratch / "last-good.json"
+        save_last_good(RouteTable.from_dir(self.folder), self.last_good)
+        os.environ[LAST_GOOD_ENV] = str(self.last_good)  # the workers are spawned with it
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def handle_hup(self) -> None:
         self.snapshot = fingerprint(self.folder)
@@ -65,13 +79,14 @@ class RouteSupervisor(Multiprocess):
     def reload_workers(self) -> bool:
         """Validate the folder once; if it loads, tell every worker to reload from it."""
         try:
-            RouteTable.from_dir(self.folder, allow_empty=True)
+            table = RouteTable.from_dir(self.folder, allow_empty=True)
         except ConfigError as exc:
             log.error("routes not reloaded, the previous table stays in service: %s", exc)
             return False
         except Exception:  # a bug must not end the supervisor, and so the service
             log.error("routes not reloaded, the previous table stays in service: unexpected error", exc_info=True)
             return False
+        save_last_good(table, self.last_good)
         pids = [p.pid for p in self.processes if p.pid is not None]
         for pid in pids:
             try:

@@ -146,3 +146,42 @@ def test_reload_with_workers_is_watched_once(upstream, routes_dir, tmp_path):
         assert stop(proc) == 0
     assert len([m for m in _messages(err) if "routes not reloaded" in m]) == 1
     assert "Traceback" not in err.read_text()
+
+
+def _workers_of(pid: int) -> set[int]:
+    """uvicorn's worker processes (multiprocessing `spawn` children), not its resource tracker."""
+    out = set()
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            out.add(int(child))
+    return out
+
+
+def test_a_worker_replaced_while_a_file_is_broken_serves_the_last_good_table(upstream, routes_dir, tmp_path):
+    """uvicorn replaces a worker that dies; with a broken file the newcomer serves the table the
+    others serve instead of failing to start (and uvicorn restarting it over and over)."""
+    folder = routes_dir(a=f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n")
+    port, err = free_port(), tmp_path / "stderr"
+    base = f"http://127.0.0.1:{port}"
+    proc = _serve_workers(folder, port, err)
+    try:
+        wait_ready(proc, base, err)
+        (folder / "a.yaml").write_text("path: /v1/a\nupstream: [not a url\n")
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
+        before = _workers_of(proc.pid)
+        assert len(before) >= 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)  # a worker of the server this test started
+        _wait(lambda: any("serving the last table that loaded" in m for m in _messages(err)), 20,
+              "no replacement worker started")  # fmt: skip
+        _wait(lambda: len(_workers_of(proc.pid) - before) == 1, 20, "the worker was not replaced")
+        assert _statuses(base, "/v1/a", 16) == {200}
+        time.sleep(1)
+        assert sum("serving the last table that loaded" in m for m in _messages(err)) == 1  # no restart loop
+    finally:
+        assert stop(proc) == 0
