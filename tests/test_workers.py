@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -75,14 +77,23 @@ def test_two_workers_share_one_port_and_their_metrics_add_up(upstream, routes_di
     assert {line["status"] for line in access} == {200}
 
 
-def _serve_workers(folder: Path, port: int, err: Path, *extra: str) -> subprocess.Popen:
+@contextmanager
+def _workers(folder: Path, tmp_path: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """`serve --workers 2` over `folder`, ready; stopped (exit 0) at the end."""
+    port, err = free_port(), tmp_path / "stderr"
+    base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with err.open("wb") as stderr:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--routes", str(folder), "--port", str(port), "--workers", "2",
              *extra],
             stdout=subprocess.DEVNULL, stderr=stderr, env=env,
         )  # fmt: skip
+    try:
+        wait_ready(proc, base, err)
+        yield proc, base, err
+    finally:
+        assert stop(proc) == 0
 
 
 def _wait(check, within: float, what: str) -> None:
@@ -97,33 +108,40 @@ def _statuses(base: str, path: str, n: int = 12) -> set[int]:
     return {httpx.post(f"{base}{path}", json={"model": "m", "prompt": "hi"}, timeout=5).status_code for _ in range(n)}
 
 
+def _all_ok(base: str, path: str) -> bool:
+    """Every one of a few fresh connections answered 200 (a connection the killed worker had
+    accepted may still fail while uvicorn replaces it)."""
+    try:
+        return _statuses(base, path, 16) == {200}
+    except httpx.TransportError:
+        return False
+
+
 def _messages(err: Path) -> list[str]:
     return [line["message"] for line in _log_lines(err)]
+
+
+def _break_and_sighup(route_file: Path, proc: subprocess.Popen, err: Path) -> None:
+    route_file.write_text("path: /v1/a\nupstream: [not a url\n")
+    proc.send_signal(signal.SIGHUP)
+    _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
 
 
 def test_sighup_with_workers_reports_a_broken_file_once_and_keeps_serving(upstream, routes_dir, tmp_path):
     good = f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n"
     folder = routes_dir(a=good)
-    port, err = free_port(), tmp_path / "stderr"
-    base = f"http://127.0.0.1:{port}"
-    proc = _serve_workers(folder, port, err)
-    try:
-        wait_ready(proc, base, err)
-        (folder / "a.yaml").write_text("path: /v1/a\nupstream: [not a url\n")
-        proc.send_signal(signal.SIGHUP)
-        _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
+    with _workers(folder, tmp_path) as (proc, base, err):
+        _break_and_sighup(folder / "a.yaml", proc, err)
         time.sleep(1.5)  # room for a second report, or for uvicorn's restart of the workers, to show up
         assert _statuses(base, "/v1/a") == {200}  # every worker keeps the previous table
 
         (folder / "a.yaml").write_text(good)
         (folder / "b.yaml").write_text(f"path: /v1/b\nupstream: {upstream.url}/v1/completions\n")
         proc.send_signal(signal.SIGHUP)
-        _wait(lambda: sum("routes reloaded from" in m and "route(s)" in m for m in _messages(err)) == 2, 5,
+        _wait(lambda: sum("routes reloaded from" in m and "route(s)" in m for m in _messages(err)) == 2, 15,
               "both workers should reload")  # fmt: skip
         assert _statuses(base, "/v1/b") == {200}
         assert proc.poll() is None
-    finally:
-        assert stop(proc) == 0
     text = err.read_text()
     assert "Traceback" not in text and "aborting the restart" not in text, text
     reports = [m for m in _messages(err) if "routes not reloaded" in m]
@@ -133,17 +151,11 @@ def test_sighup_with_workers_reports_a_broken_file_once_and_keeps_serving(upstre
 
 def test_reload_with_workers_is_watched_once(upstream, routes_dir, tmp_path):
     folder = routes_dir(a=f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n")
-    port, err = free_port(), tmp_path / "stderr"
-    base = f"http://127.0.0.1:{port}"
-    proc = _serve_workers(folder, port, err, "--reload")
-    try:
-        wait_ready(proc, base, err)
+    with _workers(folder, tmp_path, "--reload") as (proc, base, err):
         (folder / "b.yaml").write_text("path: /v1/b\nupstream: {not a url\n")
         _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
         (folder / "b.yaml").write_text(f"path: /v1/b\nupstream: {upstream.url}/v1/completions\n")
         _wait(lambda: _statuses(base, "/v1/b", 6) == {200}, 10, "the fixed file was not picked up by every worker")
-    finally:
-        assert stop(proc) == 0
     assert len([m for m in _messages(err) if "routes not reloaded" in m]) == 1
     assert "Traceback" not in err.read_text()
 
@@ -165,23 +177,15 @@ def test_a_worker_replaced_while_a_file_is_broken_serves_the_last_good_table(ups
     """uvicorn replaces a worker that dies; with a broken file the newcomer serves the table the
     others serve instead of failing to start (and uvicorn restarting it over and over)."""
     folder = routes_dir(a=f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n")
-    port, err = free_port(), tmp_path / "stderr"
-    base = f"http://127.0.0.1:{port}"
-    proc = _serve_workers(folder, port, err)
-    try:
-        wait_ready(proc, base, err)
-        (folder / "a.yaml").write_text("path: /v1/a\nupstream: [not a url\n")
-        proc.send_signal(signal.SIGHUP)
-        _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
+    with _workers(folder, tmp_path) as (proc, base, err):
+        _break_and_sighup(folder / "a.yaml", proc, err)
         before = _workers_of(proc.pid)
         assert len(before) >= 2
         victim = min(before)
         os.kill(victim, signal.SIGKILL)  # a worker of the server this test started
-        _wait(lambda: any("serving the last table that loaded" in m for m in _messages(err)), 20,
+        _wait(lambda: any("serving the last table that loaded" in m for m in _messages(err)), 30,
               "no replacement worker started")  # fmt: skip
-        _wait(lambda: len(_workers_of(proc.pid) - before) == 1, 20, "the worker was not replaced")
-        assert _statuses(base, "/v1/a", 16) == {200}
+        _wait(lambda: len(_workers_of(proc.pid) - before) == 1, 30, "the worker was not replaced")
+        _wait(lambda: _all_ok(base, "/v1/a"), 15, "the replacement does not serve the last good table")
         time.sleep(1)
         assert sum("serving the last table that loaded" in m for m in _messages(err)) == 1  # no restart loop
-    finally:
-        assert stop(proc) == 0
