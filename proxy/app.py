@@ -22,14 +22,14 @@ from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
-from . import errors, headers, observe
+from . import catalog, errors, headers, observe, tracing
 from .cors import Cors
 from .errors import Overloaded, ProxyError
 from .forward import Exchange, prepare, send_error
 from .health import Monitor
 from .keys import CREDENTIAL_HEADERS, SCOPE_KEY, Caller, Keyring, KeysHolder
 from .limits import Limiter, Limiters
-from .reload import POLL_INTERVAL, TableHolder
+from .reload import LAST_GOOD_ENV, POLL_INTERVAL, TableHolder
 from .routes import Route, RouteTable
 from .transport import ClientFactory, make_client
 
@@ -82,10 +82,11 @@ def create_app(
                 if key_holder is not None:
                     key_holder.stop()
                 observe.worker_exit()
+                tracing.flush()
                 tg.cancel_scope.cancel()
 
     app = Litestar(
-        route_handlers=[healthz, readyz, models, metrics],
+        route_handlers=[healthz, readyz, models, model, metrics],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _openai_error, HTTPException: _openai_error, 500: _openai_error},
         request_max_body_size=max_body_size,  # the one limit, also on the proxy's own endpoints
@@ -254,24 +255,40 @@ def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     return Response(body, status_code=200 if ready else 503)
 
 
-@get("/v1/models", include_in_schema=False, sync_to_thread=False)
-def models(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """OpenAI's model list, from the route table (built with it, so this is one attribute read);
-    with keys on, only the models of routes the caller's key may use."""
-    table = request.app.state.holder.current
+@get("/v1/models", include_in_schema=False)
+async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """OpenAI's model list, from the route table (built with it, so usually one attribute read;
+    glob-only routes add what their upstreams list: proxy/catalog.py); with keys on, only the
+    models of routes the caller's key may use."""
     caller: Caller | None = request.scope.get(SCOPE_KEY)  # type: ignore[call-overload]
-    body = table.models_json if caller is None else table.models_json_for(caller.may_use)
+    body = await catalog.models_json(request.app.state.holder.current, getattr(request.app.state, "client", None),
+                                     None if caller is None else caller.may_use)
     return Response(body, media_type="application/json")
 
 
+@get("/v1/models/{model_id:path}", include_in_schema=False, sync_to_thread=False)
+def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
+    """OpenAI's retrieve-model: a name some route serves, else 404 `model_not_found`.
+    A path parameter: model ids carry slashes (`Qwen/Qwen2.5-7B-Instruct`)."""
+    name = model_id.lstrip("/")
+    caller: Caller | None = request.scope.get(SCOPE_KEY)  # type: ignore[call-overload]
+    entry = request.app.state.holder.current.model(name, None if caller is None else caller.may_use)
+    if entry is None:
+        raise errors.ModelNotFound(f"model {name!r} is not served by any route", param="model")
+    return Response(entry, media_type="application/json")
+
+
 @get("/metrics", include_in_schema=False, sync_to_thread=True)
-def metrics() -> Response[bytes]:
+def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prometheus text format; with several workers, every worker's counts summed.
 
     In a thread: in multiprocess mode it reads one file per worker and metric.
     """
-    body, content_type = observe.exposition()
-    return Response(body, media_type=content_type)
+    routes = {r.name for r in request.app.state.holder.current.routes}
+    body, content_type = observe.exposition(routes)
+    # As a header, not `media_type`: Litestar appends its own `; charset=utf-8` to a text/*
+    # media type, and prometheus-client's already has one.
+    return Response(body, headers={"content-type": content_type})
 
 
 def route_path(scope: Any) -> str:
@@ -307,8 +324,9 @@ def app_from_env() -> Gateway:
     import os
 
     observe.lean_log_records()
+    tracing.from_env()
     folder = os.environ.get("LLMPROXY_ROUTES", "routes.d")
-    holder = TableHolder.load(folder)
+    holder = TableHolder.load(folder, last_good=os.environ.get(LAST_GOOD_ENV))
     max_body = int(os.environ.get("LLMPROXY_MAX_BODY", DEFAULT_MAX_BODY))
     reload = os.environ.get("LLMPROXY_RELOAD", "") not in ("", "0")
     keys_file = os.environ.get("LLMPROXY_KEYS")

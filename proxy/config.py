@@ -77,14 +77,19 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     retry: Retry | None = None
     health: Health | None = None
     source: str = ""  # the file it came from; set by the loader, not by users
+    # Variables of `upstream` that were unset (or empty) so their `${VAR:-default}` was used;
+    # set by the loader, so start-up and `check` can say the route runs on a built-in address.
+    env_defaults: tuple[str, ...] = ()
 
     @property
     def upstreams(self) -> tuple[str, ...]:
         return (self.upstream,) if isinstance(self.upstream, str) else tuple(self.upstream)
 
 
-def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None) -> str:
-    """`${VAR}` and `${VAR:-default}` from the environment; an unset `${VAR}` is an error."""
+def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None,
+               defaulted: list[str] | None = None) -> str:
+    """`${VAR}` and `${VAR:-default}` from the environment; an unset `${VAR}` is an error.
+    The names whose default was used are appended to `defaulted`."""
     env = os.environ if env is None else env
 
     def sub(m: re.Match[str]) -> str:
@@ -93,6 +98,8 @@ def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None)
         if val is None or (val == "" and default is not None):
             if default is None:
                 raise KeyError(name)
+            if defaulted is not None and default:
+                defaulted.append(name)
             return default
         return val
 
@@ -104,6 +111,9 @@ def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
     label = str(path)
     data, node = _read_yaml(path)
     lines = _key_lines(node)
+    if data is None:
+        raise ConfigError(f"{label}: file: is empty; a route file needs at least `path:` and `upstream:` "
+                          "(see README, Route files)")
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: file: expected a mapping of route fields, got {type(data).__name__}")
 
@@ -112,17 +122,22 @@ def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
         return ConfigError(f"{label}{f':{line}' if line else ''}: {field}: {reason}")
 
     data.setdefault("name", path.stem)
-    if "source" in data:
-        raise fail("source", "unknown field")
+    for internal in ("source", "env_defaults"):
+        if internal in data:
+            raise fail(internal, "unknown field")
     data["source"] = label
-    data = _expand(data, "", env, fail)
+    defaulted: list[str] = []
+    data = _expand(data, "", env, fail, defaulted)
+    _check_header_values(data.get("default_headers"), fail)
     if isinstance(data.get("retry"), dict) and True in data["retry"]:
         raise fail("retry.on", "write `when:` (YAML 1.1 reads a bare `on` as true)")
     try:
         route = msgspec.convert(data, RouteConfig)
     except msgspec.ValidationError as exc:
         field, reason, _ = invalid_field(exc)
-        raise fail(field or "file", reason) from None
+        raise fail(field or "file", _enum_hint(field, reason, data)) from None
+    if defaulted:
+        route = msgspec.structs.replace(route, env_defaults=tuple(defaulted))
     return _check(route, path.parent, fail)
 
 
@@ -144,12 +159,26 @@ def _read_yaml(path: Path) -> tuple[Any, Any]:
     return data, node
 
 
-def load_dir(folder: Path | str, env: dict[str, str] | None = None) -> list[RouteConfig]:
-    """Every `*.yaml`/`*.yml` in `folder`, in file-name order; names must be unique."""
+def load_dir(folder: Path | str, env: dict[str, str] | None = None, *, allow_empty: bool = False) -> list[RouteConfig]:
+    """Every `*.yaml`/`*.yml` in `folder`, in file-name order; names must be unique.
+
+    A folder without route files is an error at start-up (a typo in `--routes` would serve
+    nothing but 404s); a reload may empty it (`allow_empty`): the operator removed the routes.
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"{folder}: routes folder: not a directory")
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise ConfigError(
+            f"{folder}: routes folder: {what}{'' if folder.is_absolute() else f' (relative to {Path.cwd()})'}; "
+            "pass --routes DIR or set "
+            "LLMPROXY_ROUTES to a folder of route files (*.yaml)"
+        )
     files = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
+    if not files and not allow_empty:
+        raise ConfigError(
+            f"{folder}: routes folder: no routes (no *.yaml or *.yml file); add one with at least "
+            "`path:` and `upstream:` (see README, Route files)"
+        )
     routes = [load_file(p, env) for p in files]
     seen: dict[str, str] = {}
     fallbacks: dict[tuple[str, str], str] = {}
@@ -169,17 +198,72 @@ def load_dir(folder: Path | str, env: dict[str, str] | None = None) -> list[Rout
     return routes
 
 
-def _expand(value: Any, field: str, env: Any, fail: Any) -> Any:
+def _expand(value: Any, field: str, env: Any, fail: Any, defaulted: list[str]) -> Any:
     if isinstance(value, str):
         try:
-            return expand_env(value, env)
+            # Only the upstream's defaults are worth a warning (a blank API key is normal).
+            return expand_env(value, env, defaulted if field.startswith("upstream") else None)
         except KeyError as exc:
             raise fail(field or "file", f"environment variable {exc.args[0]} is not set and has no default") from None
     if isinstance(value, dict):
-        return {k: _expand(v, f"{field}.{k}" if field else str(k), env, fail) for k, v in value.items()}
+        return {k: _expand(v, f"{field}.{k}" if field else str(k), env, fail, defaulted) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, f"{field}[{i}]", env, fail) for i, v in enumerate(value)]
+        return [_expand(v, f"{field}[{i}]", env, fail, defaulted) for i, v in enumerate(value)]
     return value
+
+
+_YAML_BOOLS = "YAML reads unquoted yes/no/on/off/true/false as booleans"
+
+
+def _check_header_values(headers: Any, fail: Any) -> None:
+    """msgspec says `default_headers[...]` for a non-string value; name the header and the fix."""
+    if not isinstance(headers, dict):
+        return
+    for name, value in headers.items():
+        if isinstance(value, str):
+            continue
+        if value is None:
+            raise fail(f"default_headers.{name}", f'has no value; write `{name}: ""` for an empty value, or remove it')
+        if isinstance(value, bool):
+            raise fail(f"default_headers.{name}", f"must be a string, got {value!r} ({_YAML_BOOLS}); quote it")
+        if isinstance(value, (int, float)):
+            raise fail(f"default_headers.{name}", f'must be a string, got the number {value!r}; quote it: `{name}: "{value}"`')
+        raise fail(f"default_headers.{name}", f"must be a string, got a {type(value).__name__}")
+
+
+def _enum_hint(field: str, reason: str, data: dict[str, Any]) -> str:
+    """For a field typed as a `Literal`, add the valid values to msgspec's reason, derived from
+    the type itself, so every enum (`adapter`, `stream`, `reasoning`, and any added later) says
+    what to write. A YAML boolean where a word was meant (`stream: yes`) gets its own hint."""
+    values = _literal_values(field)
+    if not values:
+        return reason
+    valid = ", ".join(repr(v) for v in values)
+    value: Any = data
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, bool):
+        meant = "always" if value and "always" in values else "never" if not value and "never" in values else None
+        use = f"; write {field}: {meant}" if meant else ""
+        return f"got {str(value).lower()} ({_YAML_BOOLS}): quote the word or use one of {valid}{use}"
+    return f"{reason}; valid values: {valid}"
+
+
+def _literal_values(field: str, root: type[msgspec.Struct] = RouteConfig) -> tuple[Any, ...]:
+    """The values of the `Literal` type of `field` (a dotted path into `root`), in declared
+    order, else ()."""
+    import typing
+
+    tp: Any = root
+    for part in field.split("."):
+        if not (isinstance(tp, type) and issubclass(tp, msgspec.Struct)):
+            return ()
+        tp = typing.get_type_hints(tp).get(part)
+        for member in typing.get_args(tp) if typing.get_origin(tp) is not Literal else ():
+            if isinstance(member, type) and issubclass(member, msgspec.Struct) or typing.get_origin(member) is Literal:
+                tp = member  # `X | None`: the struct or literal inside
+                break
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
 def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
@@ -199,8 +283,16 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
             raise fail("methods", f"unknown HTTP method {m!r}")
     if not r.upstreams:
         raise fail("upstream", "must name at least one URL")
+    upstreams: list[str] = []
     for i, url in enumerate(r.upstreams):
         field = "upstream" if isinstance(r.upstream, str) else f"upstream[{i}]"
+        bad = _URL_BAD.search(url)
+        if bad:
+            what = "a space" if bad.group() == " " else f"the character {bad.group()!r}"
+            raise fail(field, f"bad URL {url!r}: contains {what}, which a URL cannot carry "
+                              "(percent-encode it, e.g. %20 for a space, or check the variable it came from)")
+        url = normalize_url(url)
+        upstreams.append(url)
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises on a bad port
@@ -241,7 +333,29 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
             builtin = " nor ".join(repr(b) for b in BUILTIN)
             raise fail("template", f"neither {builtin} nor an existing file: {tpath}")
         template = str(tpath)
-    return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template)
+    upstream: str | list[str] = upstreams[0] if isinstance(r.upstream, str) else upstreams
+    return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template, upstream=upstream)
+
+
+# Anything outside RFC 3986's characters (white space, controls, quotes, <>{}|\^`, non-ASCII),
+# or a `%` that does not start an escape.
+_URL_BAD = re.compile(r"[^A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]|%(?![0-9A-Fa-f]{2})")
+_SLASHES = re.compile(r"/{2,}")
+_DOUBLE_V1 = re.compile(r"/v1(?:/v1)+(?=/|$)")
+
+
+def normalize_url(url: str) -> str:
+    """A base URL written with `/v1` or a trailing slash (`QWEN_BASE_URL=http://h:8000/v1/`)
+    in front of the route's `/v1/completions` must not become `/v1//v1/completions`:
+    repeated slashes are collapsed and a doubled `/v1/v1` is built once."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    host, slash, path = rest.partition("/")
+    if not slash:
+        return url
+    path = _DOUBLE_V1.sub("/v1", _SLASHES.sub("/", "/" + path))
+    return f"{scheme}://{host}{path}"
 
 
 def _check_resilience(r: RouteConfig, fail: Any) -> None:
@@ -314,7 +428,7 @@ def load_keys(path: Path | str, env: dict[str, str] | None = None) -> tuple[KeyC
 
     if not isinstance(data, dict):
         raise fail("file", f"expected a mapping with a `keys:` list, got {type(data).__name__}")
-    data = _expand(data, "", env, fail)
+    data = _expand(data, "", env, fail, [])
     try:
         parsed = msgspec.convert(data, KeysFile)
     except msgspec.ValidationError as exc:

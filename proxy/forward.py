@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from . import errors, headers, observe
+from . import errors, headers, observe, tracing
 from .errors import ProxyError, UpstreamStatus
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class Exchange:
     """
 
     __slots__ = ("route", "call", "method", "query", "headers", "url", "rid", "upstream", "disconnected", "error",
-                 "_complete")  # fmt: skip
+                 "span", "_complete")  # fmt: skip
 
     def __init__(self, route: Route, call: Call, method: str, query: bytes, out: headers.Headers, rid: bytes,
                  upstream: Upstream) -> None:  # fmt: skip
@@ -81,23 +81,34 @@ class Exchange:
         self.url = upstream.target(query)
         self.disconnected = False
         self.error: ProxyError | None = None  # what failed, for `observe`
+        self.span: tracing.Span | None = None  # only when tracing is on
         self._complete = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         client: aiohttp.ClientSession = scope["app"].state.client
         meter = observe.begin(scope, self.route, send)  # counts bytes and the first byte
+        out = meter.send
+        if tracing.TRACER is not None:  # off: this one test is all tracing costs
+            self.span = tracing.start(self, scope, meter)
+            out = self.span.wrap(out)
         # A plain task, not an anyio task group: measured 90 µs less per request, same semantics.
         watcher = asyncio.get_running_loop().create_task(self._watch(receive, asyncio.current_task()))
         try:
-            await self._exchange(client, meter.send)
+            await self._exchange(client, out)
         except asyncio.CancelledError:
-            if not self.disconnected:
-                raise  # cancelled from outside (shutdown): not ours to swallow
+            if not self.disconnected and not isinstance(self.error, errors.ShuttingDown):
+                raise  # cancelled from outside, and not by the server's shutdown: not ours to swallow
+            # The client left, or uvicorn's grace period ran out and `_cut` told the client why:
+            # the request is over, and its access line says which (no traceback from uvicorn).
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            log.debug("client left before the end of the response; route %r: upstream request closed", self.route.name)
+            if self.disconnected:
+                log.debug("client left before the end of the response; route %r: upstream request closed",
+                          self.route.name)
         finally:
             watcher.cancel()
             observe.finish(meter, self, scope)
+            if self.span is not None:
+                self.span.end(self, meter)
 
     async def _exchange(self, client: aiohttp.ClientSession, send: Any) -> None:
         route = self.route
@@ -301,9 +312,12 @@ class Exchange:
     async def _cut(self, send: Any, *, started: bool, sse: bool) -> None:
         """Cancelled from outside (the shutdown grace period ran out), not by the client leaving:
         tell the client why rather than just dropping the connection."""
-        if self.disconnected or self._complete or (started and not sse):
+        if self.disconnected or self._complete:
             return
         err = errors.ShuttingDown(f"the proxy is shutting down; route {self.route.name!r} was cut off")
+        self.error = err  # the access line says `shutting_down`
+        if started and not sse:
+            return  # a plain body: only dropping the connection can say it was cut
         if started:
             await self._end(send, errors.sse_event(err))
         else:

@@ -418,7 +418,9 @@ def _stats(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> 
 
 
 def _models(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
-    conn.write(200, _json.encode({"object": "list", "data": [{"id": "mock", "object": "model", "owned_by": "mock"}]}))
+    """`x-mock-models: a,b` names the models listed (default: `mock`)."""
+    ids = [m.strip() for m in hdrs.get("x-mock-models", "mock").split(",") if m.strip()]
+    conn.write(200, _json.encode({"object": "list", "data": [{"id": i, "object": "model", "owned_by": "mock"} for i in ids]}))
 
 
 def _echo(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:

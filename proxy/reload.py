@@ -15,12 +15,15 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import anyio
+import msgspec
 
 from . import observe
+from .config import RouteConfig
 from .errors import ConfigError
 from .routes import RouteTable
 
@@ -29,6 +32,7 @@ log = logging.getLogger("llmproxy.reload")
 T = TypeVar("T")
 
 POLL_INTERVAL = 1.0  # seconds between fingerprint checks when no event arrives
+LAST_GOOD_ENV = "LLMPROXY_ROUTES_LAST_GOOD"  # set by the `--workers` supervisor (proxy/workers.py)
 
 
 def fingerprint(folder: Path) -> bytes:
@@ -103,6 +107,14 @@ def rebuild(build: Callable[[Path], T], source: Path, failed: str, count: Callab
     return built
 
 
+def save_last_good(table: RouteTable, path: Path) -> None:
+    """The validated route configs (templates already resolved to absolute paths), for
+    `TableHolder.load(..., last_good=path)`; written whole, then renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(msgspec.json.encode([r.config for r in table.routes]))
+    os.replace(tmp, path)
+
+
 class TableHolder:
     """`current` is read once per request; a request keeps the table it started with."""
 
@@ -114,12 +126,24 @@ class TableHolder:
         self._stop: anyio.Event | None = None
 
     @classmethod
-    def load(cls, folder: Path | str) -> TableHolder:
+    def load(cls, folder: Path | str, last_good: Path | str | None = None) -> TableHolder:
         """Snapshot first, then build: an edit landing in between shows up as a change later,
-        instead of being mistaken for the state the table was built from."""
+        instead of being mistaken for the state the table was built from.
+
+        `last_good` (a file `save_last_good` wrote): when the folder does not load, serve the
+        routes saved there rather than fail. A worker that `--workers` replaces while a file
+        is broken then serves what the other workers serve, instead of crash-looping.
+        """
         folder = Path(folder)
         snapshot = fingerprint(folder)
-        return cls(RouteTable.from_dir(folder), folder, snapshot)
+        try:
+            table = RouteTable.from_dir(folder)
+        except ConfigError as exc:
+            if last_good is None or not Path(last_good).is_file():
+                raise
+            log.error("routes not loaded, serving the last table that loaded: %s", exc)
+            table = RouteTable(msgspec.json.decode(Path(last_good).read_bytes(), type=list[RouteConfig]))
+        return cls(table, folder, snapshot)
 
     def reload(self, force: bool = False) -> bool:
         """Build a new table if the files changed (or `force`); keep the old one when a file is bad."""
@@ -130,8 +154,8 @@ class TableHolder:
             return False
         # Taken even when the build fails: a broken file is reported once, not on every check.
         self.snapshot = snapshot
-        table = rebuild(RouteTable.from_dir, self.folder, "routes not reloaded, the previous table stays in service",
-                        observe.reloaded)
+        table = rebuild(partial(RouteTable.from_dir, allow_empty=True), self.folder,
+                        "routes not reloaded, the previous table stays in service", observe.reloaded)
         if table is None:
             return False
         self.current = table

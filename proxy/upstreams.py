@@ -68,6 +68,16 @@ def upstream_label(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
+def models_url(upstream: str) -> str:
+    """The `GET /v1/models` of the server behind an upstream URL: the path up to `/v1`, else the
+    origin. vLLM (`vllm/entrypoints/openai/api_server.py`), llama.cpp's server
+    (`tools/server/server.cpp`) and SGLang (`python/sglang/srt/entrypoints/http_server.py`) serve it."""
+    parts = urlsplit(upstream)
+    path = parts.path
+    base = path[: path.index("/v1/")] if "/v1/" in path else path[:-3] if path.endswith("/v1") else ""
+    return f"{parts.scheme}://{parts.netloc}{base}/v1/models"
+
+
 class Pool:
     """The upstreams of one route, in file order."""
 
