@@ -24,6 +24,12 @@ Faults (for the error tests; K counts stream events, or body bytes of a non-stre
 - `x-mock-stall-ms: S`: stall S ms before the response head (any endpoint but `/tokenize`), or, with
   `x-mock-stall-after: K` (K >= 1), once after K stream events (K = 0: before the head). A stall ends early when the
   client closes the connection, so no mock task outlives its caller.
+`GET /health` answers `health_status` (200 by default; tests set it to stage a sick server, as
+vLLM and llama.cpp answer 503 on `/health` while they cannot serve).
+In-process tests may also queue header sets in `MockUpstream.script`: each request
+(but `/health`, `/tokenize` and `/_mock/*`) takes the next one as if the client had sent those headers,
+so one server of several can fail once (`{"x-mock-status": "503"}`) and then answer.
+
 Dialects (`--dialect vllm|llama.cpp|sglang|openai`, `MockUpstream(dialect=...)`): the mock then
 behaves on `/v1/completions` as that server does where the proxy depends on it (see
 `proxy/adapters/dialects.py` for the sources): its default `max_tokens` (16; llama.cpp unlimited),
@@ -89,6 +95,10 @@ class MockUpstream:
         self.record = True
         self.connections: set[_Connection] = set()
         self.accepted = 0
+        self.script: collections.deque[dict[str, str]] = collections.deque()
+        self.health_status = 200
+        self.track_peak = False  # count `peak_busy`: the most requests in progress at once
+        self.peak_busy = 0
 
     def stats(self, asking: _Connection | None = None) -> dict[str, int]:
         others = [c for c in self.connections if c is not asking]
@@ -173,6 +183,11 @@ class _Connection(asyncio.Protocol):
         self.echo = _json.encode({k: "***" if k in _CREDENTIALS else v for k, v in hdrs.items()})
         self.keep_alive = self.parser.should_keep_alive()
         self.busy = True
+        mock = self.mock
+        if mock.script and path not in ("/health", "/tokenize") and not path.startswith("/_mock/"):
+            hdrs = {**hdrs, **mock.script.popleft()}
+        if mock.track_peak:
+            mock.peak_busy = max(mock.peak_busy, sum(c.busy for c in mock.connections))
         handler = _ROUTES.get((method, path))
         if handler is None:
             self.write(404, _error(f"no mock endpoint {method} {path}"))
@@ -424,8 +439,10 @@ def _stats(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> 
 
 
 def _models(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
-    card = {"id": "mock", "object": "model", "owned_by": "mock", "max_model_len": conn.mock.context}
-    conn.write(200, _json.encode({"object": "list", "data": [card]}))
+    """`x-mock-models: a,b` names the models listed (default: `mock`), each with the served context."""
+    ids = [m.strip() for m in hdrs.get("x-mock-models", "mock").split(",") if m.strip()]
+    cards = [{"id": i, "object": "model", "owned_by": "mock", "max_model_len": conn.mock.context} for i in ids]
+    conn.write(200, _json.encode({"object": "list", "data": cards}))
 
 
 # --- the dialect fakes ---------------------------------------------------------------------------------
@@ -580,7 +597,13 @@ def _release(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -
     conn.write(200, b"{}")
 
 
+def _health(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
+    status = conn.mock.health_status
+    conn.write(status, b"{}" if status < 400 else _error("mock is unhealthy", "server_error"))
+
+
 _ROUTES = {
+    ("GET", "/health"): _health,
     ("POST", "/v1/completions"): _completions,
     ("GET", "/v1/models"): _models,
     ("POST", "/tokenize"): _tokenize,
