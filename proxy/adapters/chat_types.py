@@ -39,6 +39,7 @@ class Message(msgspec.Struct):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier turn's reasoning (templates such as Qwen3 read it)
 
 
 class StreamOptions(msgspec.Struct):
