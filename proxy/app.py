@@ -106,6 +106,7 @@ class Gateway:
 
     async def _proxy(self, scope: Any, receive: Any, send: Any, table: RouteTable, path: str) -> None:
         meter = observe.Meter(scope)  # the clock starts; `reject` finds it in the scope
+        face = table.face(path)  # the error shape the path's clients read
         try:
             body = await read_body(scope, receive, self.max_body_size)
             if body is None:
@@ -115,12 +116,12 @@ class Gateway:
             meter.route = route
             exchange = prepare(route, scope, body)
         except ProxyError as exc:
-            await reject(scope, send, exc)
+            await reject(scope, send, exc, face)
             return
         except Exception as exc:  # a bug, e.g. in an adapter's request(): a 500, not a dropped connection
             err, where = errors.internal(exc)
             log.error("internal error on %s %s: %s", scope["method"], path, where)
-            await reject(scope, send, err)
+            await reject(scope, send, err, face)
             return
         await exchange(scope, receive, send)
 
@@ -145,11 +146,11 @@ async def read_body(scope: Any, receive: Any, limit: int) -> bytes | None:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def reject(scope: Any, send: Any, exc: ProxyError) -> None:
-    """Answer a refused request in the OpenAI shape, and count it once."""
+async def reject(scope: Any, send: Any, exc: ProxyError, face: str = "openai") -> None:
+    """Answer a refused request in the path's error shape, and count it once."""
     rid = headers.request_id(scope["headers"])
     observe.rejected(scope, exc, rid)
-    await send_error(send, exc, rid)
+    await send_error(send, exc, rid, face)
 
 
 @get("/healthz", include_in_schema=False, sync_to_thread=False)

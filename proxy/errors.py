@@ -153,19 +153,53 @@ class _Envelope(msgspec.Struct):
     error: _Error
 
 
-def render(exc: ProxyError) -> bytes:
-    """The JSON body for `exc`."""
+# --- faces: each API's clients read errors in their own shape ------------------------------
+# `face` is the error shape of the route's adapter: "openai" (chat, Responses, passthrough) or
+# "anthropic" (Messages). Routing, the gate and the forwarder pass it here; nothing else renders.
+
+# Anthropic's error types by status (docs.anthropic.com/en/api/errors; the `anthropic` SDK's
+# `types/shared/*_error.py` and `_exceptions.py` map the same statuses to its exception classes).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+class _AnthropicError(msgspec.Struct):
+    type: str
+    message: str
+
+
+class _AnthropicEnvelope(msgspec.Struct):
+    error: _AnthropicError
+    type: str = "error"
+
+
+def anthropic_type(status: int) -> str:
+    """The Anthropic `error.type` for an HTTP status."""
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def render(exc: ProxyError, face: str = "openai") -> bytes:
+    """The JSON body for `exc`, in the shape the route's clients read."""
+    if face == "anthropic":
+        # An upstream's own (OpenAI-shaped) error is re-told: Anthropic clients read only their shape.
+        return msgspec.json.encode(_AnthropicEnvelope(_AnthropicError(anthropic_type(exc.status), exc.message)))
     passthrough = getattr(exc, "passthrough", None)
     if passthrough is not None:
         return passthrough
     return msgspec.json.encode(_Envelope(_Error(exc.message, exc.type, exc.param, exc.code)))
 
 
-def sse_event(exc: ProxyError) -> bytes:
+def sse_event(exc: ProxyError, face: str = "openai") -> bytes:
     """`exc` as one SSE event: the only way to report a fault once a stream has begun.
 
-    The official `openai` client raises `APIError(message)` on an event carrying `error`.
+    The official `openai` client raises `APIError(message)` on an event carrying `error`; the
+    `anthropic` client raises on `event: error` (`anthropic/_streaming.py`) and skips events
+    without an `event:` line.
     """
+    if face == "anthropic":
+        return b"event: error\ndata: " + render(exc, face) + b"\n\n"
     return b"data: " + render(exc) + b"\n\n"
 
 

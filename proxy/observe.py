@@ -113,6 +113,11 @@ _active = _Children(active)
 _upstream_errors = _Children(upstream_errors)
 _disconnects = _Children(disconnects)
 _prompt_tokens = _Children(prompt_tokens)
+tools_left_out = Counter(
+    "llmproxy_tools_left_out", "Tools a Messages/Responses face left out of the prompt because a local model "
+    "cannot run them (web_search, code_interpreter, ...), by route and tool type.", ["route", "tool"]
+)
+_tools_left_out = _Children(tools_left_out)
 _completion_tokens = _Children(completion_tokens)
 
 
@@ -255,6 +260,14 @@ def record(rec: RequestRecord, *, model: str = OTHER, kind: str | None = None) -
     if rec.completion_tokens:
         _completion_tokens(route, model).inc(rec.completion_tokens)
     access_log.info(rec)
+
+
+def left_out_tools(route: str, kinds: list[str]) -> None:
+    """A face dropped tools it cannot offer the model (`hosted_tools: ignore`): count and log them."""
+    for kind in kinds:
+        _tools_left_out(route, kind).inc()
+    logging.getLogger("llmproxy.faces").info(
+        "route %r: left out tools the upstream model cannot run: %s", route, ", ".join(kinds))
 
 
 def reloaded(ok: bool) -> None:

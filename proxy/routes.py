@@ -6,6 +6,7 @@ the table (and route) it started with.
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Sequence
@@ -45,12 +46,14 @@ class _ModelList(msgspec.Struct):
 class Route:
     """A route file compiled for the hot path."""
 
-    __slots__ = ("config", "name", "adapter", "upstreams", "pool", "defaults", "timeout", "client_timeout", "models", "_match")
+    __slots__ = ("config", "name", "adapter", "face", "upstreams", "pool", "defaults", "timeout", "client_timeout", "models",
+                 "_match")
 
     def __init__(self, config: RouteConfig) -> None:
         self.config = config
         self.name = config.name
         self.adapter: Adapter = make_adapter(config)
+        self.face: str = getattr(self.adapter, "face", "openai")  # the error shape its clients read
         self.upstreams = config.upstreams
         self.pool = Pool(config.name, config.upstreams)
         self.defaults: Headers = normalize(config.default_headers)
@@ -63,6 +66,16 @@ class Route:
 
     def serves(self, model: str | None) -> bool:
         return model is not None and self._match is not None and self._match(model) is not None
+
+    def subroutes(self) -> dict[str, Route]:
+        """The paths a face answers beside its own (`/v1/messages/count_tokens`), as routes that
+        share this one's upstreams, health, headers and models but not its adapter."""
+        out: dict[str, Route] = {}
+        for suffix, adapter in getattr(self.adapter, "subpaths", {}).items():
+            sub = copy.copy(self)
+            sub.adapter = adapter
+            out[self.config.path.rstrip("/") + suffix] = sub
+        return out
 
 
 class Unread:
@@ -96,7 +109,7 @@ class RouteTable:
     Routes are kept in file-name order, and the first route whose `models` match wins.
     """
 
-    __slots__ = ("routes", "created", "models_json", "_by_path", "_allowed")
+    __slots__ = ("routes", "created", "models_json", "_by_path", "_allowed", "_faces")
 
     def __init__(self, configs: Sequence[RouteConfig]) -> None:
         self.routes = tuple(Route(c) for c in configs)
@@ -104,11 +117,17 @@ class RouteTable:
         by_path: dict[str, list[Route]] = {}
         for r in self.routes:
             by_path.setdefault(r.config.path, []).append(r)
+        declared = set(by_path)
+        for r in self.routes:
+            for path, sub in r.subroutes().items():
+                if path not in declared:  # a route file naming the path itself wins
+                    by_path.setdefault(path, []).append(sub)
         self._by_path = {
             path: {m: _Choice([r for r in rs if m in r.config.methods]) for m in {m for r in rs for m in r.config.methods}}
             for path, rs in by_path.items()
         }
         self._allowed = {path: ", ".join(sorted(choices)) for path, choices in self._by_path.items()}
+        self._faces = {path: rs[0].face for path, rs in by_path.items()}
         self.models_json = self._models_json()
 
     @classmethod
@@ -117,6 +136,10 @@ class RouteTable:
 
     def has_path(self, path: str) -> bool:
         return path in self._by_path
+
+    def face(self, path: str) -> str:
+        """The error shape of the routes on `path` (its first route's face; "openai" when none)."""
+        return self._faces.get(path, "openai")
 
     @property
     def paths(self) -> frozenset[str]:

@@ -1,0 +1,128 @@
+"""What the agent faces (Anthropic Messages, OpenAI Responses) share beyond the core.
+
+- `left_out`: the tools a local model cannot run (hosted search, code execution,
+  computer use, ...) are left out of the prompt, logged and counted, or refused
+  with a 400 naming them under `hosted_tools: reject`. Codex sends `web_search`
+  by default and Claude Code may send Anthropic's server tools; dropping them
+  lets both work unchanged.
+- `TokenCounter`: `POST {path}/count_tokens` (Messages) and
+  `{path}/input_tokens` (Responses) render the same prompt the request would
+  and ask the upstream's own tokenizer (`POST /tokenize`: vLLM
+  `vllm/entrypoints/serve/tokenize` answers `count`, llama.cpp
+  `tools/server/server.cpp` `handle_tokenize` answers `tokens`, SGLang both);
+  an upstream without one (404/405/501) gets an estimate instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+from ..errors import BadRequest
+from .core import Core, Generation
+
+_encode = msgspec.json.Encoder().encode
+ESTIMATE_BYTES_PER_TOKEN = 4  # the estimate: UTF-8 bytes of the rendered prompt / 4, rounded up
+_NO_TOKENIZER = frozenset({404, 405, 501})
+
+
+def left_out(route: str, policy: str, kinds: list[str], field: str, hint: str) -> None:
+    """Tools the route cannot offer the model: refuse (`hosted_tools: reject`) or count and log them."""
+    if not kinds:
+        return
+    if policy == "reject":
+        raise BadRequest(f"this route cannot run the tools {', '.join(sorted(set(kinds)))} (a local model behind a "
+                         f"completions upstream; the route has `hosted_tools: reject`){hint}", param=field,
+                         code="unsupported_tool")
+    from .. import observe
+
+    observe.left_out_tools(route, kinds)
+
+
+def json_schema_format(schema: dict[str, Any], name: str | None, strict: bool | None) -> dict[str, Any]:
+    """A JSON schema output request in the core's (OpenAI chat) `response_format` form."""
+    inner: dict[str, Any] = {"name": name or "output", "schema": schema}
+    if strict is not None:
+        inner["strict"] = strict
+    return {"type": "json_schema", "json_schema": inner}
+
+
+class _Prompt(msgspec.Struct):
+    prompt: str
+
+
+_decode_prompt = msgspec.json.Decoder(_Prompt).decode
+
+
+class _Tokenized(msgspec.Struct):
+    count: int | None = None
+    tokens: list[Any] | None = None
+
+
+_decode_tokenized = msgspec.json.Decoder(_Tokenized).decode
+
+
+class TokenCounter:
+    """The adapter of a face's token-count path: same decoding, same prompt, the upstream's tokenizer."""
+
+    def __init__(self, core: Core, face: str, decode: Callable[[bytes], Generation],
+                 answer: Callable[[int], bytes]) -> None:
+        self.core = core
+        self.face = face
+        self.decode = decode  # the face's own request decoder (its validation and errors)
+        self.answer = answer  # count -> the face's answer body
+
+    def request(self, body: bytes) -> CountCall:
+        gen = self.decode(body)
+        gen.stream = False
+        prompt = _decode_prompt(self.core.start(gen).body).prompt
+        model = self.core.upstream_model or gen.model
+        # vLLM reads `prompt`, llama.cpp `content`; each ignores the other's field.
+        return CountCall(self, prompt, _encode({"model": model, "prompt": prompt, "content": prompt}))
+
+
+class CountCall:
+    translates = True
+    stream = False
+    upstream_query = False
+    usage = None
+
+    def __init__(self, counter: TokenCounter, prompt: str, body: bytes) -> None:
+        self.counter = counter
+        self.prompt = prompt
+        self.body = body
+
+    def retarget(self, url: str) -> str:
+        """The tokenizer beside the completions endpoint: `http://h/v1/completions` -> `http://h/tokenize`."""
+        parts = urlsplit(url)
+        path = parts.path.rstrip("/")
+        for tail in ("/v1/completions", "/completions"):
+            if path.endswith(tail):
+                path = path[: -len(tail)]
+                break
+        else:
+            path = ""
+        return urlunsplit((parts.scheme, parts.netloc, path + "/tokenize", "", ""))
+
+    def response(self, body: bytes) -> bytes:
+        try:
+            doc = _decode_tokenized(body)
+        except msgspec.DecodeError:
+            doc = _Tokenized()
+        count = doc.count if doc.count is not None else len(doc.tokens) if doc.tokens is not None else None
+        return self.counter.answer(count if count is not None else self.estimate())
+
+    def recover(self, status: int) -> bytes | None:
+        """An upstream without `/tokenize` (an OpenAI-style server): the estimate."""
+        return self.counter.answer(self.estimate()) if status in _NO_TOKENIZER else None
+
+    def estimate(self) -> int:
+        return math.ceil(len(self.prompt.encode("utf-8")) / ESTIMATE_BYTES_PER_TOKEN)
+
+    async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:  # never streamed
+        raise NotImplementedError
+        yield b""
