@@ -9,6 +9,8 @@ import anthropic
 import httpx
 import pytest
 
+from faces_util import said, sse_events
+
 ROUTE = """
     name: qwen-messages
     path: /v1/messages
@@ -35,23 +37,6 @@ def messages(upstream, routes_dir, proxy_for):
         return anthropic.Anthropic(base_url=base, api_key="client-key", max_retries=0, timeout=10), base
 
     return make
-
-
-def said(text: str, events: int | None = None, **more: str) -> dict[str, str]:
-    """Headers scripting the mock's completion text."""
-    headers = {"x-mock-text-json": json.dumps(text), **more}
-    if events is not None:
-        headers["x-mock-events"] = str(events)
-    return headers
-
-
-def sse_events(text: str) -> list[tuple[str, dict]]:
-    """(event line, JSON data) pairs of an SSE body."""
-    out = []
-    for block in text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.split("\n"))
-        out.append((lines["event"], json.loads(lines["data"])))
-    return out
 
 
 def test_create_returns_a_message_and_renders_system_blocks(messages, upstream):

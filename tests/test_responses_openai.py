@@ -10,6 +10,8 @@ import openai
 import pydantic
 import pytest
 
+from faces_util import said, sse_events
+
 ROUTE = """
     name: qwen-responses
     path: /v1/responses
@@ -37,21 +39,6 @@ def responses(upstream, routes_dir, proxy_for):
         return openai.OpenAI(base_url=f"{base}/v1", api_key="client-key", max_retries=0, timeout=10), base
 
     return make
-
-
-def said(text: str, events: int | None = None, **more: str) -> dict[str, str]:
-    headers = {"x-mock-text-json": json.dumps(text), **more}
-    if events is not None:
-        headers["x-mock-events"] = str(events)
-    return headers
-
-
-def sse_events(text: str) -> list[tuple[str, dict]]:
-    out = []
-    for block in text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.split("\n"))
-        out.append((lines["event"], json.loads(lines["data"])))
-    return out
 
 
 def test_create_returns_a_response_and_renders_instructions(responses, upstream):

@@ -5,6 +5,7 @@
   with a 400 naming them under `hosted_tools: reject`. Codex sends `web_search`
   by default and Claude Code may send Anthropic's server tools; dropping them
   lets both work unchanged.
+- `FaceCall`: the run-by-run walk over the core's events both faces' calls share;
 - `TokenCounter`: `POST {path}/count_tokens` (Messages) and
   `{path}/input_tokens` (Responses) render the same prompt the request would
   and ask the upstream's own tokenizer (`POST /tokenize`: vLLM
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 
 from ..errors import BadRequest
-from .core import Core, Generation
+from .core import Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, Usage
 
 _encode = msgspec.json.Encoder().encode
 ESTIMATE_BYTES_PER_TOKEN = 4  # the estimate: UTF-8 bytes of the rendered prompt / 4, rounded up
@@ -126,3 +127,97 @@ class CountCall:
     async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:  # never streamed
         raise NotImplementedError
         yield b""
+
+
+class FaceCall:
+    """What both agent faces do with the core's events (choice 0; neither API has `n`).
+
+    Text and reasoning arrive as runs that open and close blocks (Messages) or
+    items (Responses); tool calls arrive whole. The subclass says what opening,
+    growing and closing a run means in its API, and buffers its stream bytes in
+    `_out`; the same calls build the whole answer, so the two cannot disagree.
+    """
+
+    translates = True
+    upstream_query = False  # a face's query (Claude Code's `?beta=true`) means nothing upstream
+
+    __slots__ = ("turn", "body", "model", "stream", "_open", "_parts", "_usage", "_out")
+
+    def __init__(self, turn: Turn, *, model: str, stream: bool) -> None:
+        self.turn = turn
+        self.body = turn.body
+        self.model = model
+        self.stream = stream  # the client gets SSE
+        self._open: str | None = None  # the open run: "text" | "reasoning"
+        self._parts: list[str] = []  # its text so far
+        self._usage: Usage | None = None
+        self._out: list[bytes] = []  # stream bytes not yet yielded
+
+    @property
+    def usage(self) -> tuple[int, int] | None:
+        """(prompt_tokens, completion_tokens) the upstream reported, for metrics."""
+        return self.turn.usage
+
+    def response(self, body: bytes) -> bytes:
+        """The upstream's whole answer -> the face's whole answer."""
+        self._feed(self.turn.whole(body))
+        self._close()
+        return _encode(self._whole())
+
+    async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Upstream bytes -> the face's events; one upstream read's events go out in one write."""
+        turn = self.turn
+        async for batch in turn.stream(chunks):
+            self._feed(batch)
+            if turn.ended:
+                self._close()
+                self._end()
+            if self._out:
+                out = b"".join(self._out)
+                self._out.clear()
+                yield out
+
+    def _feed(self, batch: list[Event]) -> None:
+        for ev in batch:
+            kind = type(ev)
+            if kind is Text or kind is Reasoning:
+                if ev.choice == 0 and ev.text:
+                    run = "text" if kind is Text else "reasoning"
+                    if self._open != run:
+                        self._close()
+                        self._open = run
+                        self._opened(run)
+                    self._parts.append(ev.text)
+                    self._grew(run, ev.text)
+            elif kind is ToolCall:
+                if ev.choice == 0:
+                    self._close()
+                    self._called(ev)
+            elif kind is Finish:
+                if ev.choice == 0:
+                    self._finished(ev)
+                    self._close()
+            elif kind is Usage:
+                self._usage = ev
+            elif kind is Start:
+                self._started(ev)
+
+    def _close(self) -> None:
+        """End the open run, if any."""
+        run = self._open
+        if run is None:
+            return
+        self._open = None
+        text = "".join(self._parts)
+        self._parts.clear()
+        self._closed(run, text)
+
+    # What the face does at each step.
+    def _started(self, ev: Start) -> None: ...
+    def _opened(self, run: str) -> None: ...
+    def _grew(self, run: str, text: str) -> None: ...
+    def _closed(self, run: str, text: str) -> None: ...
+    def _called(self, ev: ToolCall) -> None: ...
+    def _finished(self, ev: Finish) -> None: ...
+    def _end(self) -> None: ...  # the stream's last events
+    def _whole(self) -> dict[str, Any]: ...  # the whole answer

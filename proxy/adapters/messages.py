@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -31,8 +30,8 @@ import msgspec
 from .. import sse
 from ..errors import BadRequest, bad_body
 from .chat_types import FunctionCall, Message, ToolCall as ChatToolCall
-from .core import Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, Usage
-from .faces import TokenCounter, json_schema_format, left_out
+from .core import Core, Finish, Generation, Start, ToolCall, Turn, Usage
+from .faces import FaceCall, TokenCounter, json_schema_format, left_out
 from .messages_types import Block, MessagesRequest
 
 if TYPE_CHECKING:
@@ -128,51 +127,42 @@ def _history(req: MessagesRequest) -> list[Message]:
                              param=f"{where}.role", code="invalid_value")
         if isinstance(m.content, str):
             out.append(Message(role=m.role, content=m.content))
-        elif m.role == "user":
-            _user(m.content, where, out)
         else:
-            out.append(_assistant(m.content, where))
+            _turn(m.role, m.content, where, out)
     if not req.messages:
         raise BadRequest("messages: at least one message is required", param="messages", code="invalid_value")
     return out
 
 
-def _user(blocks: list[Block], where: str, out: list[Message]) -> None:
-    """A user turn: its tool results first (templates put them right after the calls), then its text."""
-    texts: list[str] = []
-    for j, b in enumerate(blocks):
-        at = f"{where}.content[{j}]"
-        if b.type == "text":
-            texts.append(_need(b.text, at, "text"))
-        elif b.type == "tool_result":
-            result = _result_text(b.content, at)
-            out.append(Message(role="tool", content=f"Error: {result}" if b.is_error else result,
-                               tool_call_id=_need(b.tool_use_id, at, "tool_use_id")))
-        else:
-            _unsupported(b, at)
-    if texts:
-        out.append(Message(role="user", content="\n".join(texts)))
-
-
-def _assistant(blocks: list[Block], where: str) -> Message:
+def _turn(role: str, blocks: list[Block], where: str, out: list[Message]) -> None:
+    """One turn's blocks in chat form. A user turn's tool results go first (templates put them right
+    after the calls), then its text; an assistant turn is one message with text, reasoning and calls."""
     texts: list[str] = []
     thoughts: list[str] = []
     calls: list[ChatToolCall] = []
     for j, b in enumerate(blocks):
         at = f"{where}.content[{j}]"
-        if b.type == "text":
+        kind = b.type
+        if kind == "text":
             texts.append(_need(b.text, at, "text"))
-        elif b.type == "thinking":
+        elif kind == "tool_result" and role == "user":
+            result = _result_text(b.content, at)
+            out.append(Message(role="tool", content=f"Error: {result}" if b.is_error else result,
+                               tool_call_id=_need(b.tool_use_id, at, "tool_use_id")))
+        elif kind == "thinking" and role == "assistant":
             thoughts.append(_need(b.thinking, at, "thinking"))
-        elif b.type == "redacted_thinking":
+        elif kind == "redacted_thinking" and role == "assistant":
             continue  # encrypted by Anthropic: nothing a local model can read
-        elif b.type == "tool_use":
+        elif kind == "tool_use" and role == "assistant":
             args = b.input if isinstance(b.input, dict) else {}
             calls.append(ChatToolCall(FunctionCall(_need(b.name, at, "name"), args), id=b.id))
         else:
             _unsupported(b, at)
-    return Message(role="assistant", content="".join(texts) or None, tool_calls=calls or None,
-                   reasoning_content="".join(thoughts) or None)
+    if role == "assistant":
+        out.append(Message(role="assistant", content="".join(texts) or None, tool_calls=calls or None,
+                           reasoning_content="".join(thoughts) or None))
+    elif texts:
+        out.append(Message(role="user", content="\n".join(texts)))
 
 
 def _result_text(content: str | list[Block] | None, at: str) -> str:
@@ -193,7 +183,7 @@ def _need(value: str | None, at: str, field: str) -> str:
 
 
 def _unsupported(b: Block, at: str) -> None:
-    why = _UNSUPPORTED_BLOCKS.get(b.type, f"block type {b.type!r} is not supported in this position")
+    why = _UNSUPPORTED_BLOCKS.get(b.type, f"a {b.type!r} block is not supported in this position")
     raise BadRequest(f"{at}: {why}", param=f"{at}.type", code="unsupported_content")
 
 
@@ -220,10 +210,6 @@ def _count_answer(count: int) -> bytes:
 # --- the answer ---------------------------------------------------------------------------------
 
 
-def _event(kind: bytes, data: bytes) -> bytes:
-    return sse.named(kind, data)
-
-
 def _message_id(upstream_id: str | None) -> str:
     return "msg_" + (upstream_id.removeprefix("cmpl-") if upstream_id else os.urandom(12).hex())
 
@@ -245,153 +231,97 @@ def _signature(thinking: str) -> str:
     return "llmproxy-" + hashlib.sha256(thinking.encode("utf-8")).hexdigest()[:32]
 
 
-class MessagesCall:
+class MessagesCall(FaceCall):
     """One Messages request in flight: core events -> a `message`, or its event stream.
 
-    One state machine serves both: blocks open and close as the events arrive,
-    and the whole answer is the content it collected (so the two cannot disagree).
+    Text and reasoning runs are `text` and `thinking` blocks; each tool call is a `tool_use` block.
     """
 
-    translates = True
-    upstream_query = False  # Claude Code's `?beta=true` is for Anthropic, not the upstream
-
-    __slots__ = ("turn", "body", "model", "stream", "_id", "_index", "_open", "_parts", "_content", "_reason",
-                 "_stop_sequence", "_usage", "_pinged", "_out")
+    __slots__ = ("_id", "_index", "_content", "_reason", "_stop_sequence", "_pinged")
 
     def __init__(self, turn: Turn, *, model: str, stream: bool) -> None:
-        self.turn = turn
-        self.body = turn.body
-        self.model = model
-        self.stream = stream
+        super().__init__(turn, model=model, stream=stream)
         self._id = ""
         self._index = -1  # the current block
-        self._open: str | None = None  # its type: text | thinking
-        self._parts: list[str] = []  # its text so far
         self._content: list[dict[str, Any]] = []
         self._reason: str | None = None
         self._stop_sequence: str | None = None
-        self._usage = Usage(0, 0)
         self._pinged = False
-        self._out: list[bytes] = []
 
-    @property
-    def usage(self) -> tuple[int, int] | None:
-        return self.turn.usage
-
-    def response(self, body: bytes) -> bytes:
-        self._feed(self.turn.whole(body))
-        self._close()
-        return _encode(self._message(self._content, self._reason, self._stop_sequence, self._usage))
-
-    async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        turn = self.turn
-        async for batch in turn.stream(chunks):
-            self._feed(batch)
-            if turn.ended:
-                self._finish()
-            if self._out:
-                out = b"".join(self._out)
-                self._out.clear()
-                yield out
-
-    def _message(self, content: list[dict[str, Any]], reason: str | None, stop: str | None, usage: Usage
+    def _message(self, content: list[dict[str, Any]], reason: str | None, stop: str | None, usage: Usage | None
                  ) -> dict[str, Any]:
+        u = usage or Usage(0, 0)
         return {"id": self._id, "type": "message", "role": "assistant", "model": self.model, "content": content,
                 "stop_reason": reason, "stop_sequence": stop,
-                "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}}
+                "usage": {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens}}
 
-    def _feed(self, batch: list[Event]) -> None:
-        for ev in batch:
-            kind = type(ev)
-            if kind is Text:
-                if ev.choice == 0 and ev.text:
-                    self._delta("text", ev.text)
-            elif kind is Reasoning:
-                if ev.choice == 0 and ev.text:
-                    self._delta("thinking", ev.text)
-            elif kind is ToolCall:
-                if ev.choice == 0:
-                    self._tool_use(ev)
-            elif kind is Finish:
-                if ev.choice == 0:
-                    self._close()
-                    stop = ev.stop_sequence
-                    self._reason = "stop_sequence" if stop else _STOP_REASONS.get(ev.reason, "end_turn")
-                    self._stop_sequence = stop
-            elif kind is Usage:
-                self._usage = ev
-            elif kind is Start:
-                self._id = _message_id(ev.id)
-                if self.stream:
-                    start = self._message([], None, None, Usage(0, 0))
-                    self._out.append(_event(b"message_start", _encode({"type": "message_start", "message": start})))
+    def _whole(self) -> dict[str, Any]:
+        return self._message(self._content, self._reason or "end_turn", self._stop_sequence, self._usage)
 
-    def _delta(self, kind: str, text: str) -> None:
-        if self._open != kind:
-            self._close()
-            self._start({"type": "text", "text": ""} if kind == "text" else
-                        {"type": "thinking", "thinking": "", "signature": ""})
-            self._open = kind
-        self._parts.append(text)
+    def _emit(self, kind: bytes, data: dict[str, Any]) -> None:
         if self.stream:
-            delta = ({"type": "text_delta", "text": text} if kind == "text" else
-                     {"type": "thinking_delta", "thinking": text})
-            self._out.append(_event(b"content_block_delta", _encode(
-                {"type": "content_block_delta", "index": self._index, "delta": delta})))
+            self._out.append(sse.named(kind, _encode(data)))
 
-    def _tool_use(self, call: ToolCall) -> None:
-        self._close()
+    def _started(self, ev: Start) -> None:
+        self._id = _message_id(ev.id)
+        self._emit(b"message_start", {"type": "message_start", "message": self._message([], None, None, None)})
+
+    def _opened(self, run: str) -> None:
+        self._start({"type": "text", "text": ""} if run == "text" else
+                    {"type": "thinking", "thinking": "", "signature": ""})
+
+    def _grew(self, run: str, text: str) -> None:
+        if self.stream:
+            delta = {"type": "text_delta", "text": text} if run == "text" else {"type": "thinking_delta",
+                                                                                "thinking": text}
+            self._emit(b"content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta})
+
+    def _closed(self, run: str, text: str) -> None:
+        block = self._content[-1]
+        if run == "text":
+            block["text"] = text
+        else:
+            block["thinking"] = text
+            block["signature"] = _signature(text)
+            self._emit(b"content_block_delta", {"type": "content_block_delta", "index": self._index,
+                                                "delta": {"type": "signature_delta", "signature": block["signature"]}})
+        self._stop()
+
+    def _called(self, call: ToolCall) -> None:
         block = {"type": "tool_use", "id": _tool_id(call.id), "name": call.name, "input": {}}
         self._start(block)
-        if self.stream:
-            self._out.append(_event(b"content_block_delta", _encode(
-                {"type": "content_block_delta", "index": self._index,
-                 "delta": {"type": "input_json_delta", "partial_json": call.arguments}})))
+        self._emit(b"content_block_delta", {"type": "content_block_delta", "index": self._index,
+                                            "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
         block["input"] = _input(call.arguments)
         self._stop()
+
+    def _finished(self, ev: Finish) -> None:
+        stop = ev.stop_sequence
+        self._reason = "stop_sequence" if stop else _STOP_REASONS.get(ev.reason, "end_turn")
+        self._stop_sequence = stop
 
     def _start(self, block: dict[str, Any]) -> None:
         self._index += 1
         self._content.append(block)
         if self.stream:
-            self._out.append(_event(b"content_block_start", _encode(
-                {"type": "content_block_start", "index": self._index, "content_block": block})))
+            self._emit(b"content_block_start", {"type": "content_block_start", "index": self._index,
+                                                "content_block": block})
             if not self._pinged:
                 self._pinged = True
-                self._out.append(_event(b"ping", b'{"type":"ping"}'))
-
-    def _close(self) -> None:
-        """End the open text or thinking block, if any."""
-        kind = self._open
-        if kind is None:
-            return
-        text = "".join(self._parts)
-        self._parts.clear()
-        self._open = None
-        block = self._content[-1]
-        if kind == "text":
-            block["text"] = text
-        else:
-            block["thinking"] = text
-            block["signature"] = _signature(text)
-            if self.stream:
-                self._out.append(_event(b"content_block_delta", _encode(
-                    {"type": "content_block_delta", "index": self._index,
-                     "delta": {"type": "signature_delta", "signature": block["signature"]}})))
-        self._stop()
+                self._out.append(sse.named(b"ping", b'{"type":"ping"}'))
 
     def _stop(self) -> None:
         if self.stream:
-            self._out.append(_event(b"content_block_stop", b'{"type":"content_block_stop","index":'
-                                    + str(self._index).encode() + b"}"))
+            self._out.append(sse.named(b"content_block_stop", b'{"type":"content_block_stop","index":'
+                                       + str(self._index).encode() + b"}"))
 
-    def _finish(self) -> None:
-        """After the last event: `message_delta` with the stop reason and usage, then `message_stop`."""
-        self._close()
-        delta = {"type": "message_delta", "delta": {"stop_reason": self._reason or "end_turn",
-                                                    "stop_sequence": self._stop_sequence},
-                 # input_tokens too: the upstream reports usage only at the end, after message_start
-                 # (the SDK's accumulator takes both from here, `_messages.py` `message_delta`).
-                 "usage": {"input_tokens": self._usage.prompt_tokens, "output_tokens": self._usage.completion_tokens}}
-        self._out.append(_event(b"message_delta", _encode(delta)))
-        self._out.append(_event(b"message_stop", b'{"type":"message_stop"}'))
+    def _end(self) -> None:
+        """`message_delta` with the stop reason and usage, then `message_stop`."""
+        u = self._usage or Usage(0, 0)
+        self._emit(b"message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": self._reason or "end_turn", "stop_sequence": self._stop_sequence},
+            # input_tokens too: the upstream reports usage only at the end, after message_start
+            # (the SDK's accumulator takes both from here, `_messages.py` `message_delta`).
+            "usage": {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens}})
+        self._out.append(sse.named(b"message_stop", b'{"type":"message_stop"}'))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -37,8 +36,8 @@ import msgspec
 from .. import sse
 from ..errors import BadRequest, ProxyError, bad_body
 from .chat_types import FunctionCall, Message, ToolCall as ChatToolCall
-from .core import Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, Usage
-from .faces import TokenCounter, json_schema_format, left_out
+from .core import Core, Finish, Generation, Start, ToolCall, Turn
+from .faces import FaceCall, TokenCounter, json_schema_format, left_out
 from .responses_types import Item, Part, ResponsesRequest
 
 if TYPE_CHECKING:
@@ -227,64 +226,30 @@ def _rid(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
 
 
-class ResponsesCall:
+class ResponsesCall(FaceCall):
     """One Responses request in flight: core events -> a `response`, or its event stream.
 
-    One state machine serves both: items open and close as the events arrive and
-    the whole answer is the output it collected, so the two cannot disagree.
+    Text runs are `message` items, reasoning runs `reasoning` items, each tool call a `function_call` item.
     """
 
-    translates = True
-    upstream_query = False
-
-    __slots__ = ("turn", "body", "req", "tools", "model", "stream", "_id", "_created", "_seq", "_items", "_open",
-                 "_parts", "_incomplete", "_usage", "_out", "_begun")
+    __slots__ = ("req", "tools", "_id", "_created", "_seq", "_items", "_incomplete", "_begun")
 
     def __init__(self, turn: Turn, req: ResponsesRequest, tools: list[dict[str, Any]], *, model: str) -> None:
-        self.turn = turn
-        self.body = turn.body
+        super().__init__(turn, model=model, stream=req.stream)
         self.req = req
-        self.tools = tools
-        self.model = model
-        self.stream = req.stream
+        self.tools = tools  # the function tools, echoed in the response
         self._id = ""
         self._created = 0
         self._seq = 0
         self._items: list[dict[str, Any]] = []
-        self._open: str | None = None  # message | reasoning
-        self._parts: list[str] = []
         self._incomplete = False
-        self._usage: Usage | None = None
-        self._out: list[bytes] = []
         self._begun = False
-
-    @property
-    def usage(self) -> tuple[int, int] | None:
-        return self.turn.usage
-
-    def response(self, body: bytes) -> bytes:
-        self._feed(self.turn.whole(body))
-        self._close()
-        return _encode(self._response("incomplete" if self._incomplete else "completed"))
-
-    async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        turn = self.turn
-        async for batch in turn.stream(chunks):
-            self._feed(batch)
-            if turn.ended:
-                self._close()
-                kind = "incomplete" if self._incomplete else "completed"
-                self._emit("response." + kind, {"response": self._response(kind)})
-            if self._out:
-                out = b"".join(self._out)
-                self._out.clear()
-                yield out
 
     def stream_error(self, exc: ProxyError) -> bytes:
         """A failure after the stream began: an `error` event, then `response.failed` (which Codex reads)."""
         self._out.clear()
         if not self._begun:
-            self._begin(None, int(time.time()))
+            self._started(Start(None, int(time.time())))
         code = "server_error" if exc.status >= 500 else str(exc.code or exc.type)
         self._emit("error", {"code": code, "message": exc.message, "param": exc.param})
         failed = self._response("failed")
@@ -292,14 +257,22 @@ class ResponsesCall:
         self._emit("response.failed", {"response": failed})
         return b"".join(self._out)
 
-    # --- the state machine --------------------------------------------------------------------
-
     def _emit(self, kind: str, fields: dict[str, Any]) -> None:
         if self.stream:
             fields["type"] = kind
             fields["sequence_number"] = self._seq
             self._seq += 1
             self._out.append(sse.named(kind.encode(), _encode(fields)))
+
+    def _status(self) -> str:
+        return "incomplete" if self._incomplete else "completed"
+
+    def _whole(self) -> dict[str, Any]:
+        return self._response(self._status())
+
+    def _end(self) -> None:
+        status = self._status()
+        self._emit("response." + status, {"response": self._response(status)})
 
     def _response(self, status: str) -> dict[str, Any]:
         req = self.req
@@ -324,33 +297,12 @@ class ResponsesCall:
                 "total_tokens": u.prompt_tokens + u.completion_tokens},
         }
 
-    def _begin(self, upstream_id: str | None, created: int) -> None:
+    def _started(self, ev: Start) -> None:
         self._begun = True
-        self._id = "resp_" + (upstream_id.removeprefix("cmpl-") if upstream_id else os.urandom(12).hex())
-        self._created = created
+        self._id = "resp_" + (ev.id.removeprefix("cmpl-") if ev.id else os.urandom(12).hex())
+        self._created = ev.created
         self._emit("response.created", {"response": self._response("in_progress")})
         self._emit("response.in_progress", {"response": self._response("in_progress")})
-
-    def _feed(self, batch: list[Event]) -> None:
-        for ev in batch:
-            kind = type(ev)
-            if kind is Text:
-                if ev.choice == 0 and ev.text:
-                    self._delta("message", ev.text)
-            elif kind is Reasoning:
-                if ev.choice == 0 and ev.text:
-                    self._delta("reasoning", ev.text)
-            elif kind is ToolCall:
-                if ev.choice == 0:
-                    self._call(ev)
-            elif kind is Finish:
-                if ev.choice == 0:
-                    self._incomplete = ev.reason == "length"
-                    self._close()
-            elif kind is Usage:
-                self._usage = ev
-            elif kind is Start:
-                self._begin(ev.id, ev.created)
 
     def _item(self, item: dict[str, Any]) -> int:
         self._items.append(item)
@@ -358,57 +310,32 @@ class ResponsesCall:
         self._emit("response.output_item.added", {"output_index": index, "item": dict(item)})
         return index
 
-    def _delta(self, kind: str, text: str) -> None:
-        index = len(self._items) - 1
-        if self._open != kind:
-            self._close()
-            if kind == "message":
-                item = {"id": _rid("msg_"), "type": "message", "status": "in_progress", "role": "assistant",
-                        "content": []}
-                part: dict[str, Any] = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            else:
-                item = {"id": _rid("rs_"), "type": "reasoning", "status": "in_progress", "summary": [],
-                        "content": []}
-                part = {"type": "reasoning_text", "text": ""}
-            index = self._item(item)
-            self._emit("response.content_part.added", {"item_id": item["id"], "output_index": index,
-                                                       "content_index": 0, "part": part})
-            self._open = kind
-        self._parts.append(text)
-        if self.stream:
-            item_id = self._items[index]["id"]
-            if kind == "message":
-                self._emit("response.output_text.delta", {"item_id": item_id, "output_index": index,
-                                                          "content_index": 0, "delta": text, "logprobs": []})
-            else:
-                self._emit("response.reasoning_text.delta", {"item_id": item_id, "output_index": index,
-                                                             "content_index": 0, "delta": text})
-
-    def _call(self, call: ToolCall) -> None:
-        self._close()
-        item = {"id": "fc_" + call.id.removeprefix("call_"), "type": "function_call", "status": "in_progress",
-                "call_id": call.id, "name": call.name, "arguments": ""}
+    def _opened(self, run: str) -> None:
+        if run == "text":
+            item = {"id": _rid("msg_"), "type": "message", "status": "in_progress", "role": "assistant",
+                    "content": []}
+            part: dict[str, Any] = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        else:
+            item = {"id": _rid("rs_"), "type": "reasoning", "status": "in_progress", "summary": [], "content": []}
+            part = {"type": "reasoning_text", "text": ""}
         index = self._item(item)
-        self._emit("response.function_call_arguments.delta", {"item_id": item["id"], "output_index": index,
-                                                               "delta": call.arguments})
-        self._emit("response.function_call_arguments.done", {"item_id": item["id"], "output_index": index,
-                                                              "name": call.name, "arguments": call.arguments})
-        item["arguments"] = call.arguments
-        item["status"] = "completed"
-        self._emit("response.output_item.done", {"output_index": index, "item": item})
+        self._emit("response.content_part.added", {"item_id": item["id"], "output_index": index,
+                                                   "content_index": 0, "part": part})
 
-    def _close(self) -> None:
-        """End the open message or reasoning item, if any."""
-        kind = self._open
-        if kind is None:
-            return
-        self._open = None
-        text = "".join(self._parts)
-        self._parts.clear()
+    def _grew(self, run: str, text: str) -> None:
+        if self.stream:
+            index = len(self._items) - 1
+            ids = {"item_id": self._items[index]["id"], "output_index": index, "content_index": 0, "delta": text}
+            if run == "text":
+                self._emit("response.output_text.delta", {**ids, "logprobs": []})
+            else:
+                self._emit("response.reasoning_text.delta", ids)
+
+    def _closed(self, run: str, text: str) -> None:
         index = len(self._items) - 1
         item = self._items[index]
         ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        if kind == "message":
+        if run == "text":
             part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
             self._emit("response.output_text.done", {**ids, "text": text, "logprobs": []})
         else:
@@ -416,5 +343,19 @@ class ResponsesCall:
             self._emit("response.reasoning_text.done", {**ids, "text": text})
         self._emit("response.content_part.done", {**ids, "part": part})
         item["content"] = [part]
-        item["status"] = "incomplete" if self._incomplete else "completed"
+        item["status"] = self._status()
         self._emit("response.output_item.done", {"output_index": index, "item": item})
+
+    def _called(self, call: ToolCall) -> None:
+        item = {"id": "fc_" + call.id.removeprefix("call_"), "type": "function_call", "status": "in_progress",
+                "call_id": call.id, "name": call.name, "arguments": ""}
+        index = self._item(item)
+        ids = {"item_id": item["id"], "output_index": index}
+        self._emit("response.function_call_arguments.delta", {**ids, "delta": call.arguments})
+        self._emit("response.function_call_arguments.done", {**ids, "name": call.name, "arguments": call.arguments})
+        item["arguments"] = call.arguments
+        item["status"] = "completed"
+        self._emit("response.output_item.done", {"output_index": index, "item": item})
+
+    def _finished(self, ev: Finish) -> None:
+        self._incomplete = ev.reason == "length"
