@@ -256,3 +256,15 @@ def test_count_tokens_uses_the_upstream_tokenizer_or_estimates(messages, upstrea
     assert counted.input_tokens == len(prompt.split())  # the mock counts words
     estimated = client.messages.count_tokens(**kw, extra_headers={"x-mock-status": "404"})
     assert estimated.input_tokens == -(-len(prompt.encode()) // 4)
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_route_stream_modes(messages, mode):
+    """`stream: always` (SSE upstream, whole answer to the client) and `never` (the reverse)."""
+    client, _ = messages(extra=f"stream: {mode}")
+    whole = client.messages.create(model="q", max_tokens=20, messages=[{"role": "user", "content": "x"}],
+                                   extra_headers=said("a b c"))
+    assert whole.content[0].text == "a b c" and whole.stop_reason == "end_turn"
+    with client.messages.stream(model="q", max_tokens=20, messages=[{"role": "user", "content": "x"}],
+                                extra_headers=said("a b c")) as s:
+        assert s.get_final_message().content[0].text == "a b c"

@@ -19,6 +19,7 @@ ROUTE = """
     adapter: responses-to-completions
     reasoning: {reasoning}
     hosted_tools: {hosted}
+    stream: {mode}
     default_headers: {{Authorization: Bearer s3cret}}
 """
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
@@ -31,10 +32,10 @@ TOOL_TEXT = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city
 def responses(upstream, routes_dir, proxy_for):
     """`responses(reasoning=..., hosted=...)` -> (openai client, proxy base URL)."""
 
-    def make(reasoning: str = "none", hosted: str = "ignore", upstream_url: str | None = None
+    def make(reasoning: str = "none", hosted: str = "ignore", upstream_url: str | None = None, mode: str = "auto"
              ) -> tuple[openai.OpenAI, str]:
         folder = routes_dir(responses=ROUTE.format(upstream=upstream_url or upstream.url, reasoning=reasoning,
-                                                   hosted=hosted))
+                                                   hosted=hosted, mode=mode))
         base = proxy_for(folder)
         return openai.OpenAI(base_url=f"{base}/v1", api_key="client-key", max_retries=0, timeout=10), base
 
@@ -247,3 +248,42 @@ def test_input_tokens_count(responses, upstream):
     seen = upstream.requests[-1]
     assert seen.path == "/tokenize"
     assert counted.input_tokens == len(json.loads(seen.body)["prompt"].split())
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_route_stream_modes(responses, mode):
+    """`stream: always` (SSE upstream, whole answer to the client) and `never` (the reverse)."""
+    client, _ = responses(mode=mode)
+    assert client.responses.create(model="q", input="x", extra_headers=said("a b c")).output_text == "a b c"
+    with client.responses.stream(model="q", input="x", extra_headers=said("a b c")) as s:
+        assert s.get_final_response().output_text == "a b c"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_custom_tool_round_trip(responses, upstream, stream):
+    """A free-text tool (Codex's freeform `apply_patch`): offered as a function of one string, answered
+    as a `custom_tool_call` item, sent back as `custom_tool_call` + `custom_tool_call_output`."""
+    client, _ = responses()
+    tool = {"type": "custom", "name": "apply_patch", "description": "Edit files.",
+            "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}
+    patch = "*** Begin Patch\n*** End Patch"
+    text = "<tool_call>\n" + json.dumps({"name": "apply_patch", "arguments": {"input": patch}}) + "\n</tool_call>"
+    kw = dict(model="q", input="fix it", tools=[tool], extra_headers=said(text, 3))
+    if stream:
+        with client.responses.stream(**kw) as s:
+            kinds = [e.type for e in s]
+            r = s.get_final_response()
+        assert "response.custom_tool_call_input.done" in kinds
+    else:
+        r = client.responses.create(**kw)
+    call = r.output[0]
+    assert call.type == "custom_tool_call" and call.name == "apply_patch" and call.input == patch
+    sent = json.loads(upstream.requests[-1].body)["prompt"]
+    assert '"parameters": {"type": "object", "properties": {"input": {"type": "string"}}' in sent
+    assert "grammar:\\nstart: /.+/" in sent
+    client.responses.create(model="q", tools=[tool], input=[
+        {"role": "user", "content": "fix it"}, call.model_dump(exclude_none=True),
+        {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Done!"}], extra_headers=said("ok"))
+    prompt = json.loads(upstream.requests[-1].body)["prompt"]
+    assert '"arguments": {"input": "*** Begin Patch\\n*** End Patch"}}' in prompt
+    assert "<tool_response>\nDone!\n</tool_response>" in prompt

@@ -3,7 +3,10 @@
 `request()` turns the Responses body into the core's `Generation` (input items
 in chat form: `instructions` and `developer`/`system` messages -> system,
 `function_call` -> assistant `tool_calls`, `function_call_output` -> `role:
-tool`, `reasoning` -> the next assistant turn's `reasoning_content`);
+tool`, `reasoning` -> the next assistant turn's `reasoning_content`). Custom
+(free-text) tools, such as Codex's `apply_patch` in its freeform form, are
+offered to the model as functions of one string argument `input` and come back
+as `custom_tool_call` items.
 `ResponsesCall` encodes the core's events as one `response` object or as the
 Responses event stream.
 
@@ -27,6 +30,7 @@ failure after the stream began with an `error` event and `response.failed`.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -71,7 +75,8 @@ class ResponsesToCompletions:
 
     def request(self, body: bytes) -> ResponsesCall:
         gen, req, tools = self.generation(body)
-        return ResponsesCall(self.core.start(gen), req, tools, model=gen.model or self.model)
+        custom = frozenset(t["name"] for t in tools if t.get("type") == "custom")
+        return ResponsesCall(self.core.start(gen), req, tools, custom, model=gen.model or self.model)
 
     def generation(self, body: bytes) -> tuple[Generation, ResponsesRequest, list[dict[str, Any]]]:
         """A Responses body -> the core's `Generation` (and what the answer echoes)."""
@@ -110,21 +115,38 @@ class ResponsesToCompletions:
         tools, echoed, hosted = [], [], []
         for i, t in enumerate(req.tools or ()):
             kind = t.get("type")
-            if kind != "function":
+            if kind not in ("function", "custom"):
                 hosted.append(str(kind))
                 continue
             name = t.get("name")
             if not isinstance(name, str) or not name:
-                raise BadRequest(f"tools[{i}].name: required for a function tool", param=f"tools[{i}].name",
+                raise BadRequest(f"tools[{i}].name: required for a {kind} tool", param=f"tools[{i}].name",
                                  code="missing_field")
             fn = {"name": name}
-            if t.get("description") is not None:
-                fn["description"] = t["description"]
-            fn["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
+            if kind == "custom":
+                fn["description"] = _custom_description(t)
+                fn["parameters"] = _CUSTOM_PARAMETERS
+            else:
+                if t.get("description") is not None:
+                    fn["description"] = t["description"]
+                fn["parameters"] = t.get("parameters") or {"type": "object", "properties": {}}
             tools.append({"type": "function", "function": fn})
             echoed.append(t)
-        left_out(self.route, self.hosted_tools, hosted, "tools", "; send only function tools")
+        left_out(self.route, self.hosted_tools, hosted, "tools", "; send only function and custom tools")
         return tools or None, echoed
+
+
+# A custom tool takes free text: the model sees a function of one string.
+_CUSTOM_PARAMETERS = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
+
+
+def _custom_description(tool: dict[str, Any]) -> str:
+    """A custom tool's description, with its input grammar when it has one (the model must follow it)."""
+    text = str(tool.get("description") or "")
+    fmt = tool.get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "grammar" and fmt.get("definition"):
+        text += f"\n\nThe `input` string must follow this {fmt.get('syntax', '')} grammar:\n{fmt['definition']}"
+    return text.strip()
 
 
 def _history(req: ResponsesRequest) -> list[Message]:
@@ -149,13 +171,14 @@ def _history(req: ResponsesRequest) -> list[Message]:
                 last.content = (_text_of(last.content) + text) or None
             else:
                 out.append(Message(role=role, content=text))
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
             if not item.name or item.call_id is None:
-                raise BadRequest(f"{at}: a function_call needs `name` and `call_id`", param=at, code="missing_field")
+                raise BadRequest(f"{at}: a {kind} needs `name` and `call_id`", param=at, code="missing_field")
             last = _assistant(out, thought)
-            call = ChatToolCall(FunctionCall(item.name, item.arguments or "{}"), id=item.call_id)
+            args = (item.arguments or "{}") if kind == "function_call" else {"input": item.input or ""}
+            call = ChatToolCall(FunctionCall(item.name, args), id=item.call_id)
             last.tool_calls = (last.tool_calls or []) + [call]
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             if item.call_id is None:
                 raise BadRequest(f"{at}.call_id: required", param=f"{at}.call_id", code="missing_field")
             out.append(Message(role="tool", content=_text(item.output, f"{at}.output"), tool_call_id=item.call_id))
@@ -209,9 +232,10 @@ def _text(content: str | list[Part] | None, at: str) -> str:
 def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
     if choice is None or isinstance(choice, str):
         return choice
-    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+    if choice.get("type") in ("function", "custom") and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise BadRequest("tool_choice: must be none, auto, required or {'type': 'function', 'name': ...} on this route",
+    raise BadRequest("tool_choice: must be none, auto, required or {'type': 'function' | 'custom', 'name': ...} "
+                     "on this route",
                      param="tool_choice", code="invalid_value")
 
 
@@ -232,12 +256,14 @@ class ResponsesCall(FaceCall):
     Text runs are `message` items, reasoning runs `reasoning` items, each tool call a `function_call` item.
     """
 
-    __slots__ = ("req", "tools", "_id", "_created", "_seq", "_items", "_incomplete", "_begun")
+    __slots__ = ("req", "tools", "custom", "_id", "_created", "_seq", "_items", "_incomplete", "_begun")
 
-    def __init__(self, turn: Turn, req: ResponsesRequest, tools: list[dict[str, Any]], *, model: str) -> None:
+    def __init__(self, turn: Turn, req: ResponsesRequest, tools: list[dict[str, Any]], custom: frozenset[str], *,
+                 model: str) -> None:
         super().__init__(turn, model=model, stream=req.stream)
         self.req = req
-        self.tools = tools  # the function tools, echoed in the response
+        self.tools = tools  # the function and custom tools, echoed in the response
+        self.custom = custom  # the names of the custom (free-text) tools
         self._id = ""
         self._created = 0
         self._seq = 0
@@ -347,6 +373,9 @@ class ResponsesCall(FaceCall):
         self._emit("response.output_item.done", {"output_index": index, "item": item})
 
     def _called(self, call: ToolCall) -> None:
+        if call.name in self.custom:
+            self._custom(call)
+            return
         item = {"id": "fc_" + call.id.removeprefix("call_"), "type": "function_call", "status": "in_progress",
                 "call_id": call.id, "name": call.name, "arguments": ""}
         index = self._item(item)
@@ -354,6 +383,24 @@ class ResponsesCall(FaceCall):
         self._emit("response.function_call_arguments.delta", {**ids, "delta": call.arguments})
         self._emit("response.function_call_arguments.done", {**ids, "name": call.name, "arguments": call.arguments})
         item["arguments"] = call.arguments
+        item["status"] = "completed"
+        self._emit("response.output_item.done", {"output_index": index, "item": item})
+
+    def _custom(self, call: ToolCall) -> None:
+        """A call of a custom tool: its `input` argument is the free text the client gets."""
+        try:
+            args = json.loads(call.arguments)
+        except ValueError:
+            args = None
+        text = args.get("input") if isinstance(args, dict) else None
+        text = text if isinstance(text, str) else call.arguments
+        item = {"id": "ctc_" + call.id.removeprefix("call_"), "type": "custom_tool_call", "status": "in_progress",
+                "call_id": call.id, "name": call.name, "input": ""}
+        index = self._item(item)
+        ids = {"item_id": item["id"], "output_index": index}
+        self._emit("response.custom_tool_call_input.delta", {**ids, "delta": text})
+        self._emit("response.custom_tool_call_input.done", {**ids, "input": text})
+        item["input"] = text
         item["status"] = "completed"
         self._emit("response.output_item.done", {"output_index": index, "item": item})
 

@@ -37,7 +37,8 @@ class Item(msgspec.Struct):
     call_id: str | None = None  # function_call, function_call_output
     name: str | None = None  # function_call
     arguments: str | None = None  # function_call: JSON text
-    output: str | list[Part] | None = None  # function_call_output
+    input: str | None = None  # custom_tool_call: free text
+    output: str | list[Part] | None = None  # function_call_output, custom_tool_call_output
     summary: list[Part] | None = None  # reasoning
     id: str | None = None
 
