@@ -198,22 +198,17 @@ class ChatCall:
 
     # --- streams -------------------------------------------------------------------------
 
-    async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Upstream bytes -> `chat.completion.chunk` events, then `[DONE]`.
+    def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Upstream bytes -> `chat.completion.chunk` events, then `[DONE]`."""
+        return self.turn.relay(chunks, self._chunks)
 
-        The events of one upstream read go out in one write, never held for a later one.
-        """
-        turn = self.turn
-        async for batch in turn.stream(chunks):
-            out = self._chunks(batch)
-            if turn.ended:
-                out += sse.DONE_EVENT
-            if out:
-                yield out
+    def _chunks(self, batch: list[Event], last: bool) -> bytes:
+        """One upstream read's events -> chunk events (and `[DONE]` after the last). A choice's
+        text and its `Finish` (and reasoning and text decided together) share one chunk."""
+        out = self._encode_batch(batch)
+        return out + sse.DONE_EVENT if last else out
 
-    def _chunks(self, batch: list[Event]) -> bytes:
-        """One upstream read's events -> chunk events. A choice's text and its `Finish`
-        (and reasoning and text decided together) share one chunk, as the upstream sent them."""
+    def _encode_batch(self, batch: list[Event]) -> bytes:
         out = b""
         i, n = 0, len(batch)
         while i < n:

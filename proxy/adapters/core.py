@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -215,13 +215,18 @@ class _Choice:
         """Append the events that `text` (and the end, when `finish` is set) decide. `matched` is the
         upstream's report of the stop string that ended it (vLLM `stop_reason`, SGLang `matched_stop`)."""
         end = finish is not None
+        if self.seen and not end and self.think is None and self.tools is None:  # the hot path: plain text
+            text = self.stop.feed(text)
+            if text or lp != b"null":
+                out.append(Text(self.index, text, lp))
+            return
         first = not self.seen
         self.seen = True
         text = self.stop.feed(text)
         if end:
             text += self.stop.finish()
             self.finished = True
-        if self.think is None and self.tools is None:  # plain text: the hot path
+        if self.think is None and self.tools is None:
             if text or first or lp != b"null":
                 out.append(Text(self.index, text, lp))
         else:
@@ -264,7 +269,7 @@ class Turn:
     """One request in flight: the upstream body, and the answer turned into events."""
 
     __slots__ = ("core", "gen", "body", "upstream_stream", "parse_tools", "prefilled", "usage", "_states",
-                 "_decoder", "_started", "_events", "done", "ended")
+                 "_decoder", "_started", "_events", "done")
 
     def __init__(self, core: Core, gen: Generation, body: bytes, *, upstream_stream: bool, parse_tools: bool,
                  prefilled: bool) -> None:
@@ -280,43 +285,54 @@ class Turn:
         self._started = False
         self._events = 0  # upstream events seen
         self.done = False  # `[DONE]` came
-        self.ended = False  # the batch being yielded is the last: faces close their stream with it
 
     # --- streams ------------------------------------------------------------------------------
 
-    async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[list[Event]]:
-        """Per upstream read, the events it decided (never held for a later read).
+    async def relay(self, chunks: AsyncIterator[bytes], encode: Callable[[list[Event], bool], bytes]
+                    ) -> AsyncIterator[bytes]:
+        """Upstream bytes -> a face's bytes: `encode(events, last)` per upstream read, its
+        output written at once (never held for a later read); `last` marks the final batch,
+        where the face closes its stream.
 
-        A failure (a malformed event, an error event) is raised after the events
-        before it were yielded, so the client gets everything that was good.
+        A failure (a malformed event, an error event) is raised after the events before
+        it went out, so the client gets everything that was good. One generator for the
+        whole path: faces hand over their encoder instead of wrapping another generator.
         """
         if not self.upstream_stream:  # the route forces a whole answer upstream
-            events = self.whole(b"".join([c async for c in chunks]))
-            self.ended = True
-            yield events
-            return
-        async for chunk in chunks:
-            out, failure = self._feed(self._decoder.feed(chunk))
+            out = encode(self.whole(b"".join([c async for c in chunks])), True)
             if out:
                 yield out
+            return
+        decoder = self._decoder
+        for_read = self._feed
+        async for chunk in chunks:
+            events, failure = for_read(decoder.feed(chunk))
+            if events:
+                out = encode(events, False)
+                if out:
+                    yield out
             if failure is not None:
                 raise failure
             if self.done:
                 break
+        events: list[Event] = []
         if not self.done:
-            out, failure = self._feed(self._decoder.close())
-            if out:
-                yield out
+            events, failure = for_read(decoder.close())
             if failure is not None:
+                out = encode(events, False)
+                if out:
+                    yield out
                 raise failure
         if not (self._events or self.done):
             raise UpstreamBroken(f"upstream of route {self.core.route!r} ended the stream without any event")
-        events = self._end(None)
-        self.ended = True
-        yield events
+        out = encode(self._end(events), True)
+        if out:
+            yield out
 
     def _feed(self, datas: list[bytes]) -> tuple[list[Event], Exception | None]:
+        """Complete upstream events -> neutral events, and the failure that stopped them if one did."""
         out: list[Event] = []
+        states = self._states
         for data in datas:
             if data == sse.DONE:
                 self.done = True
@@ -326,24 +342,20 @@ class Turn:
             except Exception as exc:
                 return out, exc
             self._events += 1
-            self._on(ev, out)
+            if not self._started:
+                self._started = True
+                out.append(Start(ev.id, ev.created or int(time.time())))
+            for c in ev.choices or ():
+                state = states.get(c.index)
+                if state is None:
+                    state = states[c.index] = _Choice(self, c.index)
+                state.events(c.text, c.finish_reason, c.logprobs, out, c.stop_reason or c.matched_stop)
+            if ev.usage is not None:
+                self.usage = (ev.usage.prompt_tokens, ev.usage.completion_tokens)
         return out, None
 
-    def _on(self, ev: Completion, out: list[Event]) -> None:
-        if not self._started:
-            self._started = True
-            out.append(Start(ev.id, ev.created or int(time.time())))
-        for c in ev.choices or ():
-            state = self._states.get(c.index)
-            if state is None:
-                state = self._states[c.index] = _Choice(self, c.index)
-            state.events(c.text, c.finish_reason, c.logprobs, out, c.stop_reason or c.matched_stop)
-        if ev.usage is not None:
-            self.usage = (ev.usage.prompt_tokens, ev.usage.completion_tokens)
-
-    def _end(self, out: list[Event] | None) -> list[Event]:
+    def _end(self, out: list[Event]) -> list[Event]:
         """After the last event: unfinished choices are flushed and finished, then usage."""
-        out = [] if out is None else out
         for st in self._states.values():
             if not st.finished:
                 st.events("", "stop", NULL, out)

@@ -164,18 +164,19 @@ class FaceCall:
         self._close()
         return _encode(self._whole())
 
-    async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Upstream bytes -> the face's events; one upstream read's events go out in one write."""
-        turn = self.turn
-        async for batch in turn.stream(chunks):
-            self._feed(batch)
-            if turn.ended:
-                self._close()
-                self._end()
-            if self._out:
-                out = b"".join(self._out)
-                self._out.clear()
-                yield out
+        return self.turn.relay(chunks, self._encode)
+
+    def _encode(self, batch: list[Event], last: bool) -> bytes:
+        """One upstream read's events -> the face's bytes; `last` closes the stream."""
+        self._feed(batch)
+        if last:
+            self._close()
+            self._end()
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
 
     def _feed(self, batch: list[Event]) -> None:
         for ev in batch:
