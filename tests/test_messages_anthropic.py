@@ -268,3 +268,14 @@ def test_route_stream_modes(messages, mode):
     with client.messages.stream(model="q", max_tokens=20, messages=[{"role": "user", "content": "x"}],
                                 extra_headers=said("a b c")) as s:
         assert s.get_final_message().content[0].text == "a b c"
+
+
+def test_thinking_switch_reaches_the_template(messages, upstream):
+    """`thinking: disabled` renders Qwen3's empty think block (`enable_thinking: false`); enabled does not."""
+    client, _ = messages(extra="template: qwen3")
+    client.messages.create(model="q", max_tokens=10, thinking={"type": "disabled"},
+                           messages=[{"role": "user", "content": "x"}])
+    assert json.loads(upstream.requests[-1].body)["prompt"].endswith("<think>\n\n</think>\n\n")
+    client.messages.create(model="q", max_tokens=10, thinking={"type": "enabled", "budget_tokens": 1024},
+                           messages=[{"role": "user", "content": "x"}])
+    assert json.loads(upstream.requests[-1].body)["prompt"].endswith("<|im_start|>assistant\n")

@@ -287,3 +287,14 @@ def test_custom_tool_round_trip(responses, upstream, stream):
     prompt = json.loads(upstream.requests[-1].body)["prompt"]
     assert '"arguments": {"input": "*** Begin Patch\\n*** End Patch"}}' in prompt
     assert "<tool_response>\nDone!\n</tool_response>" in prompt
+
+
+def test_reasoning_effort_reaches_the_template(routes_dir, proxy_for, upstream):
+    """`reasoning.effort: none|minimal` renders Qwen3's empty think block (`enable_thinking: false`)."""
+    folder = routes_dir(responses=ROUTE.format(upstream=upstream.url, reasoning="think", hosted="ignore",
+                                               mode="auto") + "    template: qwen3\n")
+    client = openai.OpenAI(base_url=f"{proxy_for(folder)}/v1", api_key="k", max_retries=0, timeout=10)
+    client.responses.create(model="q", input="x", reasoning={"effort": "minimal"})
+    assert json.loads(upstream.requests[-1].body)["prompt"].endswith("<think>\n\n</think>\n\n")
+    client.responses.create(model="q", input="x", reasoning={"effort": "high"})
+    assert json.loads(upstream.requests[-1].body)["prompt"].endswith("<|im_start|>assistant\n")

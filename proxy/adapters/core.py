@@ -126,7 +126,7 @@ class Core:
             raise BadRequest("the conversation must hold at least one message", param="messages",
                              code="invalid_value")
         tools, parse_tools = _tools(gen)
-        prompt = self.template.render(gen.messages, tools)
+        prompt = self.template.render(gen.messages, tools, gen.template_kwargs)
         upstream_stream = gen.stream if self.mode == "auto" else self.mode == "always"
         return Turn(self, gen, self._upstream_body(gen, prompt, upstream_stream), upstream_stream=upstream_stream,
                     parse_tools=parse_tools, prefilled=self.reasoning and think.prefills_think(prompt))
