@@ -237,7 +237,7 @@ class MessagesCall(FaceCall):
     Text and reasoning runs are `text` and `thinking` blocks; each tool call is a `tool_use` block.
     """
 
-    __slots__ = ("_id", "_index", "_content", "_reason", "_stop_sequence", "_pinged")
+    __slots__ = ("_id", "_index", "_content", "_reason", "_stop_sequence", "_pinged", "_head")
 
     def __init__(self, turn: Turn, *, model: str, stream: bool) -> None:
         super().__init__(turn, model=model, stream=stream)
@@ -247,6 +247,7 @@ class MessagesCall(FaceCall):
         self._reason: str | None = None
         self._stop_sequence: str | None = None
         self._pinged = False
+        self._head = b""  # the open block's delta event up to its text: one string encode per delta
 
     def _message(self, content: list[dict[str, Any]], reason: str | None, stop: str | None, usage: Usage | None
                  ) -> dict[str, Any]:
@@ -269,12 +270,13 @@ class MessagesCall(FaceCall):
     def _opened(self, run: str) -> None:
         self._start({"type": "text", "text": ""} if run == "text" else
                     {"type": "thinking", "thinking": "", "signature": ""})
+        kind = b'"text_delta","text":' if run == "text" else b'"thinking_delta","thinking":'
+        self._head = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                      + str(self._index).encode() + b',"delta":{"type":' + kind)
 
     def _grew(self, run: str, text: str) -> None:
         if self.stream:
-            delta = {"type": "text_delta", "text": text} if run == "text" else {"type": "thinking_delta",
-                                                                                "thinking": text}
-            self._emit(b"content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta})
+            self._out.append(self._head + _encode(text) + b"}}\n\n")
 
     def _closed(self, run: str, text: str) -> None:
         block = self._content[-1]

@@ -256,7 +256,7 @@ class ResponsesCall(FaceCall):
     Text runs are `message` items, reasoning runs `reasoning` items, each tool call a `function_call` item.
     """
 
-    __slots__ = ("req", "tools", "custom", "_id", "_created", "_seq", "_items", "_incomplete", "_begun")
+    __slots__ = ("req", "tools", "custom", "_id", "_created", "_seq", "_items", "_incomplete", "_begun", "_head")
 
     def __init__(self, turn: Turn, req: ResponsesRequest, tools: list[dict[str, Any]], custom: frozenset[str], *,
                  model: str) -> None:
@@ -270,6 +270,7 @@ class ResponsesCall(FaceCall):
         self._items: list[dict[str, Any]] = []
         self._incomplete = False
         self._begun = False
+        self._head = b""  # the open item's delta event up to its text: one string encode per delta
 
     def stream_error(self, exc: ProxyError) -> bytes:
         """A failure after the stream began: an `error` event, then `response.failed` (which Codex reads)."""
@@ -347,15 +348,16 @@ class ResponsesCall(FaceCall):
         index = self._item(item)
         self._emit("response.content_part.added", {"item_id": item["id"], "output_index": index,
                                                    "content_index": 0, "part": part})
+        kind = b"response.output_text.delta" if run == "text" else b"response.reasoning_text.delta"
+        self._head = (b"event: " + kind + b'\ndata: {"type":"' + kind + b'","item_id":' + _encode(item["id"])
+                      + b',"output_index":' + str(index).encode() + b',"content_index":0'
+                      + (b',"logprobs":[]' if run == "text" else b"") + b',"delta":')
 
     def _grew(self, run: str, text: str) -> None:
         if self.stream:
-            index = len(self._items) - 1
-            ids = {"item_id": self._items[index]["id"], "output_index": index, "content_index": 0, "delta": text}
-            if run == "text":
-                self._emit("response.output_text.delta", {**ids, "logprobs": []})
-            else:
-                self._emit("response.reasoning_text.delta", ids)
+            self._out.append(self._head + _encode(text) + b',"sequence_number":' + str(self._seq).encode()
+                             + b"}\n\n")
+            self._seq += 1
 
     def _closed(self, run: str, text: str) -> None:
         index = len(self._items) - 1
