@@ -75,6 +75,7 @@ class ChatToCompletions:
             stop=[req.stop] if isinstance(req.stop, str) else req.stop,
             sampling={k: v for k in _SAMPLING if (v := getattr(req, k)) is not None},
             response_format=req.response_format,
+            template_kwargs=req.chat_template_kwargs,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         return ChatCall(

@@ -116,7 +116,7 @@ class Core:
         self.route = config.name
         self.mode = config.stream
         self.upstream_model = config.upstream_model
-        self.template = load_template(config.template, config.source)
+        self.template = load_template(config.template, config.source, config.name)
         self.stops = list(self.template.stops)
         self.reasoning = config.reasoning == "think"
 
