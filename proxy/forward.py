@@ -48,7 +48,7 @@ def prepare(route: Route, scope: dict[str, Any], body: bytes) -> Exchange:
         rid=rid,
         client_ip=client[0] if client else None,
         scheme=scope.get("scheme", "http"),
-        drop=_ADAPTER_DROPS if call.translates else frozenset(),
+        drop=_drops(call) if call.translates else frozenset(),
     )
     if call.translates:
         out.append((b"accept-encoding", b"identity"))
@@ -273,6 +273,13 @@ async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None, face:
     hdrs.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())
     await send({"type": "http.response.start", "status": exc.status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _drops(call: Call) -> frozenset[bytes]:
+    """Client headers a translating call does not send upstream: accept-encoding, and the ones
+    its face names (an Anthropic client's `x-api-key` is for the proxy, not the completions server)."""
+    extra = getattr(call, "drop_headers", None)
+    return _ADAPTER_DROPS if extra is None else _ADAPTER_DROPS | extra
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:

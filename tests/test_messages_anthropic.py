@@ -178,6 +178,8 @@ def test_what_claude_code_sends_works(messages, upstream, proxy_for):
     seen = upstream.requests[-1]
     assert seen.path == "/v1/completions" and seen.query == ""  # `?beta=true` is not for the upstream
     assert seen.headers["accept-encoding"] == "identity"
+    assert not {"x-api-key", "anthropic-version", "anthropic-beta"} & set(seen.headers)  # for the proxy only
+    assert seen.headers["authorization"] == "Bearer s3cret"
     sent = json.loads(seen.body)
     assert sent["max_tokens"] == 32000 and sent["temperature"] == 1
     assert sent["prompt"].count('"name": "Tool') == 24 and "web_search" not in sent["prompt"]

@@ -71,9 +71,10 @@ class TokenCounter:
     """The adapter of a face's token-count path: same decoding, same prompt, the upstream's tokenizer."""
 
     def __init__(self, core: Core, face: str, decode: Callable[[bytes], Generation],
-                 answer: Callable[[int], bytes]) -> None:
+                 answer: Callable[[int], bytes], drop_headers: frozenset[bytes] = frozenset()) -> None:
         self.core = core
         self.face = face
+        self.drop_headers = drop_headers  # the face's own client headers, not sent upstream
         self.decode = decode  # the face's own request decoder (its validation and errors)
         self.answer = answer  # count -> the face's answer body
 
@@ -91,9 +92,11 @@ class CountCall:
     stream = False
     upstream_query = False
     usage = None
+    __slots__ = ("counter", "drop_headers", "prompt", "body")
 
     def __init__(self, counter: TokenCounter, prompt: str, body: bytes) -> None:
         self.counter = counter
+        self.drop_headers = counter.drop_headers
         self.prompt = prompt
         self.body = body
 

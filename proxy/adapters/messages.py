@@ -42,6 +42,8 @@ _encode = msgspec.json.Encoder().encode
 
 # finish reason (core) -> stop_reason (Anthropic, `anthropic/types/stop_reason.py`)
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+# Anthropic's own request headers: meant for the proxy (or Anthropic), not the completions server.
+CLIENT_HEADERS = frozenset({b"x-api-key", b"anthropic-version", b"anthropic-beta"})
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 _UNSUPPORTED_BLOCKS = {
     "image": "image blocks are not supported by this route (a text completions upstream)",
@@ -60,7 +62,8 @@ class MessagesToCompletions:
         self.route = config.name
         self.hosted_tools = config.hosted_tools
         self.model = config.upstream_model or config.name
-        self.subpaths = {"/count_tokens": TokenCounter(self.core, self.face, self.generation, _count_answer)}
+        self.subpaths = {"/count_tokens": TokenCounter(self.core, self.face, self.generation, _count_answer,
+                                                       CLIENT_HEADERS)}
 
     def request(self, body: bytes) -> MessagesCall:
         gen = self.generation(body)
@@ -236,6 +239,8 @@ class MessagesCall(FaceCall):
 
     Text and reasoning runs are `text` and `thinking` blocks; each tool call is a `tool_use` block.
     """
+
+    drop_headers = CLIENT_HEADERS
 
     __slots__ = ("_id", "_index", "_content", "_reason", "_stop_sequence", "_pinged", "_head")
 
