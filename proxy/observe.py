@@ -262,12 +262,19 @@ def record(rec: RequestRecord, *, model: str = OTHER, kind: str | None = None) -
     access_log.info(rec)
 
 
+_logged_left_out: set[tuple[str, str]] = set()
+
+
 def left_out_tools(route: str, kinds: list[str]) -> None:
-    """A face dropped tools it cannot offer the model (`hosted_tools: ignore`): count and log them."""
+    """A face dropped tools it cannot offer the model (`hosted_tools: ignore`): count them, and log
+    each route and tool once (Codex sends `web_search` with every request: a line each would be noise)."""
     for kind in kinds:
         _tools_left_out(route, kind).inc()
-    logging.getLogger("llmproxy.faces").info(
-        "route %r: left out tools the upstream model cannot run: %s", route, ", ".join(kinds))
+        if (route, kind) not in _logged_left_out:
+            _logged_left_out.add((route, kind))
+            logging.getLogger("llmproxy.faces").info(
+                "route %r: left the tool %r out of the prompt (the upstream model cannot run it); "
+                "further ones are counted in llmproxy_tools_left_out_total", route, kind)
 
 
 def reloaded(ok: bool) -> None:
