@@ -42,7 +42,7 @@ from ..errors import BadRequest, ProxyError, bad_body
 from .chat_types import FunctionCall, Message, ToolCall as ChatToolCall
 from .core import Core, Finish, Generation, Start, ToolCall, Turn
 from .faces import FaceCall, TokenCounter, json_schema_format, left_out
-from .responses_types import Item, Part, ResponsesRequest
+from .responses_types import Part, ResponsesRequest
 
 if TYPE_CHECKING:
     from ..config import RouteConfig
