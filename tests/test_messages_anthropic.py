@@ -281,3 +281,23 @@ def test_thinking_switch_reaches_the_template(messages, upstream):
     client.messages.create(model="q", max_tokens=10, thinking={"type": "enabled", "budget_tokens": 1024},
                            messages=[{"role": "user", "content": "x"}])
     assert json.loads(upstream.requests[-1].body)["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def test_stream_and_whole_agree_however_the_upstream_splits(messages):
+    """The same completion (thinking, text, two tool calls), split into 1..40 upstream events, gives the
+    same message streamed (the SDK's accumulator) as whole."""
+    client, _ = messages(reasoning="think")
+    text = ("<think>Look up both.</think>Checking both cities.\n" + TOOL_TEXT.split("\n", 1)[1]
+            + '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    kw = dict(model="q", max_tokens=100, tools=[WEATHER], messages=[{"role": "user", "content": "x"}])
+
+    def shape(m):
+        return [(b.type, getattr(b, "text", None) or getattr(b, "thinking", None) or getattr(b, "input", None))
+                for b in m.content], m.stop_reason
+
+    whole = shape(client.messages.create(**kw, extra_headers=said(text)))
+    assert whole == ([("thinking", "Look up both."), ("text", "Checking both cities."),
+                      ("tool_use", {"city": "Paris"}), ("tool_use", {"city": "Oslo"})], "tool_use")
+    for events in (1, 2, 3, 7, 13, 40):
+        with client.messages.stream(**kw, extra_headers=said(text, events)) as s:
+            assert shape(s.get_final_message()) == whole, events

@@ -298,3 +298,22 @@ def test_reasoning_effort_reaches_the_template(routes_dir, proxy_for, upstream):
     assert json.loads(upstream.requests[-1].body)["prompt"].endswith("<think>\n\n</think>\n\n")
     client.responses.create(model="q", input="x", reasoning={"effort": "high"})
     assert json.loads(upstream.requests[-1].body)["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def test_stream_and_whole_agree_however_the_upstream_splits(responses):
+    """The same completion (reasoning, text, two calls), split into 1..40 upstream events, gives the same
+    response streamed (the SDK's stream state) as whole."""
+    client, _ = responses(reasoning="think")
+    text = ("<think>Look up both.</think>Checking both cities.\n" + TOOL_TEXT.split("\n", 1)[1]
+            + '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+
+    def shape(r):
+        return [(o.type, o.content[0].text if o.type in ("reasoning", "message") else json.loads(o.arguments))
+                for o in r.output], r.status
+
+    whole = shape(client.responses.create(model="q", input="x", tools=[WEATHER], extra_headers=said(text)))
+    assert whole == ([("reasoning", "Look up both."), ("message", "Checking both cities."),
+                      ("function_call", {"city": "Paris"}), ("function_call", {"city": "Oslo"})], "completed")
+    for events in (1, 2, 3, 7, 13, 40):
+        with client.responses.stream(model="q", input="x", tools=[WEATHER], extra_headers=said(text, events)) as s:
+            assert shape(s.get_final_response()) == whole, events
