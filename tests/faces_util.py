@@ -20,3 +20,15 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
         lines = dict(line.split(": ", 1) for line in block.split("\n"))
         out.append((lines["event"], json.loads(lines["data"])))
     return out
+
+
+def tokenized(upstream) -> tuple[str, int]:
+    """The prompt of the proxy's last `/tokenize` call to the mock, and the count the mock gives it
+    (asked again directly, so the test holds whatever the mock counts). The mock lists such calls
+    in `requests`, or apart in `lookups` where it keeps them."""
+    import httpx
+
+    seen = [r for r in [*getattr(upstream.mock, "lookups", []), *upstream.requests] if r.path == "/tokenize"]
+    body = json.loads(seen[-1].body)
+    count = httpx.post(f"{upstream.url}/tokenize", json=body, timeout=10).json()["count"]
+    return body["prompt"], count

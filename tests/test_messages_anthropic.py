@@ -9,7 +9,7 @@ import anthropic
 import httpx
 import pytest
 
-from faces_util import said, sse_events
+from faces_util import said, sse_events, tokenized
 
 ROUTE = """
     name: qwen-messages
@@ -248,16 +248,18 @@ def test_unreachable_upstream_and_mid_stream_failure(routes_dir, proxy_for, upst
     assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "api_error"
 
 
-def test_count_tokens_uses_the_upstream_tokenizer_or_estimates(messages, upstream):
+def test_count_tokens_uses_the_upstream_tokenizer_or_estimates(messages, upstream, routes_dir, proxy_for):
     client, _ = messages()
     kw = dict(model="qwen", messages=[{"role": "user", "content": "one two three"}], system="sys")
     counted = client.messages.count_tokens(**kw)
-    seen = upstream.requests[-1]
-    assert seen.path == "/tokenize"
-    prompt = json.loads(seen.body)["prompt"]
-    assert counted.input_tokens == len(prompt.split())  # the mock counts words
-    estimated = client.messages.count_tokens(**kw, extra_headers={"x-mock-status": "404"})
-    assert estimated.input_tokens == -(-len(prompt.encode()) // 4)
+    prompt, count = tokenized(upstream)
+    assert prompt.endswith("<|im_start|>user\none two three<|im_end|>\n<|im_start|>assistant\n")
+    assert counted.input_tokens == count
+    # An upstream without /tokenize (here: a path prefix the mock does not serve) -> the estimate.
+    folder = routes_dir(messages=ROUTE.format(upstream=upstream.url + "/other", reasoning="none",
+                                              hosted="ignore", extra=""))
+    other = anthropic.Anthropic(base_url=proxy_for(folder), api_key="k", max_retries=0, timeout=10)
+    assert other.messages.count_tokens(**kw).input_tokens == -(-len(prompt.encode()) // 4)
 
 
 @pytest.mark.parametrize("mode", ["always", "never"])

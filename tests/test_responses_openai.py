@@ -10,7 +10,7 @@ import openai
 import pydantic
 import pytest
 
-from faces_util import said, sse_events
+from faces_util import said, sse_events, tokenized
 
 ROUTE = """
     name: qwen-responses
@@ -245,9 +245,9 @@ def test_failures_in_the_responses_shape(responses):
 def test_input_tokens_count(responses, upstream):
     client, _ = responses()
     counted = client.responses.input_tokens.count(model="qwen", input="one two three", instructions="sys")
-    seen = upstream.requests[-1]
-    assert seen.path == "/tokenize"
-    assert counted.input_tokens == len(json.loads(seen.body)["prompt"].split())
+    prompt, count = tokenized(upstream)
+    assert prompt == "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\none two three<|im_end|>\n<|im_start|>assistant\n"
+    assert counted.input_tokens == count
 
 
 @pytest.mark.parametrize("mode", ["always", "never"])
