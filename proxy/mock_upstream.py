@@ -8,7 +8,11 @@ Behaviour is deterministic and steered per request by headers:
 - `x-mock-events`: split the text into this many stream events (default: one per word);
 - `x-mock-interval-ms`: pause between stream events;
 - `x-mock-hold: KEY`: after the first event, wait until `POST /_mock/release?key=KEY` (10 s at most);
+- `x-mock-finish: REASON`: the last `finish_reason` (default `stop`; `length` as if cut by `max_tokens`);
+- `x-mock-stop-reason: S`: vLLM's `stop_reason` (the stop string that matched) on the finishing choice;
 - faults: see below.
+`POST /tokenize` answers as vLLM does (`count`, `max_model_len`, `tokens`), one token per word
+of `prompt` (or llama.cpp's `content`).
 Every response echoes the request headers it received as JSON in `x-mock-echo-headers`,
 and `GET /_mock/requests` lists the last requests (method, path, headers, body).
 
@@ -296,7 +300,7 @@ def _completions(conn: _Connection, hdrs: dict[str, str], body: bytes, query: st
         "object": "text_completion",
         "created": int(time.time()),
         "model": req.model,
-        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": "stop"} for i in range(req.n)],
+        "choices": [_finish({"index": i, "text": text, "logprobs": None}, hdrs) for i in range(req.n)],
         "usage": _usage(req.prompt, text, req.n),
     }
     conn.write(200, _json.encode(doc), cut_at=_faults(hdrs).drop_after)
@@ -334,7 +338,7 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
     for i in range(req.n):
         conn.chunk(b"data: " + _json.encode({
             "id": "cmpl-mock", "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": "stop"}],
+            "choices": [_finish({"index": i, "text": "", "logprobs": None}, hdrs)],
         }) + b"\n\n")
     if req.stream_options and req.stream_options.get("include_usage"):
         conn.chunk(b"data: " + _json.encode({
@@ -343,6 +347,23 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
         }) + b"\n\n")
     conn.chunk(b"data: [DONE]\n\n")
     conn.end_chunked()
+
+
+def _finish(choice: dict[str, Any], hdrs: dict[str, str]) -> dict[str, Any]:
+    choice["finish_reason"] = hdrs.get("x-mock-finish", "stop")
+    if "x-mock-stop-reason" in hdrs:
+        choice["stop_reason"] = hdrs["x-mock-stop-reason"]
+    return choice
+
+
+def _tokenize(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> Any:
+    fault = _fault(conn, hdrs)
+    if fault is not None:
+        return fault
+    doc = msgspec.json.decode(body) if body else {}
+    words = str(doc.get("prompt", doc.get("content", ""))).split()
+    conn.write(200, _json.encode({"count": len(words), "max_model_len": 32768, "tokens": list(range(len(words)))}))
+    return None
 
 
 def _fault(conn: _Connection, hdrs: dict[str, str]) -> Any:
@@ -445,6 +466,7 @@ def _health(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) ->
 _ROUTES = {
     ("GET", "/health"): _health,
     ("POST", "/v1/completions"): _completions,
+    ("POST", "/tokenize"): _tokenize,
     ("GET", "/v1/models"): _models,
     ("POST", "/echo"): _echo,
     ("GET", "/echo"): _echo,
