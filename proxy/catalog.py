@@ -46,7 +46,7 @@ def learners(table: RouteTable) -> list[Route]:
 
 
 async def models_json(table: RouteTable, session: aiohttp.ClientSession | None,
-                      may_use: Callable[[str], bool] | None = None) -> bytes:  # fmt: skip
+                      may_use: Callable[[str], bool] | None = None) -> bytes:
     """The list for one caller (`may_use`: the routes its key may use; None: all)."""
     routes = learners(table)
     if not routes or session is None:
