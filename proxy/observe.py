@@ -278,8 +278,10 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-def rejected(scope: dict[str, Any], exc: ProxyError, rid: bytes) -> None:
-    """A request answered with an error before (or instead of) an exchange: record it once."""
+def rejected(scope: dict[str, Any], exc: ProxyError, rid: bytes, face: str | None = "openai") -> None:
+    """A request answered with an error before (or instead of) an exchange: record it once.
+    `face`: the error shape its body was sent in (its size is `bytes_out`); None: nothing was
+    sent (the client had left)."""
     m = scope.get(_METER)
     if m is None:  # refused by the router (405 on an unlisted method) before the handler ran
         m = Meter(scope)
@@ -287,8 +289,8 @@ def rejected(scope: dict[str, Any], exc: ProxyError, rid: bytes) -> None:
         return
     route = m.route
     model = _model_of(m)
-    if not m.bytes_out:  # the error body went out without the meter: count it
-        m.bytes_out = len(render(exc))
+    if not m.bytes_out and face is not None:  # the error body went out without the meter: count it
+        m.bytes_out = len(render(exc, face))
     record(
         _record(scope, m, rid, route.name if route else None, model, exc.status, error=_error_name(exc)),
         model=model_label(route, model) if route else OTHER,
