@@ -190,7 +190,8 @@ class Gateway:
             for limiter in wanted:
                 try:
                     if not await limiter.acquire(receive):
-                        observe.rejected(scope, errors.ClientLeftQueue("the client left while queued"), exchange.rid)
+                        observe.rejected(scope, errors.ClientLeftQueue("the client left while queued"), exchange.rid,
+                                         face=None)  # fmt: skip
                         return
                 except Overloaded as exc:
                     await reject(scope, send, exc, route.face, rid=exchange.rid)
@@ -225,7 +226,7 @@ async def read_body(scope: Any, receive: Any, limit: int) -> bytes | None:
 async def reject(scope: Any, send: Any, exc: ProxyError, face: str = "openai", *, rid: bytes | None = None) -> None:
     """Answer a refused request in the path's error shape, and count it once."""
     rid = rid or headers.request_id(scope["headers"])
-    observe.rejected(scope, exc, rid)
+    observe.rejected(scope, exc, rid, face)
     await send_error(send, exc, rid, face)
 
 

@@ -37,7 +37,7 @@ class _UpstreamList(msgspec.Struct):
     data: list[_Upstream] = []
 
 
-_cache: dict[str, Any] = {"table": None, "at": 0.0, "body": b""}
+_cache: dict[str, Any] = {"table": None, "at": 0.0, "found": []}  # the ids each learner's upstream listed
 
 
 def learners(table: RouteTable) -> list[Route]:
@@ -47,23 +47,22 @@ def learners(table: RouteTable) -> list[Route]:
 
 async def models_json(table: RouteTable, session: aiohttp.ClientSession | None,
                       may_use: Callable[[str], bool] | None = None) -> bytes:
-    """The list; `may_use` (keys on) keeps only the routes the caller's key may use."""
-    routes = [r for r in learners(table) if may_use is None or may_use(r.name)]
+    """The list for one caller (`may_use`: the routes its key may use; None: all)."""
+    routes = learners(table)
     if not routes or session is None:
         return table.models_json if may_use is None else table.models_json_for(may_use)
     now = time.monotonic()
-    if may_use is None and _cache["table"] is table and now - _cache["at"] < TTL:
-        return _cache["body"]  # type: ignore[no-any-return]
-    found = await asyncio.gather(*(_ids(session, r) for r in routes))
+    if _cache["table"] is not table or now - _cache["at"] >= TTL:
+        found = await asyncio.gather(*(_ids(session, r) for r in routes))
+        _cache.update(table=table, at=now, found=found)
     entries = table.model_entries(may_use)
-    for route, ids in zip(routes, found):
+    for route, ids in zip(routes, _cache["found"]):
+        if may_use is not None and not may_use(route.name):
+            continue
         for name in ids:
             if name not in entries and _routes_to(table, route, name):
                 entries[name] = _ModelEntry(id=name, owned_by=route.name, created=table.created)
-    body = msgspec.json.encode(_ModelList(data=list(entries.values())))
-    if may_use is None:
-        _cache.update(table=table, at=now, body=body)
-    return body
+    return msgspec.json.encode(_ModelList(data=list(entries.values())))
 
 
 def _routes_to(table: RouteTable, route: Route, name: str) -> bool:

@@ -74,7 +74,8 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     path: str
     upstream: str | list[str]
     methods: tuple[str, ...] = ("POST",)
-    adapter: Literal["passthrough", "chat-to-completions"] = "passthrough"
+    adapter: Literal["passthrough", "chat-to-completions", "messages-to-completions", "responses-to-completions"] = \
+        "passthrough"
     stream: Literal["auto", "always", "never"] = "auto"
     models: tuple[str, ...] = ()
     upstream_model: str | None = None
@@ -87,6 +88,9 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     limits: Limits | None = None
     retry: Retry | None = None
     health: Health | None = None
+    # Messages / Responses faces: tools a local model cannot run (web_search, code_interpreter, ...)
+    # are left out of the prompt (logged, counted), or the request is refused naming them.
+    hosted_tools: Literal["ignore", "reject"] = "ignore"
     source: str = ""  # the file it came from; set by the loader, not by users
     # Variables of `upstream` that were unset (or empty) so their `${VAR:-default}` was used;
     # set by the loader, so start-up and `check` can say the route runs on a built-in address.

@@ -110,11 +110,9 @@ class UpstreamBroken(ProxyError):
     kind = "reset"
 
 
-class ContextUnknown(ProxyError):
+class ContextUnknown(UpstreamBroken):
     """`max_tokens: auto` could not learn the context remainder from the upstream's tokenizer endpoint."""
 
-    status = 502
-    type = "upstream_error"
     code = "context_unknown"
     kind = "non_2xx"
 
@@ -260,11 +258,15 @@ def render(exc: ProxyError, face: str = "openai") -> bytes:
     return msgspec.json.encode(_Envelope(_Error(exc.message, exc.type, exc.param, exc.code)))
 
 
-def sse_event(exc: ProxyError) -> bytes:
+def sse_event(exc: ProxyError, face: str = "openai") -> bytes:
     """`exc` as one SSE event: the only way to report a fault once a stream has begun.
 
-    The official `openai` client raises `APIError(message)` on an event carrying `error`.
+    The official `openai` client raises `APIError(message)` on an event carrying `error`; the
+    `anthropic` client raises on `event: error` (`anthropic/_streaming.py`) and skips events
+    without an `event:` line.
     """
+    if face == "anthropic":
+        return b"event: error\ndata: " + render(exc, face) + b"\n\n"
     return b"data: " + render(exc) + b"\n\n"
 
 

@@ -51,11 +51,13 @@ def prepare(route: Route, scope: dict[str, Any], body: bytes, strip: frozenset[b
         rid=rid,
         client_ip=client[0] if client else None,
         scheme=scope.get("scheme", "http"),
-        drop=(_ADAPTER_DROPS | strip if strip else _ADAPTER_DROPS) if call.translates else strip,
+        drop=(_drops(call) | strip if strip else _drops(call)) if call.translates else strip,
     )
     if call.translates:
         out.append((b"accept-encoding", b"identity"))
-    return Exchange(route, call, scope["method"], scope.get("query_string", b""), out, rid, route.pool.pick())
+    # A face's query (Claude Code's `?beta=true`) means nothing to the completions upstream.
+    query = scope.get("query_string", b"") if getattr(call, "upstream_query", True) else b""
+    return Exchange(route, call, scope["method"], query, out, rid, route.pool.pick())
 
 
 class Exchange:
@@ -78,7 +80,7 @@ class Exchange:
         self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out]
         self.rid = rid
         self.upstream = upstream  # which of the route's upstreams the request goes to
-        self.url = upstream.target(query)
+        self.url = self._target(upstream)
         self.disconnected = False
         self.error: ProxyError | None = None  # what failed, for `observe`
         self.span: tracing.Span | None = None  # only when tracing is on
@@ -135,6 +137,10 @@ class Exchange:
             status = response.status
             if status >= 400:
                 body = await _read_capped(response)
+                recovered = self._recover(status)
+                if recovered is not None:  # the call has its own answer for this refusal
+                    await self._answer(send, recovered)
+                    return
                 retry_after = response.headers.get("retry-after")
                 await self._fail(send, UpstreamStatus(status, body, route, retry_after))
                 return
@@ -164,7 +170,7 @@ class Exchange:
             if not started:
                 await self._fail(send, err)
             elif self._is_stream(response):
-                await self._end(send, errors.sse_event(err))
+                await self._end(send, self._stream_error(err))
             else:
                 # Mid-body on a plain response: HTTP/1.1 has no way to say so but to drop the
                 # connection, which the server does when we return without ending the body.
@@ -178,7 +184,7 @@ class Exchange:
             if not started:
                 await self._fail(send, self.error)
             elif self._is_stream(response):
-                await self._end(send, errors.sse_event(self.error))
+                await self._end(send, self._stream_error(self.error))
         finally:
             # Synchronous, so a cancellation cannot interrupt it: a finished body returns the
             # connection to the pool, anything else closes it (the upstream stops generating).
@@ -291,7 +297,7 @@ class Exchange:
 
     def _move(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.url = upstream.target(self.query)
+        self.url = self._target(upstream)
 
     async def _watch(self, receive: Any, task: asyncio.Task[Any] | None) -> None:
         # The body has been read, so the next message is the client leaving (or, once the
@@ -316,7 +322,29 @@ class Exchange:
     async def _fail(self, send: Any, exc: ProxyError) -> None:
         self.error = exc
         self._complete = True
-        await send_error(send, exc, self.rid)
+        await send_error(send, exc, self.rid, self.route.face)
+
+    def _stream_error(self, exc: ProxyError) -> bytes:
+        """A fault after the stream began, in the face's stream grammar: the call's own events when
+        it has some (a Responses stream ends with `response.failed`), else the face's error event."""
+        encode = getattr(self.call, "stream_error", None)
+        return encode(exc) if encode is not None else errors.sse_event(exc, self.route.face)
+
+    def _target(self, upstream: Upstream) -> str:
+        """The URL for this call: the route's upstream URL, or the one the call derives from it
+        (`count_tokens` asks the same server's `/tokenize`)."""
+        retarget = getattr(self.call, "retarget", None)
+        return upstream.target(self.query) if retarget is None else retarget(upstream.url)
+
+    def _recover(self, status: int) -> bytes | None:
+        recover = getattr(self.call, "recover", None)
+        return recover(status) if recover is not None else None
+
+    async def _answer(self, send: Any, body: bytes) -> None:
+        """A 200 JSON answer the call made itself (after the upstream refused it)."""
+        hdrs = _JSON + [(b"content-length", str(len(body)).encode()), (b"x-request-id", self.rid)]
+        await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+        await self._end(send, body)
 
     async def _cut(self, send: Any, *, started: bool, sse: bool) -> None:
         """Cancelled from outside (the shutdown grace period ran out), not by the client leaving:
@@ -328,7 +356,7 @@ class Exchange:
         if started and not sse:
             return  # a plain body: only dropping the connection can say it was cut
         if started:
-            await self._end(send, errors.sse_event(err))
+            await self._end(send, self._stream_error(err))
         else:
             await self._fail(send, err)
 
@@ -342,6 +370,13 @@ async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None, face:
     hdrs.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())
     await send({"type": "http.response.start", "status": exc.status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _drops(call: Call) -> frozenset[bytes]:
+    """Client headers a translating call does not send upstream: accept-encoding, and the ones
+    its face names (an Anthropic client's `x-api-key` is for the proxy, not the completions server)."""
+    extra = getattr(call, "drop_headers", None)
+    return _ADAPTER_DROPS if extra is None else _ADAPTER_DROPS | extra
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:

@@ -8,7 +8,12 @@ Behaviour is deterministic and steered per request by headers:
 - `x-mock-events`: split the text into this many stream events (default: one per word);
 - `x-mock-interval-ms`: pause between stream events;
 - `x-mock-hold: KEY`: after the first event, wait until `POST /_mock/release?key=KEY` (10 s at most);
+- `x-mock-finish: REASON`: the last `finish_reason` (default `stop`; `length` as if cut by `max_tokens`);
+- `x-mock-stop-reason: S`: vLLM's `stop_reason` (the stop string that matched) on the finishing choice;
 - faults: see below.
+`POST /tokenize` answers as vLLM does (`count`, `max_model_len`, `tokens`), one token per word
+of `prompt` (or llama.cpp's `content`), plus BOS unless `add_special_tokens: false`; requests to it
+are listed in `MockUpstream.lookups`, not `requests`, and no fault header applies to it.
 Every response echoes the request headers it received as JSON in `x-mock-echo-headers`,
 and `GET /_mock/requests` lists the last requests (method, path, headers, body).
 
@@ -317,7 +322,7 @@ def _completions(conn: _Connection, hdrs: dict[str, str], body: bytes, query: st
         "object": "text_completion",
         "created": int(time.time()),
         "model": req.model,
-        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish} for i in range(req.n)],
+        "choices": [_finish({"index": i, "text": text, "logprobs": None}, hdrs, finish) for i in range(req.n)],
         "usage": _usage(req.prompt, text, req.n),
     }
     conn.write(200, _json.encode(doc), cut_at=_faults(hdrs).drop_after)
@@ -355,7 +360,7 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
     for i in range(req.n):
         conn.chunk(b"data: " + _json.encode({
             "id": "cmpl-mock", "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": finish}],
+            "choices": [_finish({"index": i, "text": "", "logprobs": None}, hdrs, finish)],
         }) + b"\n\n")
     if req.stream_options and req.stream_options.get("include_usage"):
         conn.chunk(b"data: " + _json.encode({
@@ -364,6 +369,13 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
         }) + b"\n\n")
     conn.chunk(b"data: [DONE]\n\n")
     conn.end_chunked()
+
+
+def _finish(choice: dict[str, Any], hdrs: dict[str, str], default: str = "stop") -> dict[str, Any]:
+    choice["finish_reason"] = hdrs.get("x-mock-finish", default)
+    if "x-mock-stop-reason" in hdrs:
+        choice["stop_reason"] = hdrs["x-mock-stop-reason"]
+    return choice
 
 
 def _fault(conn: _Connection, hdrs: dict[str, str]) -> Any:
@@ -466,7 +478,7 @@ def _tokenize(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) 
         return
     try:
         doc = msgspec.json.decode(body)
-        prompt = doc["prompt"]
+        prompt = str(doc["prompt"] if "prompt" in doc else doc["content"])  # llama.cpp's field is `content`
         add_special = doc.get("add_special_tokens", True)
     except (msgspec.DecodeError, KeyError, TypeError):
         conn.write(400, _dialect_error(dialect, 400, "prompt is required"))

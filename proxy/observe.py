@@ -156,6 +156,11 @@ _active = _Children(active)
 _upstream_errors = _Children(upstream_errors)
 _disconnects = _Children(disconnects)
 _prompt_tokens = _Children(prompt_tokens)
+tools_left_out = Counter(
+    "llmproxy_tools_left_out", "Tools a Messages/Responses face left out of the prompt because a local model "
+    "cannot run them (web_search, code_interpreter, ...), by route and tool type.", ["route", "tool"]
+)
+_tools_left_out = _Children(tools_left_out)
 _completion_tokens = _Children(completion_tokens)
 _key_requests = _Children(key_requests)
 limit_children = (_Children(limit_in_flight), _Children(limit_queued), _Children(limit_wait), _Children(limit_rejections))
@@ -273,8 +278,10 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-def rejected(scope: dict[str, Any], exc: ProxyError, rid: bytes) -> None:
-    """A request answered with an error before (or instead of) an exchange: record it once."""
+def rejected(scope: dict[str, Any], exc: ProxyError, rid: bytes, face: str | None = "openai") -> None:
+    """A request answered with an error before (or instead of) an exchange: record it once.
+    `face`: the error shape its body was sent in (its size is `bytes_out`); None: nothing was
+    sent (the client had left)."""
     m = scope.get(_METER)
     if m is None:  # refused by the router (405 on an unlisted method) before the handler ran
         m = Meter(scope)
@@ -282,8 +289,8 @@ def rejected(scope: dict[str, Any], exc: ProxyError, rid: bytes) -> None:
         return
     route = m.route
     model = _model_of(m)
-    if not m.bytes_out:  # the error body went out without the meter: count it
-        m.bytes_out = len(render(exc))
+    if not m.bytes_out and face is not None:  # the error body went out without the meter: count it
+        m.bytes_out = len(render(exc, face))
     record(
         _record(scope, m, rid, route.name if route else None, model, exc.status, error=_error_name(exc)),
         model=model_label(route, model) if route else OTHER,
@@ -315,6 +322,21 @@ def record(rec: RequestRecord, *, model: str = OTHER, kind: str | None = None) -
         if rec.tpot_ms is not None:
             _tpot(route, model).observe(rec.tpot_ms / 1000)
     access_log.info(rec)
+
+
+_logged_left_out: set[tuple[str, str]] = set()
+
+
+def left_out_tools(route: str, kinds: list[str]) -> None:
+    """A face dropped tools it cannot offer the model (`hosted_tools: ignore`): count them, and log
+    each route and tool once (Codex sends `web_search` with every request: a line each would be noise)."""
+    for kind in kinds:
+        _tools_left_out(route, kind).inc()
+        if (route, kind) not in _logged_left_out:
+            _logged_left_out.add((route, kind))
+            logging.getLogger("llmproxy.faces").info(
+                "route %r: left the tool %r out of the prompt (the upstream model cannot run it); "
+                "further ones are counted in llmproxy_tools_left_out_total", route, kind)
 
 
 def reloaded(ok: bool) -> None:

@@ -6,6 +6,7 @@ the table (and route) it started with.
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +70,16 @@ class Route:
     def serves(self, model: str | None) -> bool:
         return model is not None and self._match is not None and self._match(model) is not None
 
+    def subroutes(self) -> dict[str, Route]:
+        """The paths a face answers beside its own (`/v1/messages/count_tokens`), as routes that
+        share this one's upstreams, health, headers and models but not its adapter."""
+        out: dict[str, Route] = {}
+        for suffix, adapter in getattr(self.adapter, "subpaths", {}).items():
+            sub = copy.copy(self)
+            sub.adapter = adapter
+            out[self.config.path.rstrip("/") + suffix] = sub
+        return out
+
 
 class Unread:
     """The type of `UNREAD`: routing did not need the body's `model`."""
@@ -109,11 +120,17 @@ class RouteTable:
         by_path: dict[str, list[Route]] = {}
         for r in self.routes:
             by_path.setdefault(r.config.path, []).append(r)
+        declared = set(by_path)
+        for r in self.routes:
+            for path, sub in r.subroutes().items():
+                if path not in declared:  # a route file naming the path itself wins
+                    by_path.setdefault(path, []).append(sub)
         self._by_path = {
             path: {m: _Choice([r for r in rs if m in r.config.methods]) for m in {m for r in rs for m in r.config.methods}}
             for path, rs in by_path.items()
         }
         self._allowed = {path: ", ".join(sorted(choices)) for path, choices in self._by_path.items()}
+        self._faces = {path: rs[0].face for path, rs in by_path.items()}
         self.models_json = self._models_json()
         self._faces = {path: rs[0].face for path, rs in by_path.items()}
 

@@ -299,4 +299,13 @@ def _output_messages(data: bytes) -> str:
         delta = doc.get("delta")
         if isinstance(delta, dict) and isinstance(delta.get("text"), str):  # Anthropic Messages stream
             texts.append(delta["text"])
+        elif isinstance(delta, str) and doc.get("type") == "response.output_text.delta":  # OpenAI Responses stream
+            texts.append(delta)
+        for block in doc.get("content") or ():  # Anthropic Messages, whole
+            if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+        for item in doc.get("output") or ():  # OpenAI Responses, whole
+            for part in (item.get("content") or ()) if isinstance(item, dict) else ():
+                if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
     return msgspec.json.encode([{"role": "assistant", "content": "".join(texts)}]).decode()

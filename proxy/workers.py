@@ -8,7 +8,9 @@ restart" ERROR (uvicorn before the health-checked restart crash-loops instead). 
 workers already reload in place on SIGHUP (`TableHolder.reload_on_sighup`), keeping
 their table when a file is bad, so here the supervisor checks the folder once and only
 then passes the signal on: a broken file is reported once, without a traceback, and
-every worker keeps serving its table.
+every worker keeps serving its table. A failed reload is counted here
+(`llmproxy_reloads_total{result="failed"}`, summed in with the workers' files); each worker
+counts its own successful reload.
 
 With `--reload` the supervisor also watches the folder (the same fingerprint the
 workers use) and signals the workers on a change, instead of each worker watching
@@ -24,13 +26,14 @@ import shutil
 import signal
 import socket
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from uvicorn import Config
 from uvicorn.supervisors import Multiprocess
 
-from .errors import ConfigError
-from .reload import LAST_GOOD_ENV, fingerprint, save_last_good
+from . import observe
+from .reload import LAST_GOOD_ENV, fingerprint, rebuild, save_last_good
 from .routes import RouteTable
 
 log = logging.getLogger("llmproxy.reload")
@@ -78,13 +81,11 @@ class RouteSupervisor(Multiprocess):
 
     def reload_workers(self) -> bool:
         """Validate the folder once; if it loads, tell every worker to reload from it."""
-        try:
-            table = RouteTable.from_dir(self.folder, allow_empty=True)
-        except ConfigError as exc:
-            log.error("routes not reloaded, the previous table stays in service: %s", exc)
-            return False
-        except Exception:  # a bug must not end the supervisor, and so the service
-            log.error("routes not reloaded, the previous table stays in service: unexpected error", exc_info=True)
+        # Only a failure is counted here (once); each worker counts its own successful reload.
+        table = rebuild(partial(RouteTable.from_dir, allow_empty=True), self.folder,
+                        "routes not reloaded, the previous table stays in service",
+                        lambda ok: None if ok else observe.reloaded(False))  # fmt: skip
+        if table is None:
             return False
         save_last_good(table, self.last_good)
         pids = [p.pid for p in self.processes if p.pid is not None]

@@ -403,3 +403,24 @@ def test_chat_template_kwargs_reach_the_template_not_the_upstream(fake, serve):
     sent = last_body(up)
     assert sent["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert "chat_template_kwargs" not in sent and "enable_thinking" not in sent
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "sglang"])
+def test_the_responses_face_is_not_cut_short_either(fake, serve, dialect):
+    up = fake(dialect)
+    base = serve(up, dialect, adapter="responses-to-completions", path="/v1/responses")
+    r = client(base).responses.create(model="m", input="Hi there", extra_headers={"x-mock-text": LONG})
+    assert r.output_text == LONG and r.status == "completed"
+    assert last_body(up)["max_tokens"] == CONTEXT - mock_tokens(last_body(up)["prompt"]) - (dialect == "sglang")
+
+
+def test_the_messages_face_takes_the_dialects_limit(fake, serve):
+    import anthropic
+
+    up = fake("vllm")
+    base = serve(up, "vllm", "body: {limit: {max_tokens: 1000}}", adapter="messages-to-completions",
+                 path="/v1/messages")
+    c = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+    with c.messages.stream(model="m", max_tokens=32000, messages=USER, extra_headers={"x-mock-text": LONG}) as s:
+        assert s.get_final_text() == LONG
+    assert last_body(up)["max_tokens"] == 1000  # Claude Code's 32 000 capped by the route

@@ -147,6 +147,11 @@ def test_a_key_may_only_use_its_routes_and_sees_only_their_models(gated, upstrea
     ids = lambda key: [m["id"] for m in httpx.get(f"{gated}/v1/models", headers={"x-api-key": key}).json()["data"]]  # noqa: E731
     assert ids(ALICE) == ["qwen-completions"]
     assert ids(CI) == ["qwen-completions", "other-model"]
+    # One model: only among the routes the key may use (`other-model` is not alice's).
+    one = lambda key, name: httpx.get(f"{gated}/v1/models/{name}", headers={"x-api-key": key})  # noqa: E731
+    assert one(CI, "other-model").json()["owned_by"] == "other"
+    assert one(ALICE, "other-model").json()["owned_by"] == "qwen-completions"  # her fallback route answers it
+    assert one("wrong", "other-model").status_code == 401
 
 
 def test_probes_and_scrapes_stay_open_everything_else_needs_a_key(gated):

@@ -188,3 +188,23 @@ def test_serve_exports_over_otlp_http(upstream, routes_dir, tmp_path):
     assert path == "/v1/traces" and content_type == "application/x-protobuf"
     assert b"gen_ai.request.model" in body and b"text_completion m" in body
     assert os.environ.get("LLMPROXY_OTLP_ENDPOINT") is None  # the test process is untouched
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"}}]}',  # chat
+        b'{"choices":[{"index":0,"text":"Hi there"}]}',  # completions
+        b'data: {"choices":[{"delta":{"content":"Hi "}}]}\n\ndata: {"choices":[{"delta":{"content":"there"}}]}\n\n'
+        b"data: [DONE]\n\n",  # chat stream
+        b'{"type":"message","content":[{"type":"text","text":"Hi there"}]}',  # Anthropic Messages
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"type":"text_delta","text":"Hi "}}'
+        b'\n\nevent: content_block_delta\ndata: {"type":"content_block_delta","delta":{"type":"text_delta",'
+        b'"text":"there"}}\n\n',  # Anthropic stream
+        b'{"object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"Hi there"}]}]}',
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi "}\n\n'
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"there"}\n\n',
+    ],
+)
+def test_output_content_is_read_from_every_face(answer):
+    assert tracing._output_messages(answer) == '[{"role":"assistant","content":"Hi there"}]'

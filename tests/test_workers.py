@@ -117,6 +117,12 @@ def _all_ok(base: str, path: str) -> bool:
         return False
 
 
+def _reloads(base: str, result: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "llmproxy_reloads_total" and s.labels["result"] == result)  # fmt: skip
+
+
 def _messages(err: Path) -> list[str]:
     return [line["message"] for line in _log_lines(err)]
 
@@ -134,6 +140,7 @@ def test_sighup_with_workers_reports_a_broken_file_once_and_keeps_serving(upstre
         _break_and_sighup(folder / "a.yaml", proc, err)
         time.sleep(1.5)  # room for a second report, or for uvicorn's restart of the workers, to show up
         assert _statuses(base, "/v1/a") == {200}  # every worker keeps the previous table
+        assert _reloads(base, "failed") == 1  # what an alert watches, counted once
 
         (folder / "a.yaml").write_text(good)
         (folder / "b.yaml").write_text(f"path: /v1/b\nupstream: {upstream.url}/v1/completions\n")
@@ -141,6 +148,7 @@ def test_sighup_with_workers_reports_a_broken_file_once_and_keeps_serving(upstre
         _wait(lambda: sum("routes reloaded from" in m and "route(s)" in m for m in _messages(err)) == 2, 15,
               "both workers should reload")  # fmt: skip
         assert _statuses(base, "/v1/b") == {200}
+        assert _reloads(base, "ok") == 2  # one per worker
         assert proc.poll() is None
     text = err.read_text()
     assert "Traceback" not in text and "aborting the restart" not in text, text

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import msgspec
@@ -398,12 +399,17 @@ class Dialect:
 
 
 def server_root(url: str) -> str:
-    """`http://h:8000/v1/completions?x` -> `http://h:8000`: where vLLM and SGLang serve `/tokenize`."""
-    base = url.split("?", 1)[0].rstrip("/")
-    for tail in ("/completions", "/v1"):
-        if base.endswith(tail):
-            base = base[: -len(tail)]
-    return base
+    """`http://h:8000/v1/completions?x` -> `http://h:8000`: where vLLM and SGLang serve `/tokenize`
+    (a path prefix before `/v1/completions` is kept; any other path is not the server's)."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    for tail in ("/v1/completions", "/completions"):
+        if path.endswith(tail):
+            path = path[: -len(tail)]
+            break
+    else:
+        path = ""
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
 def _call_schema(fn: dict[str, Any]) -> dict[str, Any]:
