@@ -424,3 +424,15 @@ def test_the_messages_face_takes_the_dialects_limit(fake, serve):
     with c.messages.stream(model="m", max_tokens=32000, messages=USER, extra_headers={"x-mock-text": LONG}) as s:
         assert s.get_final_text() == LONG
     assert last_body(up)["max_tokens"] == 1000  # Claude Code's 32 000 capped by the route
+
+
+def test_the_responses_face_forces_a_required_tool_call(fake, serve):
+    up = fake("vllm")
+    base = serve(up, "vllm", adapter="responses-to-completions", path="/v1/responses")
+    fn = WEATHER["function"]
+    r = client(base).responses.create(model="m", input="Weather in Paris?", tool_choice="required",
+                                      tools=[{"type": "function", "name": fn["name"], "parameters": fn["parameters"]}],
+                                      extra_headers=CALL_HEADERS)
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert last_body(up)["prompt"].endswith("<tool_call>\n") and "json" in last_body(up)["structured_outputs"]
