@@ -57,6 +57,43 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants (uvicorn's workers under `--workers N`)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and its live descendants."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            pass
+    return total
+
+
+def tree_rss(pid: int) -> float:
+    """RSS (MiB) of `pid` and its live descendants."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            total += rss_mib(p)
+        except (OSError, RuntimeError):
+            pass
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -84,10 +121,11 @@ class Child:
         return self.proc.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU seconds of the process and its workers, if any."""
+        return tree_cpu(self.pid)
 
     def rss(self) -> float:
-        return rss_mib(self.pid)
+        return tree_rss(self.pid)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -164,8 +202,10 @@ def _check_chat(python: str, env: dict[str, str], src: Path, folder: Path) -> st
 
 
 @contextmanager
-def start(src: Path, python: str = sys.executable, chat: bool = True) -> Iterator[Stack]:
-    """Start the mock upstream and the proxy (`src` holds the `proxy` package); stop both on exit."""
+def start(src: Path, python: str = sys.executable, chat: bool = True, serve_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """Start the mock upstream and the proxy (`src` holds the `proxy` package); stop both on exit.
+
+    `serve_args`: more `llmproxy serve` options (`--workers 2`)."""
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmproxy-bench-")))
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
@@ -190,7 +230,7 @@ def start(src: Path, python: str = sys.executable, chat: bool = True) -> Iterato
 
         proxy_port = free_port()
         proxy = _spawn("proxy", [python, "-m", "proxy", "serve", "--routes", str(routes), "--host", HOST,
-                                 "--port", str(proxy_port), "--log-level", "warning"], env, src, tmp)
+                                 "--port", str(proxy_port), "--log-level", "warning", *serve_args], env, src, tmp)
         stack.callback(proxy.stop)
         _wait_ready(proxy, proxy_port, "/readyz")
         yield Stack(mock, mock_port, proxy, proxy_port, chat_missing, src)

@@ -321,6 +321,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/latest.json", help="JSON output")
     p.add_argument("--profile", action="store_true", help="profile the proxy with py-spy instead of measuring")
     p.add_argument("--native", action="store_true", help="with --profile: sample C frames too (uvloop, httptools)")
+    p.add_argument("--scale", action="store_true",
+                   help="the scale scenario instead: N slow streams at once (bench/scale.py); writes scale.json")
+    p.add_argument("--streams", default="500,1000,2000,4000",
+                   help="with --scale: comma list of N (default 500,1000,2000,4000); with --profile: the first N")
+    p.add_argument("--clients", type=int, default=1, help="with --scale: load client processes (default 1)")
+    p.add_argument("--serve-args", default="", help="more `llmproxy serve` options, e.g. '--workers 2'")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds = 2.0
@@ -337,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         import profiling
 
         return profiling.main(args, src)
+    if args.scale:
+        import scale
+
+        return scale.main(args, src)
     use_wrk = wrkload.available() and not args.no_wrk
     if not use_wrk and not args.no_wrk:
         print("wrk not found: non-stream load uses the asyncio client (apt-get install wrk)", file=sys.stderr)
