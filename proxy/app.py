@@ -27,6 +27,7 @@ from .errors import ProxyError
 from .forward import prepare, send_error
 from .reload import POLL_INTERVAL, TableHolder
 from .routes import RouteTable
+from .descriptors import UpstreamSlots, default_connections, raise_open_files
 from .transport import ClientFactory, make_client
 
 DEFAULT_MAX_BODY = 10 * 2**20
@@ -41,12 +42,14 @@ def create_app(
     max_body_size: int = DEFAULT_MAX_BODY,
     reload: bool = False,
     poll_interval: float = POLL_INTERVAL,
+    max_upstream_connections: int = 0,
 ) -> Gateway:
     """Build the ASGI app serving `table`. `client` makes the upstream session (tests swap it).
 
     `reload`: watch the holder's folder and swap in a new table on change (needs a
     `TableHolder` with a folder, e.g. `TableHolder.load(folder)`). A holder with a
-    folder also reloads on SIGHUP.
+    folder also reloads on SIGHUP. `max_upstream_connections`: upstream requests in flight
+    past which a request is refused with a 503 (0: sized from the open-file limit).
     """
     holder = table if isinstance(table, TableHolder) else TableHolder(table)
     if reload and holder.folder is None:
@@ -77,6 +80,7 @@ def create_app(
     )
     app.state.holder = holder
     app.state.max_body_size = max_body_size  # named in the 413 message
+    app.state.slots = UpstreamSlots(max_upstream_connections or default_connections())
     return Gateway(app, holder, max_body_size)
 
 
@@ -219,7 +223,9 @@ def app_from_env() -> Gateway:
     holder = TableHolder.load(folder)
     max_body = int(os.environ.get("LLMPROXY_MAX_BODY", DEFAULT_MAX_BODY))
     reload = os.environ.get("LLMPROXY_RELOAD", "") not in ("", "0")
-    app = create_app(holder, max_body_size=max_body, reload=reload)
+    raise_open_files()  # the CLI did it already (and logged it); not so under a bare `uvicorn --factory`
+    max_upstream = int(os.environ.get("LLMPROXY_MAX_UPSTREAM_CONNECTIONS", "0"))
+    app = create_app(holder, max_body_size=max_body, reload=reload, max_upstream_connections=max_upstream)
     # Move the start-up heap (Litestar, aiohttp, the route table) out of the collector's
     # reach: it is never garbage, and scanning it cost ~30 µs per request (`just bench`).
     gc.collect()

@@ -13,15 +13,15 @@ from collections.abc import Callable
 
 import aiohttp
 
-MAX_CONNECTIONS = 1000
-
 ClientFactory = Callable[[], aiohttp.ClientSession]
 
 
 def make_client() -> aiohttp.ClientSession:
     """One session per app (and per worker). Timeouts are set per request from the route."""
-    # aiohttp's default of 100 connections drains under long LLM streams.
-    connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
+    # No pool limit: aiohttp parks a request past its limit (default 100, then 1000 here) until an
+    # earlier stream ends, which under minute-long LLM streams is a silent wait of minutes. The one
+    # cap is `--max-upstream-connections`, which refuses at once (descriptors.UpstreamSlots).
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,  # passthrough relays bytes as they came, Content-Encoding included
