@@ -143,7 +143,8 @@ def scale_profile(args: argparse.Namespace, src: Path, vias: list[str], outdir: 
             name = f"{via}-scale-{n}"
             raw = outdir / f"{name}.txt"
             # Record the middle of the 10 s streams: all open, past the connect burst.
-            timer = threading.Timer(2.0, lambda: box.append(record(stack.proxy.pid, 6, raw, native=args.native)))
+            timer = threading.Timer(scale.STEADY[0] + 0.5, lambda: box.append(
+                record(stack.proxy.pid, scale.STEADY[1] - scale.STEADY[0], raw, native=args.native)))
             box: list[subprocess.Popen[bytes]] = []
             timer.start()
             row = scale.scenario(stack, via, n, args.clients, args.python)

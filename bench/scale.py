@@ -31,6 +31,7 @@ from run import CHAT, COMPLETION, PATHS, meta
 EVENTS, INTERVAL_MS = 40, 250
 IDEAL_S = EVENTS * INTERVAL_MS / 1000  # the mock pauses after every event: 10 s
 DEADLINE = IDEAL_S + 50  # a stream still open after this is aborted and counted as not completed
+STEADY = (3.0, 8.0)  # seconds after the go: the window where every stream is open and past its start
 SETTLE_S = 2.0  # between scenarios: closing connections, TIME_WAIT, the proxy's idle pool
 TEXT = " ".join(f"t{i}" for i in range(EVENTS))
 HERE = Path(__file__).resolve().parent
@@ -57,11 +58,18 @@ def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str) ->
         kids.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=HERE))
     time.sleep(0.5)  # interpreters up and waiting for the go
     peak = [rss0]
+    steady: dict[str, float] = {}  # proxy CPU at the start and the end of the steady window
     stop = threading.Event()
 
     def sample() -> None:
+        t0 = time.monotonic()
         while not stop.wait(0.25):
             peak[0] = max(peak[0], stack.proxy.rss())
+            t = time.monotonic() - t0
+            for key, at in (("a", STEADY[0]), ("b", STEADY[1])):
+                if key not in steady and t >= at:
+                    steady[key] = stack.proxy.cpu()
+                    steady[key + "_t"] = t
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -95,6 +103,10 @@ def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str) ->
         "proxy_cpu_s": p1 - p0 if proxied else None,
         "proxy_us_per_event": (p1 - p0) / max(events, 1) * 1e6 if proxied else None,
         "proxy_cpu_share": (p1 - p0) / wall if proxied and wall else None,  # cores busy, on average
+        # Only the relay: CPU while every stream is open and past its start, over the events the mock
+        # sends meanwhile (N streams, one event per interval). n/a when streams were still starting.
+        "proxy_steady_us_per_event": (steady["b"] - steady["a"]) / (n * (steady["b_t"] - steady["a_t"]) / (INTERVAL_MS / 1000)) * 1e6
+        if proxied and "b" in steady and ttfb and percentile(ttfb, 100) < STEADY[0] - 0.5 else None,
         "mock_us_per_event": (m1 - m0) / max(events, 1) * 1e6,
         "client_us_per_event": client_cpu / max(events, 1) * 1e6,
         "client_cpu_share": client_cpu / wall if wall else None,
@@ -130,7 +142,7 @@ def render(report: dict[str, Any]) -> str:
         f"(ideal {IDEAL_S:g} s); client processes: {report['clients']}",
     ]
     head = ("N", "via", "completed", "ttfb p50", "ttfb p99", "stretch p50", "stretch p99", "+ttfb p99",
-            "+stretch p99", "proxy µs/ev", "proxy cores", "KiB/stream", "mock µs/ev", "client µs/ev", "client cores",
+            "+stretch p99", "proxy µs/ev", "steady µs/ev", "proxy cores", "KiB/stream", "mock µs/ev", "client µs/ev", "client cores",
             "load", "errors")
     rows = []
     for r in report["rows"]:
@@ -138,13 +150,14 @@ def render(report: dict[str, Any]) -> str:
             str(r["n"]), r["via"], f"{r['completed']}/{r['n']}", _s(r["ttfb_p50_s"]), _s(r["ttfb_p99_s"]),
             _s(r["stretch_p50_s"]), _s(r["stretch_p99_s"]), _s(r.get("added_ttfb_p99_s"), "+.3f"),
             _s(r.get("added_stretch_p99_s"), "+.3f"), _s(r["proxy_us_per_event"], ".1f"),
+            _s(r["proxy_steady_us_per_event"], ".1f"),
             _s(r["proxy_cpu_share"], ".2f"), _s(r["proxy_kib_per_stream"], ".1f"), _s(r["mock_us_per_event"], ".1f"),
             _s(r["client_us_per_event"], ".1f"), _s(r["client_cpu_share"], ".2f"), f"{r['loadavg_before']:.1f}",
             ",".join(f"{k}={v}" for k, v in r["errors"].items()) or "0",
         ))
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
-        out.append("  ".join(c.ljust(w) if i in (1, 16) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        out.append("  ".join(c.ljust(w) if i in (1, 17) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(out)
 
 

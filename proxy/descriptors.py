@@ -125,3 +125,6 @@ def from_exhaustion(exc: BaseException, route: str) -> OutOfDescriptors | None:
         "--max-upstream-connections",
         headers={"retry-after": "1"},
     )
+
+
+UNLIMITED = UpstreamSlots(0)  # for an Exchange run outside `create_app` (tests that build the scope themselves)

@@ -115,3 +115,23 @@ def test_the_start_up_log_names_the_descriptor_limit_and_the_connection_limit(ca
     assert f"upstream connections: at most {(soft - descriptors.RESERVED) // 2} per process (sized from the open-file limit)" in first
     assert "at most 300 per process (--max-upstream-connections), 2 process(es)" in second
     assert str(soft) in first
+
+
+def test_the_read_timeout_spans_the_wait_between_chunks_not_the_whole_stream(upstream, routes_dir, proxy_for):
+    """One timer per `timeout.read` (transport.LazyReadTimeout), not one per chunk: a stream longer
+    than the read timeout whose chunks keep coming completes; a pause longer than it is a timeout."""
+    route = ROUTE.format(url=upstream.url) + "timeout: {connect: 2, read: 0.6}\n"
+    base = proxy_for(routes_dir(cap=route))
+    body = {"model": "m", "prompt": "hi", "stream": True}
+    steady = httpx.post(f"{base}/v1/completions", json=body, timeout=10,
+                        headers={"x-mock-text": "a b c d e f g h", "x-mock-interval-ms": "200"})  # 1.6 s in all
+    assert steady.status_code == 200
+    assert steady.text.count("data: ") == 10 and "error" not in steady.text  # 8 words, the stop event, [DONE]
+
+    t0 = time.monotonic()
+    stalled = httpx.post(f"{base}/v1/completions", json=body, timeout=10,
+                         headers={"x-mock-text": "a b c d", "x-mock-interval-ms": "200",
+                                  "x-mock-stall-after": "2", "x-mock-stall-ms": "3000"})  # fmt: skip
+    took = time.monotonic() - t0
+    assert "upstream_timeout" in stalled.text and "0.6 s (timeout.read)" in stalled.text
+    assert took < 2.5, "the stall was cut at the read timeout, not when it ended"
