@@ -42,11 +42,16 @@ timeout: {{connect: 5, read: 60}}
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the process (all its threads), fields 14 and 15 of /proc/PID/stat."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the process in seconds: user space (Python) and the kernel (syscalls, TCP)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # The command name (field 2) may hold spaces; the fields after it are fixed.
     fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_mib(pid: int) -> float:
@@ -81,6 +86,19 @@ def tree_cpu(pid: int) -> float:
         except OSError:
             pass
     return total
+
+
+def tree_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of `pid` and its live descendants."""
+    user = system = 0.0
+    for p in tree(pid):
+        try:
+            u, s = cpu_split(p)
+        except OSError:
+            continue
+        user += u
+        system += s
+    return user, system
 
 
 def tree_rss(pid: int) -> float:

@@ -143,8 +143,10 @@ def scale_profile(args: argparse.Namespace, src: Path, vias: list[str], outdir: 
             name = f"{via}-scale-{n}"
             raw = outdir / f"{name}.txt"
             # Record the middle of the 10 s streams: all open, past the connect burst.
-            timer = threading.Timer(scale.STEADY[0] + 0.5, lambda: box.append(
-                record(stack.proxy.pid, scale.STEADY[1] - scale.STEADY[0], raw, native=args.native)))
+            start, length = (scale.STEADY[0] + 0.5, scale.STEADY[1] - scale.STEADY[0]) if not args.ramp else (0.4, 2.0)
+            name += "-ramp" if args.ramp else ""
+            raw = outdir / f"{name}.txt"
+            timer = threading.Timer(start, lambda: box.append(record(stack.proxy.pid, length, raw, native=args.native)))
             box: list[subprocess.Popen[bytes]] = []
             timer.start()
             row = scale.scenario(stack, via, n, args.clients, args.python)

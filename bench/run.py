@@ -325,6 +325,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the scale scenario instead: N slow streams at once (bench/scale.py); writes scale.json")
     p.add_argument("--streams", default="500,1000,2000,4000",
                    help="with --scale: comma list of N (default 500,1000,2000,4000); with --profile: the first N")
+    p.add_argument("--ramp", action="store_true",
+                   help="with --profile --scale: record the first 2 s (streams starting) instead of the steady state")
     p.add_argument("--clients", type=int, default=1, help="with --scale: load client processes (default 1)")
     p.add_argument("--serve-args", default="", help="more `llmproxy serve` options, e.g. '--workers 2'")
     args = p.parse_args(argv)

@@ -49,6 +49,7 @@ def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str) ->
     load_before = os.getloadavg()[0]
     rss0 = stack.proxy.rss()
     p0, m0 = stack.proxy.cpu(), stack.mock.cpu()
+    s0 = procs.tree_split(stack.proxy.pid)[1]
     kids = []
     for share in shares:
         argv = [python, str(HERE / "scaleload.py"), "--port", str(port), "--path", PATHS[via], "--body", body(via),
@@ -85,6 +86,7 @@ def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str) ->
     stop.set()
     sampler.join()
     p1, m1 = stack.proxy.cpu(), stack.mock.cpu()
+    s1 = procs.tree_split(stack.proxy.pid)[1]
     ttfb = [x for r in results for x in r["ttfb_s"]]
     dur = [x for r in results for x in r["duration_s"]]
     events = sum(r["events"] for r in results)
@@ -102,6 +104,7 @@ def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str) ->
         "stretch_p50_s": _minus(percentile(dur, 50), IDEAL_S), "stretch_p99_s": _minus(percentile(dur, 99), IDEAL_S),
         "proxy_cpu_s": p1 - p0 if proxied else None,
         "proxy_us_per_event": (p1 - p0) / max(events, 1) * 1e6 if proxied else None,
+        "proxy_sys_share": (s1 - s0) / (p1 - p0) if proxied and p1 > p0 else None,  # kernel part of the CPU
         "proxy_cpu_share": (p1 - p0) / wall if proxied and wall else None,  # cores busy, on average
         # Only the relay: CPU while every stream is open and past its start, over the events the mock
         # sends meanwhile (N streams, one event per interval). n/a when streams were still starting.
@@ -142,7 +145,7 @@ def render(report: dict[str, Any]) -> str:
         f"(ideal {IDEAL_S:g} s); client processes: {report['clients']}",
     ]
     head = ("N", "via", "completed", "ttfb p50", "ttfb p99", "stretch p50", "stretch p99", "+ttfb p99",
-            "+stretch p99", "proxy µs/ev", "steady µs/ev", "proxy cores", "KiB/stream", "mock µs/ev", "client µs/ev", "client cores",
+            "+stretch p99", "proxy µs/ev", "steady µs/ev", "sys %", "proxy cores", "KiB/stream", "mock µs/ev", "client µs/ev", "client cores",
             "load", "errors")
     rows = []
     for r in report["rows"]:
@@ -150,14 +153,14 @@ def render(report: dict[str, Any]) -> str:
             str(r["n"]), r["via"], f"{r['completed']}/{r['n']}", _s(r["ttfb_p50_s"]), _s(r["ttfb_p99_s"]),
             _s(r["stretch_p50_s"]), _s(r["stretch_p99_s"]), _s(r.get("added_ttfb_p99_s"), "+.3f"),
             _s(r.get("added_stretch_p99_s"), "+.3f"), _s(r["proxy_us_per_event"], ".1f"),
-            _s(r["proxy_steady_us_per_event"], ".1f"),
+            _s(r["proxy_steady_us_per_event"], ".1f"), _s(r["proxy_sys_share"] and r["proxy_sys_share"] * 100, ".0f"),
             _s(r["proxy_cpu_share"], ".2f"), _s(r["proxy_kib_per_stream"], ".1f"), _s(r["mock_us_per_event"], ".1f"),
             _s(r["client_us_per_event"], ".1f"), _s(r["client_cpu_share"], ".2f"), f"{r['loadavg_before']:.1f}",
             ",".join(f"{k}={v}" for k, v in r["errors"].items()) or "0",
         ))
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
-        out.append("  ".join(c.ljust(w) if i in (1, 17) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        out.append("  ".join(c.ljust(w) if i in (1, 18) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(out)
 
 

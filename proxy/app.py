@@ -22,7 +22,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
-from . import errors, headers, observe
+from . import descriptors, errors, headers, observe
 from .errors import ProxyError
 from .forward import prepare, send_error
 from .reload import POLL_INTERVAL, TableHolder
@@ -62,6 +62,7 @@ def create_app(
             app.state.client = session
             if reload:
                 tg.start_soon(holder.watch, poll_interval)
+            tg.start_soon(descriptors.watch)
             try:
                 with holder.reload_on_sighup():
                     yield

@@ -19,9 +19,16 @@ naming the limit rather than blaming the upstream.
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import resource
 
 from .errors import ProxyError
+
+log = logging.getLogger("llmproxy")
+
+WATCH_INTERVAL = 10.0  # seconds between two counts of the open descriptors
+WARN_AT = 0.9  # share of the open-file limit in use that earns a warning
 
 # Descriptors kept out of the per-stream budget: the listening socket, log files, the
 # event loop's own (epoll, signal pipe), the route folder watcher, a metrics scrape.
@@ -125,6 +132,39 @@ def from_exhaustion(exc: BaseException, route: str) -> OutOfDescriptors | None:
         "--max-upstream-connections",
         headers={"retry-after": "1"},
     )
+
+
+def usage_warning(in_use: int, limit: int) -> str | None:
+    """The warning to log when `in_use` descriptors come close to `limit`, else None."""
+    if limit <= 0 or in_use < WARN_AT * limit:
+        return None
+    return (
+        f"open files: {in_use} of the limit of {limit} in use; past it new client connections are closed at once "
+        "(uvloop accepts and drops them) and upstream connects fail with a 503: raise the limit (ulimit -n, "
+        "LimitNOFILE=, the container's nofile), lower --max-upstream-connections or add replicas"
+    )
+
+
+async def watch(interval: float = WATCH_INTERVAL) -> None:
+    """Count this process's descriptors every `interval` s; warn (once a minute at most) near the limit.
+
+    Out of descriptors, libuv accepts each new connection and closes it straight away, with no
+    log line of its own: without this the only trace would be clients seeing resets.
+    """
+    import anyio
+
+    last = -1e9
+    while True:
+        await anyio.sleep(interval)
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            return  # not Linux: nothing to count cheaply
+        message = usage_warning(in_use, open_files())
+        now = anyio.current_time()
+        if message is not None and now - last >= 60:
+            log.warning(message)
+            last = now
 
 
 UNLIMITED = UpstreamSlots(0)  # for an Exchange run outside `create_app` (tests that build the scope themselves)

@@ -135,3 +135,9 @@ def test_the_read_timeout_spans_the_wait_between_chunks_not_the_whole_stream(ups
     took = time.monotonic() - t0
     assert "upstream_timeout" in stalled.text and "0.6 s (timeout.read)" in stalled.text
     assert took < 2.5, "the stall was cut at the read timeout, not when it ended"
+
+
+def test_a_process_near_its_descriptor_limit_says_so_in_the_log():
+    assert descriptors.usage_warning(100, 1000) is None
+    message = descriptors.usage_warning(950, 1000)
+    assert message is not None and "950 of the limit of 1000 in use" in message and "ulimit -n" in message
