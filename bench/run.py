@@ -261,10 +261,22 @@ def _value(key: str, v: Any) -> str:
     return format(v, ".3g") if isinstance(v, float) else str(v)
 
 
+def title(m: dict[str, Any], what: str) -> str:
+    """The first line of a report: what ran, when, on which commit."""
+    return f"llmproxy {what}  {m['date']}  commit {m['commit']}" + (f"  [{m['label']}]" if m["label"] else "")
+
+
+def columns(head: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[int, ...]) -> list[str]:
+    """Rows as aligned text: the `left` columns flush left, the others (figures) flush right."""
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    return ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+            for row in [head, *rows]]
+
+
 def render(report: dict[str, Any]) -> str:
     m = report["meta"]
     out = [
-        f"llmproxy bench  {m['date']}  commit {m['commit']}" + (f"  [{m['label']}]" if m["label"] else ""),
+        title(m, "bench"),
         f"command: {m['command']}   ({m['seconds_per_scenario']} s per scenario)",
         f"machine: {m['machine']['cpu']}, {m['machine']['cores']} cores, {m['machine']['mem_mib']} MiB, "
         f"Linux {m['machine']['kernel']}, load avg {m['machine']['loadavg_at_start']:.2f} at start",
@@ -287,11 +299,9 @@ def render(report: dict[str, Any]) -> str:
             _f(r.get("events_per_s"), ".0f"), _f(r["proxy_us_per_req"], ".0f"), _f(r.get("proxy_us_per_event"), ".1f"),
             _f(r["mock_us_per_req"], ".0f"), str(r["errors"]),
         ))
-    widths = [max(len(row[i]) for row in [head, *table]) for i in range(len(head))]
-    for row in [head, *table]:
-        out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    out += columns(head, table, left=(0, 1))
     for scenario, via, reason in skipped:
-        out.append(f"{scenario:<{widths[0]}}  {via:<{widths[1]}}  {reason}")
+        out.append(f"{scenario:<16}  {via:<11}  {reason}")
     rss = report.get("rss")
     if rss:
         out.append(f"proxy RSS: idle {rss['idle_mib']:.1f} MiB, after 1k {rss['after_1000_mib']:.1f}, "

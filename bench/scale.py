@@ -26,7 +26,7 @@ from typing import Any
 
 import procs
 from loadclient import percentile
-from run import CHAT, COMPLETION, PATHS, meta
+from run import CHAT, COMPLETION, PATHS, columns, meta, title
 
 EVENTS, INTERVAL_MS = 40, 250
 IDEAL_S = EVENTS * INTERVAL_MS / 1000  # the mock pauses after every event: 10 s
@@ -138,7 +138,7 @@ def add_deltas(rows: list[dict[str, Any]]) -> None:
 def render(report: dict[str, Any]) -> str:
     m = report["meta"]
     out = [
-        f"llmproxy scale bench  {m['date']}  commit {m['commit']}" + (f"  [{m['label']}]" if m["label"] else ""),
+        title(m, "scale bench"),
         f"command: {m['command']}",
         f"machine: {m['machine']['cpu']}, {m['machine']['cores']} cores, load avg {m['machine']['loadavg_at_start']:.2f} "
         f"at start; proxy: {report['serve_args'] or 'one process'}; {EVENTS} events {INTERVAL_MS} ms apart "
@@ -158,10 +158,7 @@ def render(report: dict[str, Any]) -> str:
             _s(r["client_us_per_event"], ".1f"), _s(r["client_cpu_share"], ".2f"), f"{r['loadavg_before']:.1f}",
             ",".join(f"{k}={v}" for k, v in r["errors"].items()) or "0",
         ))
-    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    for row in [head, *rows]:
-        out.append("  ".join(c.ljust(w) if i in (1, 18) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    return "\n".join(out)
+    return "\n".join(out + columns(head, rows, left=(1, len(head) - 1)))
 
 
 def _s(v: float | None, fmt: str = ".3f") -> str:

@@ -23,7 +23,7 @@ import logging
 import os
 import resource
 
-from .errors import ProxyError
+from .errors import OutOfDescriptors, OutOfSlots
 
 log = logging.getLogger("llmproxy")
 
@@ -34,22 +34,6 @@ WARN_AT = 0.9  # share of the open-file limit in use that earns a warning
 # event loop's own (epoll, signal pipe), the route folder watcher, a metrics scrape.
 RESERVED = 64
 PER_STREAM = 2  # the client's socket and the upstream's
-
-
-class OutOfSlots(ProxyError):
-    """A request refused because the process holds all the upstream connections it may."""
-
-    status = 503
-    type = "server_error"
-    code = "upstream_connections_exhausted"
-
-
-class OutOfDescriptors(ProxyError):
-    """The process ran out of file descriptors (EMFILE/ENFILE) opening an upstream connection."""
-
-    status = 503
-    type = "server_error"
-    code = "out_of_file_descriptors"
 
 
 def raise_open_files() -> tuple[int, int, int]:

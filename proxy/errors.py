@@ -119,6 +119,22 @@ class ShuttingDown(ProxyError):
     code = "shutting_down"
 
 
+class OutOfSlots(ProxyError):
+    """Refused at once: the process holds `--max-upstream-connections` upstream requests (descriptors.py)."""
+
+    status = 503
+    type = "server_error"
+    code = "upstream_connections_exhausted"
+
+
+class OutOfDescriptors(ProxyError):
+    """The process ran out of file descriptors (EMFILE/ENFILE) opening an upstream connection."""
+
+    status = 503
+    type = "server_error"
+    code = "out_of_file_descriptors"
+
+
 class InternalError(ProxyError):
     status = 500
     type = "server_error"
