@@ -42,7 +42,7 @@ def body(via: str) -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
-def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str) -> dict[str, Any]:
+def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str, idle_mib: float | None = None) -> dict[str, Any]:
     port = stack.mock_port if via == "direct" else stack.proxy_port
     hdrs = {"x-mock-text": TEXT, "x-mock-events": str(EVENTS), "x-mock-interval-ms": str(INTERVAL_MS)}
     shares = [n // clients + (1 if i < n % clients else 0) for i in range(clients)]
@@ -115,6 +115,9 @@ def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str) ->
         "client_cpu_share": client_cpu / wall if wall else None,
         "proxy_rss_before_mib": rss0, "proxy_rss_peak_mib": peak[0],
         "proxy_kib_per_stream": (peak[0] - rss0) * 1024 / n if proxied else None,
+        # Against the freshly started proxy instead: heap grown by earlier scenarios and idle pooled
+        # upstream connections count too, so this is the upper bound.
+        "proxy_kib_per_stream_vs_idle": (peak[0] - idle_mib) * 1024 / n if proxied and idle_mib else None,
         "loadavg_before": load_before,
     }
 
@@ -145,7 +148,7 @@ def render(report: dict[str, Any]) -> str:
         f"(ideal {IDEAL_S:g} s); client processes: {report['clients']}",
     ]
     head = ("N", "via", "completed", "ttfb p50", "ttfb p99", "stretch p50", "stretch p99", "+ttfb p99",
-            "+stretch p99", "proxy µs/ev", "steady µs/ev", "sys %", "proxy cores", "KiB/stream", "mock µs/ev", "client µs/ev", "client cores",
+            "+stretch p99", "proxy µs/ev", "steady µs/ev", "sys %", "proxy cores", "KiB/stream", "vs idle", "mock µs/ev", "client µs/ev", "client cores",
             "load", "errors")
     rows = []
     for r in report["rows"]:
@@ -154,7 +157,8 @@ def render(report: dict[str, Any]) -> str:
             _s(r["stretch_p50_s"]), _s(r["stretch_p99_s"]), _s(r.get("added_ttfb_p99_s"), "+.3f"),
             _s(r.get("added_stretch_p99_s"), "+.3f"), _s(r["proxy_us_per_event"], ".1f"),
             _s(r["proxy_steady_us_per_event"], ".1f"), _s(r["proxy_sys_share"] and r["proxy_sys_share"] * 100, ".0f"),
-            _s(r["proxy_cpu_share"], ".2f"), _s(r["proxy_kib_per_stream"], ".1f"), _s(r["mock_us_per_event"], ".1f"),
+            _s(r["proxy_cpu_share"], ".2f"), _s(r["proxy_kib_per_stream"], ".1f"),
+            _s(r.get("proxy_kib_per_stream_vs_idle"), ".1f"), _s(r["mock_us_per_event"], ".1f"),
             _s(r["client_us_per_event"], ".1f"), _s(r["client_cpu_share"], ".2f"), f"{r['loadavg_before']:.1f}",
             ",".join(f"{k}={v}" for k, v in r["errors"].items()) or "0",
         ))
@@ -175,11 +179,12 @@ def main(args: argparse.Namespace, src: Path) -> int:
     rows = []
     with procs.start(src, python=args.python, chat="chat" in vias, serve_args=serve_args) as stack:
         time.sleep(1.0)  # every worker up
+        report["proxy_idle_mib"] = idle = stack.proxy.rss()
         live = [v for v in vias if v != "chat" or stack.chat_missing is None]
         for n in ns:
             for via in live:
                 print(f"  scale N={n} {via} ...", file=sys.stderr, flush=True)
-                rows.append(scenario(stack, via, n, args.clients, args.python))
+                rows.append(scenario(stack, via, n, args.clients, args.python, idle))
                 time.sleep(SETTLE_S)
         report["chat_missing"] = stack.chat_missing if "chat" in vias else None
     add_deltas(rows)
