@@ -119,6 +119,7 @@ def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str, id
         # upstream connections count too, so this is the upper bound.
         "proxy_kib_per_stream_vs_idle": (peak[0] - idle_mib) * 1024 / n if proxied and idle_mib else None,
         "loadavg_before": load_before,
+        "error_sample": next((r["error_sample"] for r in results if r.get("error_sample")), None),
     }
 
 

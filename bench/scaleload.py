@@ -27,7 +27,7 @@ HOST = "127.0.0.1"  # loopback only, always
 
 class _Stream(asyncio.Protocol):
     __slots__ = ("parser", "transport", "request", "sent", "first", "end", "events", "status", "error", "_last",
-                 "done")  # fmt: skip
+                 "done", "sample")  # fmt: skip
 
     def __init__(self, request: bytes, done: asyncio.Future[None]) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -39,6 +39,7 @@ class _Stream(asyncio.Protocol):
         self.error: str | None = None
         self._last = b""
         self.done = done
+        self.sample = b""  # the start of a non-200 body: what the error said
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -58,6 +59,8 @@ class _Stream(asyncio.Protocol):
         self.status = self.parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
+        if self.status != 200 and len(self.sample) < 300:
+            self.sample += body[: 300 - len(self.sample)]
         if not self.first:
             self.first = time.perf_counter()
         self.events += (self._last + body).count(b"\n\n")  # an SSE event ends with a blank line
@@ -129,6 +132,7 @@ async def run(port: int, request: bytes, n: int, deadline: float) -> dict[str, o
         "send_spread_s": (max(s.sent for s in streams if s.sent) - min(s.sent for s in streams if s.sent))
         if any(s.sent for s in streams) else None,
         "client_cpu_s": usage.ru_utime + usage.ru_stime,
+        "error_sample": next((s.sample.decode("utf-8", "replace") for s in streams if s.sample), None),
     }
 
 
