@@ -141,6 +141,15 @@ class InternalError(ProxyError):
     code = "internal_error"
 
 
+class TemplateFailed(ProxyError):
+    """The route's chat template broke for a reason of its own (a bug, not its `raise_exception`):
+    the route's fault, not the client's, so a 500 that names the route."""
+
+    status = 500
+    type = "server_error"
+    code = "template_failed"
+
+
 class UpstreamStatus(ProxyError):
     """The upstream answered non-2xx: same status; its OpenAI error passed on, anything else wrapped."""
 

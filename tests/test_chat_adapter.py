@@ -417,3 +417,12 @@ def test_events_of_one_read_go_out_together_and_none_is_lost_before_a_bad_one():
     out = asyncio.run(collect())
     assert len(out) == 2
     assert [e["choices"][0]["delta"].get("content") for e in parse_sse(out)] == ["Hel", "lo", " world"]
+
+
+def test_chat_template_kwargs_reach_the_template():
+    """Qwen3's `enable_thinking: false` writes the empty think block after the generation prompt."""
+    call = adapter(template="qwen3").request(body(chat_template_kwargs={"enable_thinking": False}))
+    assert upstream_doc(call)["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    call = adapter(template="qwen3").request(body())
+    assert upstream_doc(call)["prompt"].endswith("<|im_start|>assistant\n")
+    assert "chat_template_kwargs" not in upstream_doc(call)

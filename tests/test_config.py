@@ -38,7 +38,7 @@ def write(folder: Path, name: str, text: str) -> Path:
         ("path: /v1/x\nupstream: http://127.0.0.1:9/\ndefault_headers: {'Bad Name': x}\n", r"r\.yaml:3: default_headers\.Bad Name: not a valid header name"),
         ("path: /v1/x\nupstream: ${LLMPROXY_TEST_UNSET}/v1\n", r"r\.yaml:2: upstream: environment variable LLMPROXY_TEST_UNSET is not set"),
         ("path: /healthz\nupstream: http://127.0.0.1:9/\n", r"r\.yaml:1: path: /healthz is one of the proxy's own endpoints"),
-        ("path: /v1/x\nupstream: http://127.0.0.1:9/\ntemplate: nope.jinja\n", r"r\.yaml:3: template: neither 'chatml' nor 'qwen2\.5' nor an existing file: .*nope\.jinja"),
+        ("path: /v1/x\nupstream: http://127.0.0.1:9/\ntemplate: nope.jinja\n", r"r\.yaml:3: template: neither 'chatml' nor 'qwen2\.5' nor 'qwen3' nor an existing file: .*nope\.jinja"),
         ("path: /v1/x\nupstream: http://127.0.0.1:9/\ntimeout: {read: 0}\n", r"r\.yaml:3: timeout\.read: must be a positive number"),
         ("- just\n- a list\n", r"r\.yaml: file: expected a mapping"),
     ],

@@ -39,6 +39,7 @@ class Message(msgspec.Struct):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier turn's reasoning (templates such as Qwen3 read it)
 
 
 class StreamOptions(msgspec.Struct):
@@ -71,6 +72,7 @@ class ChatRequest(msgspec.Struct):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # to the template (vLLM's extension), e.g. enable_thinking
     # Accepted only in their no-op form; anything else is refused with a reason.
     response_format: dict[str, Any] | None = None
     functions: Any = None

@@ -1,0 +1,456 @@
+"""The shared core of every translating face: one conversation in, neutral events out.
+
+A face (OpenAI chat, Anthropic Messages, OpenAI Responses) decodes its own
+request into a `Generation` and encodes the events below into its own JSON
+or SSE; everything between is here, once:
+
+- `Core.start(gen)` renders the prompt with the route's template, merges the
+  stop strings and builds the upstream completions body;
+- the `Turn` it returns turns the upstream's answer (a JSON completion, or
+  SSE split anyhow across reads) into events: `Start`, then per choice
+  `Text` / `Reasoning` / `ToolCall` in order and one `Finish`, then `Usage`.
+
+`<think>` and `<tool_call>` are parsed only here (reasoning.py, toolcalls.py),
+by one incremental parser per choice that serves whole answers and streams
+alike, so a face cannot disagree with another about what the model said.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import msgspec
+
+from .. import sse
+from ..errors import BadRequest, UpstreamBroken
+from . import reasoning as think
+from .chat_types import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Message, \
+    UpstreamStreamOptions
+from .tags import StopFilter
+from .templates import load_template
+from .toolcalls import ToolCallSplitter
+
+if TYPE_CHECKING:
+    from ..config import RouteConfig
+
+_decode_completion = msgspec.json.Decoder(Completion).decode
+_decode_logprobs = msgspec.json.Decoder(CompletionLogprobs | None).decode
+_encode = msgspec.json.Encoder().encode
+NULL = msgspec.Raw(b"null")
+
+
+class Generation(msgspec.Struct, kw_only=True):
+    """What a face asks of the core, in OpenAI chat terms (the lingua franca of templates)."""
+
+    messages: list[Message]
+    model: str | None = None  # the client's model name
+    stream: bool = False  # the client wants SSE
+    tools: list[dict[str, Any]] | None = None  # {"type": "function", "function": {name, description, parameters}}
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", "function": {"name"}}
+    max_tokens: int | None = None  # None: the client set no limit
+    stop: list[str] | None = None  # the client's own stop strings
+    sampling: dict[str, Any] = {}  # temperature, top_p, top_k, seed, n, penalties ... as the client gave them
+    response_format: dict[str, Any] | None = None  # {"type": "json_object"} | {"type": "json_schema", "json_schema": {...}}
+    template_kwargs: dict[str, Any] | None = None  # chat_template_kwargs, e.g. {"enable_thinking": False}
+    extras: dict[str, Any] = {}  # fields the face did not consume: forwarded where the dialect allows
+    logprobs: int | None = None  # completions-style top-N (0: the sampled token only)
+
+
+# --- events: small tuples, made per upstream event on the hot path --------------------------------
+
+
+class Start(NamedTuple):
+    """First of all: the upstream answer's id and time, from which faces derive their own ids."""
+
+    id: str | None
+    created: int
+
+
+class Text(NamedTuple):
+    """Answer text for one choice. An empty `text` marks a choice's first event (faces may
+    open their message there) or carries logprobs whose text is still held back."""
+
+    choice: int
+    text: str
+    logprobs: msgspec.Raw = NULL
+
+
+class Reasoning(NamedTuple):
+    choice: int
+    text: str
+
+
+class ToolCall(NamedTuple):
+    """One whole tool call; `arguments` is JSON text, `index` counts the choice's calls from 0."""
+
+    choice: int
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
+class Finish(NamedTuple):
+    """A choice is complete. `reason`: stop | length | tool_calls | what the upstream said."""
+
+    choice: int
+    reason: str
+    stop_sequence: str | None = None  # which of the client's stop strings ended it, when known
+
+
+class Usage(NamedTuple):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Event = Start | Text | Reasoning | ToolCall | Finish | Usage
+
+
+class Core:
+    """Built once per route: the template, the stop strings, the reasoning and stream modes."""
+
+    def __init__(self, config: RouteConfig) -> None:
+        self.route = config.name
+        self.mode = config.stream
+        self.upstream_model = config.upstream_model
+        self.template = load_template(config.template, config.source, config.name)
+        self.stops = list(self.template.stops)
+        self.reasoning = config.reasoning == "think"
+
+    def start(self, gen: Generation) -> Turn:
+        """Render the prompt and build the upstream body. Raises `BadRequest` for what cannot be served."""
+        if not gen.messages:
+            raise BadRequest("the conversation must hold at least one message", param="messages",
+                             code="invalid_value")
+        tools, parse_tools = _tools(gen)
+        prompt = self.template.render(gen.messages, tools, gen.template_kwargs)
+        upstream_stream = gen.stream if self.mode == "auto" else self.mode == "always"
+        return Turn(self, gen, self._upstream_body(gen, prompt, upstream_stream), upstream_stream=upstream_stream,
+                    parse_tools=parse_tools, prefilled=self.reasoning and think.prefills_think(prompt))
+
+    def _upstream_body(self, gen: Generation, prompt: str, upstream_stream: bool) -> bytes:
+        """The legacy completions body: the one place an upstream body is built."""
+        stop = self.stops
+        if gen.stop:
+            stop = gen.stop + [s for s in stop if s not in gen.stop]
+        s = gen.sampling
+        out = CompletionRequest(
+            prompt=prompt,
+            model=self.upstream_model or gen.model,
+            stream=upstream_stream,
+            # Usage is asked for on every stream (metrics need it); faces show it as their client asked.
+            stream_options=UpstreamStreamOptions() if upstream_stream else None,
+            max_tokens=gen.max_tokens,
+            temperature=s.get("temperature"),
+            top_p=s.get("top_p"),
+            n=s.get("n"),
+            stop=stop or None,
+            seed=s.get("seed"),
+            presence_penalty=s.get("presence_penalty"),
+            frequency_penalty=s.get("frequency_penalty"),
+            logit_bias=s.get("logit_bias"),
+            user=s.get("user"),
+            logprobs=gen.logprobs,
+            top_k=s.get("top_k"),
+            min_p=s.get("min_p"),
+            repetition_penalty=s.get("repetition_penalty"),
+        )
+        return _encode(out)
+
+
+def _tools(gen: Generation) -> tuple[list[dict[str, Any]] | None, bool]:
+    """The tools to render, and whether the answer is parsed for tool calls.
+
+    `none` lists no tools, a named function lists only that one, `auto` and
+    `required` list them all.
+    """
+    tools = gen.tools or None
+    for i, tool in enumerate(tools or ()):
+        fn = tool.get("function")
+        if tool.get("type", "function") != "function":
+            raise BadRequest("only function tools are supported", param=f"tools[{i}].type", code="invalid_value")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRequest("a tool needs `function.name`", param=f"tools[{i}].function.name", code="invalid_value")
+    choice = gen.tool_choice
+    if choice is None:
+        return tools, tools is not None
+    if isinstance(choice, str):
+        if choice == "none":
+            return None, False
+        if choice not in ("auto", "required"):
+            raise BadRequest("`tool_choice` must be none, auto, required or a named function",
+                             param="tool_choice", code="invalid_value")
+        if tools is None and choice == "required":
+            raise BadRequest("`tool_choice: required` needs `tools`", param="tool_choice", code="invalid_value")
+        return tools, tools is not None
+    fn = choice.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    named = [t for t in tools or () if t["function"]["name"] == name]
+    if not named:
+        raise BadRequest(f"`tool_choice` names function {name!r}, which is not among `tools`",
+                         param="tool_choice", code="invalid_value")
+    return named, True
+
+
+class _Choice:
+    """One choice's text as it streams in, split into reasoning, content and calls."""
+
+    __slots__ = ("index", "stop", "think", "tools", "calls", "seen", "finished")
+
+    def __init__(self, turn: Turn, index: int) -> None:
+        self.index = index
+        self.stop = StopFilter(turn.core.stops)
+        self.think = think.ThinkSplitter(turn.prefilled) if turn.core.reasoning else None
+        self.tools = ToolCallSplitter() if turn.parse_tools else None
+        self.calls = 0
+        self.seen = False
+        self.finished = False
+
+    def events(self, text: str, finish: str | None, lp: msgspec.Raw, out: list[Event]) -> None:
+        """Append the events that `text` (and the end, when `finish` is set) decide."""
+        end = finish is not None
+        if self.seen and not end and self.think is None and self.tools is None:  # the hot path: plain text
+            text = self.stop.feed(text)
+            if text or lp != b"null":
+                out.append(Text(self.index, text, lp))
+            return
+        first = not self.seen
+        self.seen = True
+        text = self.stop.feed(text)
+        if end:
+            text += self.stop.finish()
+            self.finished = True
+        if self.think is None and self.tools is None:
+            if text or first or lp != b"null":
+                out.append(Text(self.index, text, lp))
+        else:
+            self._split(text, end, first, lp, out)
+        if end:
+            reason = "tool_calls" if self.calls and finish in ("stop", None) else finish
+            out.append(Finish(self.index, reason or "stop"))
+
+    def _split(self, text: str, end: bool, first: bool, lp: msgspec.Raw, out: list[Event]) -> None:
+        reasoning = ""
+        if self.think is not None:
+            reasoning, text = self.think.feed(text)
+            if end:
+                r2, c2 = self.think.finish()
+                reasoning, text = reasoning + r2, text + c2
+        if reasoning:
+            out.append(Reasoning(self.index, reasoning))
+        if self.tools is None:
+            if text or (first and not reasoning) or lp != b"null":
+                out.append(Text(self.index, text, lp))
+            return
+        items = self.tools.feed(text)
+        if end:
+            items += self.tools.finish()
+        wrote = bool(reasoning)
+        for item in items:
+            if isinstance(item, str):
+                out.append(Text(self.index, item, lp))
+                lp = NULL
+            else:
+                out.append(ToolCall(self.index, self.calls, call_id(), item.name, item.arguments))
+                self.calls += 1
+            wrote = True
+        if (first and not wrote) or lp != b"null":
+            out.append(Text(self.index, "", lp))
+
+
+class Turn:
+    """One request in flight: the upstream body, and the answer turned into events."""
+
+    __slots__ = ("core", "gen", "body", "upstream_stream", "parse_tools", "prefilled", "usage", "_states",
+                 "_decoder", "_started", "_events", "done")
+
+    def __init__(self, core: Core, gen: Generation, body: bytes, *, upstream_stream: bool, parse_tools: bool,
+                 prefilled: bool) -> None:
+        self.core = core
+        self.gen = gen
+        self.body = body
+        self.upstream_stream = upstream_stream
+        self.parse_tools = parse_tools
+        self.prefilled = prefilled
+        self.usage: tuple[int, int] | None = None  # (prompt, completion) once known, for metrics
+        self._states: dict[int, _Choice] = {}
+        self._decoder = sse.SSEDecoder()
+        self._started = False
+        self._events = 0  # upstream events seen
+        self.done = False  # `[DONE]` came
+
+    # --- streams ------------------------------------------------------------------------------
+
+    async def relay(self, chunks: AsyncIterator[bytes], encode: Callable[[list[Event], bool], bytes]
+                    ) -> AsyncIterator[bytes]:
+        """Upstream bytes -> a face's bytes: `encode(events, last)` per upstream read, its
+        output written at once (never held for a later read); `last` marks the final batch,
+        where the face closes its stream.
+
+        A failure (a malformed event, an error event) is raised after the events before
+        it went out, so the client gets everything that was good. One generator for the
+        whole path: faces hand over their encoder instead of wrapping another generator.
+        """
+        if not self.upstream_stream:  # the route forces a whole answer upstream
+            out = encode(self.whole(b"".join([c async for c in chunks])), True)
+            if out:
+                yield out
+            return
+        decoder = self._decoder
+        for_read = self._feed
+        async for chunk in chunks:
+            events, failure = for_read(decoder.feed(chunk))
+            if events:
+                out = encode(events, False)
+                if out:
+                    yield out
+            if failure is not None:
+                raise failure
+            if self.done:
+                break
+        events: list[Event] = []
+        if not self.done:
+            events, failure = for_read(decoder.close())
+            if failure is not None:
+                out = encode(events, False)
+                if out:
+                    yield out
+                raise failure
+        if not (self._events or self.done):
+            raise UpstreamBroken(f"upstream of route {self.core.route!r} ended the stream without any event")
+        out = encode(self._end(events), True)
+        if out:
+            yield out
+
+    def _feed(self, datas: list[bytes]) -> tuple[list[Event], Exception | None]:
+        """Complete upstream events -> neutral events, and the failure that stopped them if one did."""
+        out: list[Event] = []
+        states = self._states
+        for data in datas:
+            if data == sse.DONE:
+                self.done = True
+                break
+            try:
+                ev = self._event(data)
+            except Exception as exc:
+                return out, exc
+            self._events += 1
+            if not self._started:
+                self._started = True
+                out.append(Start(ev.id, ev.created or int(time.time())))
+            for c in ev.choices or ():
+                state = states.get(c.index)
+                if state is None:
+                    state = states[c.index] = _Choice(self, c.index)
+                state.events(c.text, c.finish_reason, c.logprobs, out)
+            if ev.usage is not None:
+                self.usage = (ev.usage.prompt_tokens, ev.usage.completion_tokens)
+        return out, None
+
+    def _end(self, out: list[Event]) -> list[Event]:
+        """After the last event: unfinished choices are flushed and finished, then usage."""
+        for st in self._states.values():
+            if not st.finished:
+                st.events("", "stop", NULL, out)
+        if self.usage is not None:
+            out.append(Usage(*self.usage))
+        return out
+
+    # --- whole answers ------------------------------------------------------------------------
+
+    def whole(self, body: bytes) -> list[Event]:
+        """A whole upstream answer (JSON, or SSE under `stream: always`) -> every event, choices in order."""
+        doc = self._aggregate(body) if body.lstrip()[:1] != b"{" else self._decode(body, "completion")
+        if doc.choices is None:
+            raise UpstreamBroken(f"upstream of route {self.core.route!r} sent a completion without "
+                                 f"`choices`: {excerpt(body)}")
+        out: list[Event] = [Start(doc.id, doc.created or int(time.time()))]
+        self._started = True
+        for c in sorted(doc.choices, key=lambda c: c.index):
+            _Choice(self, c.index).events(c.text, c.finish_reason or "stop", c.logprobs, out)
+        if doc.usage is not None:
+            self.usage = (doc.usage.prompt_tokens, doc.usage.completion_tokens)
+            out.append(Usage(*self.usage))
+        return out
+
+    def _aggregate(self, body: bytes) -> Completion:
+        """SSE events -> one completion: texts joined, last finish_reason, usage."""
+        dec = sse.SSEDecoder()
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        lps: dict[int, list[Any]] = {}
+        first: Completion | None = None
+        usage = None
+        events = dec.feed(body) + dec.close()
+        if not events:
+            raise UpstreamBroken(f"upstream of route {self.core.route!r} sent neither a completion nor "
+                                 f"stream events: {excerpt(body)}")
+        logprobs = self.gen.logprobs is not None
+        for data in events:
+            if data == sse.DONE:
+                break
+            ev = self._event(data)
+            first = first or ev
+            usage = ev.usage or usage
+            for c in ev.choices or ():
+                texts.setdefault(c.index, []).append(c.text)
+                if c.finish_reason is not None:
+                    finish[c.index] = c.finish_reason
+                if logprobs:
+                    lps.setdefault(c.index, []).append(c.logprobs)
+        choices = [CompletionChoice("".join(t), i, finish.get(i)) for i, t in texts.items()]
+        if logprobs:
+            for c in choices:
+                c.logprobs = msgspec.Raw(_merge_logprobs(lps.get(c.index, [])))
+        return Completion(choices, first.id if first else None, first.created if first else None, usage)
+
+    def _event(self, data: bytes) -> Completion:
+        ev = self._decode(data, "stream event")
+        if ev.choices is None and ev.usage is None:
+            if ev.error != b"null":
+                raise UpstreamBroken(f"upstream of route {self.core.route!r} failed mid-stream: "
+                                     f"{excerpt(bytes(ev.error))}")
+            raise UpstreamBroken(f"upstream of route {self.core.route!r} sent a stream event without "
+                                 f"`choices`: {excerpt(data)}")
+        return ev
+
+    def _decode(self, data: bytes, what: str) -> Completion:
+        try:
+            return _decode_completion(data)
+        except msgspec.DecodeError as exc:  # ValidationError included
+            raise UpstreamBroken(f"upstream of route {self.core.route!r} sent a malformed {what} "
+                                 f"({exc}): {excerpt(data)}") from None
+
+
+def call_id() -> str:
+    return "call_" + os.urandom(12).hex()
+
+
+def excerpt(data: bytes, limit: int = 200) -> str:
+    text = data.decode("utf-8", "replace")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def decode_logprobs(raw: msgspec.Raw) -> CompletionLogprobs | None:
+    if raw == b"null":
+        return None
+    try:
+        return _decode_logprobs(raw)
+    except msgspec.DecodeError:
+        return None
+
+
+def _merge_logprobs(raws: list[msgspec.Raw]) -> bytes:
+    """The logprobs of one choice's stream events joined into one completions logprobs object."""
+    merged = CompletionLogprobs([], [], [])
+    for raw in raws:
+        lp = decode_logprobs(raw)
+        if lp is None:
+            continue
+        merged.tokens += lp.tokens
+        merged.token_logprobs += lp.token_logprobs
+        merged.top_logprobs += lp.top_logprobs or [None] * len(lp.tokens)  # type: ignore[operator]
+    return _encode(merged) if merged.tokens else b"null"
