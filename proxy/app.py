@@ -23,11 +23,11 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
 from . import descriptors, errors, headers, observe
+from .descriptors import UpstreamSlots, default_connections, raise_open_files
 from .errors import ProxyError
 from .forward import prepare, send_error
 from .reload import POLL_INTERVAL, TableHolder
 from .routes import RouteTable
-from .descriptors import UpstreamSlots, default_connections, raise_open_files
 from .transport import ClientFactory, make_client
 
 DEFAULT_MAX_BODY = 10 * 2**20
