@@ -141,3 +141,26 @@ def test_a_process_near_its_descriptor_limit_says_so_in_the_log():
     assert descriptors.usage_warning(100, 1000) is None
     message = descriptors.usage_warning(950, 1000)
     assert message is not None and "950 of the limit of 1000 in use" in message and "ulimit -n" in message
+
+
+def test_the_cli_flag_reaches_the_app_through_the_environment(upstream, routes_dir, monkeypatch):
+    import gc
+
+    from proxy import observe
+    from proxy.app import app_from_env
+
+    # Process-wide start-up tuning for a server process, not for the test process.
+    monkeypatch.setattr(gc, "freeze", lambda: None)
+    monkeypatch.setattr(gc, "set_threshold", lambda *a: None)
+    monkeypatch.setattr(observe, "lean_log_records", lambda: None)
+    monkeypatch.setenv("LLMPROXY_ROUTES", str(routes_dir(cap=ROUTE.format(url=upstream.url))))
+    monkeypatch.setenv("LLMPROXY_MAX_UPSTREAM_CONNECTIONS", "3")
+    assert app_from_env().state.slots.limit == 3
+    monkeypatch.setenv("LLMPROXY_MAX_UPSTREAM_CONNECTIONS", "0")
+    assert app_from_env().state.slots.limit == descriptors.default_connections()
+
+
+def test_a_negative_limit_is_a_usage_error(capsys, tmp_path):
+    (tmp_path / "r.yaml").write_text("name: r\npath: /v1/completions\nupstream: http://127.0.0.1:9/v1/completions\n")
+    assert cli.main(["serve", "--routes", str(tmp_path), "--max-upstream-connections", "-1"]) == cli.EXIT_CONFIG
+    assert "--max-upstream-connections must be >= 0" in capsys.readouterr().err
