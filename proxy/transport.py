@@ -31,6 +31,7 @@ class LazyReadTimeout(ResponseHandler):
     """
 
     _last_read = 0.0
+    _armed_at = 0.0  # when the pending timer fires
 
     def _reschedule_timeout(self) -> None:
         timeout = self._read_timeout
@@ -38,8 +39,18 @@ class LazyReadTimeout(ResponseHandler):
             self._drop_timeout()
             return
         self._last_read = now = self._loop.time()
-        if self._read_timeout_handle is None:
-            self._read_timeout_handle = self._loop.call_at(now + timeout, self._check_read_timeout)
+        deadline = now + timeout
+        handle = self._read_timeout_handle
+        # A pending timer set later than this deadline (a shorter timeout.read on a pooled
+        # connection than its previous route's) would fire too late: set it again.
+        if handle is None or self._armed_at > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        self._armed_at = deadline
+        self._read_timeout_handle = self._loop.call_at(deadline, self._check_read_timeout)
 
     def _check_read_timeout(self) -> None:
         self._read_timeout_handle = None
@@ -48,7 +59,7 @@ class LazyReadTimeout(ResponseHandler):
             return
         deadline = self._last_read + timeout
         if deadline > self._loop.time():
-            self._read_timeout_handle = self._loop.call_at(deadline, self._check_read_timeout)
+            self._arm(deadline)
         else:
             self._on_read_timeout()
 

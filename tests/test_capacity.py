@@ -164,3 +164,18 @@ def test_a_negative_limit_is_a_usage_error(capsys, tmp_path):
     (tmp_path / "r.yaml").write_text("name: r\npath: /v1/completions\nupstream: http://127.0.0.1:9/v1/completions\n")
     assert cli.main(["serve", "--routes", str(tmp_path), "--max-upstream-connections", "-1"]) == cli.EXIT_CONFIG
     assert "--max-upstream-connections must be >= 0" in capsys.readouterr().err
+
+
+def test_a_shorter_read_timeout_holds_on_a_connection_a_longer_one_used_before(upstream, routes_dir, proxy_for):
+    """Two routes to one upstream share pooled connections; each keeps its own timeout.read."""
+    long = "name: long\npath: /long\nupstream: {url}/v1/completions\ntimeout: {{connect: 2, read: 30}}\n"
+    short = "name: short\npath: /short\nupstream: {url}/v1/completions\ntimeout: {{connect: 2, read: 0.5}}\n"
+    base = proxy_for(routes_dir(long=long.format(url=upstream.url), short=short.format(url=upstream.url)))
+    body = {"model": "m", "prompt": "hi", "stream": True}
+    with httpx.Client(base_url=base, timeout=10) as client:
+        assert client.post("/long", json=body).status_code == 200  # leaves a pooled connection behind
+        t0 = time.monotonic()
+        cut = client.post("/short", json=body, headers={"x-mock-stall-after": "1", "x-mock-stall-ms": "3000"})
+        took = time.monotonic() - t0
+    assert "0.5 s (timeout.read)" in cut.text
+    assert took < 2, "cut at the short route's read timeout, not the long one's"
