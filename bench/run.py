@@ -273,16 +273,21 @@ def columns(head: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[int,
             for row in [head, *rows]]
 
 
-def render(report: dict[str, Any]) -> str:
-    m = report["meta"]
-    out = [
-        title(m, "bench"),
-        f"command: {m['command']}   ({m['seconds_per_scenario']} s per scenario)",
+def preamble(m: dict[str, Any], what: str, command_note: str = "") -> list[str]:
+    """The report's first lines: what ran, when and where, with which versions."""
+    return [
+        title(m, what),
+        f"command: {m['command']}{command_note}",
         f"machine: {m['machine']['cpu']}, {m['machine']['cores']} cores, {m['machine']['mem_mib']} MiB, "
         f"Linux {m['machine']['kernel']}, load avg {m['machine']['loadavg_at_start']:.2f} at start",
         f"python {m['python']}  " + "  ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        f"load: non-stream {m['load_tools']['non-stream']}; stream {m['load_tools']['stream']}",
     ]
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["meta"]
+    out = preamble(m, "bench", f"   ({m['seconds_per_scenario']} s per scenario)")
+    out.append(f"load: non-stream {m['load_tools']['non-stream']}; stream {m['load_tools']['stream']}")
     if report.get("chat_missing"):
         out.append(f"chat route: n/a (chat adapter missing): {report['chat_missing']}")
     head = ("scenario", "via", "req/s", "p50 ms", "p99 ms", "+p50 ms", "ttfb p50", "ttfb p99", "events/s",

@@ -26,7 +26,7 @@ from typing import Any
 
 import procs
 from loadclient import percentile
-from run import CHAT, COMPLETION, PATHS, columns, meta, title
+from run import CHAT, COMPLETION, PATHS, columns, meta, preamble
 
 EVENTS, INTERVAL_MS = 40, 250
 IDEAL_S = EVENTS * INTERVAL_MS / 1000  # the mock pauses after every event: 10 s
@@ -141,13 +141,9 @@ def add_deltas(rows: list[dict[str, Any]]) -> None:
 
 def render(report: dict[str, Any]) -> str:
     m = report["meta"]
-    out = [
-        title(m, "scale bench"),
-        f"command: {m['command']}",
-        f"machine: {m['machine']['cpu']}, {m['machine']['cores']} cores, load avg {m['machine']['loadavg_at_start']:.2f} "
-        f"at start; proxy: {report['serve_args'] or 'one process'}; {EVENTS} events {INTERVAL_MS} ms apart "
-        f"(ideal {IDEAL_S:g} s); client processes: {report['clients']}",
-    ]
+    out = preamble(m, "scale bench")
+    out.append(f"proxy: {report['serve_args'] or 'one process'}; {EVENTS} events {INTERVAL_MS} ms apart "
+               f"(ideal {IDEAL_S:g} s); client processes: {report['clients']}")
     head = ("N", "via", "completed", "ttfb p50", "ttfb p99", "stretch p50", "stretch p99", "+ttfb p99",
             "+stretch p99", "proxy µs/ev", "steady µs/ev", "sys %", "proxy cores", "KiB/stream", "vs idle", "mock µs/ev", "client µs/ev", "client cores",
             "load", "errors")
