@@ -22,16 +22,23 @@ from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
-from . import descriptors, errors, headers, observe
+from . import catalog, descriptors, errors, headers, observe, tracing
+from .cors import Cors
 from .descriptors import UpstreamSlots, default_connections, raise_open_files
-from .errors import ProxyError
-from .forward import prepare, send_error
-from .reload import POLL_INTERVAL, TableHolder
-from .routes import RouteTable
+from .errors import Overloaded, ProxyError
+from .forward import Exchange, prepare, send_error
+from .health import Monitor
+from .keys import CREDENTIAL_HEADERS, SCOPE_KEY, Caller, Keyring, KeysHolder
+from .limits import Limiter, Limiters
+from .reload import LAST_GOOD_ENV, POLL_INTERVAL, TableHolder
+from .routes import Route, RouteTable
 from .transport import ClientFactory, make_client
 
 DEFAULT_MAX_BODY = 10 * 2**20
 GC_YOUNG = 100_000  # allocations between young-generation collections (CPython's default: 700)
+# Open without a key when keys are on: probes and scrapers carry none. Everything else,
+# unknown paths and path variants included, answers 401 first.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 log = logging.getLogger("llmproxy")
 
@@ -43,18 +50,25 @@ def create_app(
     max_body_size: int = DEFAULT_MAX_BODY,
     reload: bool = False,
     poll_interval: float = POLL_INTERVAL,
+    keys: KeysHolder | Keyring | None = None,
+    cors: Cors | None = None,
     max_upstream_connections: int = 0,
 ) -> Gateway:
     """Build the ASGI app serving `table`. `client` makes the upstream session (tests swap it).
 
     `reload`: watch the holder's folder and swap in a new table on change (needs a
     `TableHolder` with a folder, e.g. `TableHolder.load(folder)`). A holder with a
-    folder also reloads on SIGHUP. `max_upstream_connections`: upstream requests in flight
-    past which a request is refused with a 503 (0: sized from the open-file limit).
+    folder also reloads on SIGHUP.
+    `keys`: require an API key (a `KeysHolder` with a path is watched and reloaded on its own).
+    `cors`: answer browsers from these origins.
+    `max_upstream_connections`: upstream requests in flight past which a request is refused
+    with a 503 (0: sized from the open-file limit).
     """
     holder = table if isinstance(table, TableHolder) else TableHolder(table)
     if reload and holder.folder is None:
         raise ValueError("reload=True needs a TableHolder that knows its routes folder")
+    key_holder = KeysHolder(keys) if isinstance(keys, Keyring) else keys
+    monitor = Monitor(holder)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -62,17 +76,23 @@ def create_app(
             app.state.client = session
             if reload:
                 tg.start_soon(holder.watch, poll_interval)
+            if key_holder is not None and key_holder.path is not None:
+                tg.start_soon(key_holder.watch, poll_interval)
+            tg.start_soon(monitor.run, session)
             tg.start_soon(descriptors.watch)
             try:
                 with holder.reload_on_sighup():
                     yield
             finally:
                 holder.stop()
+                if key_holder is not None:
+                    key_holder.stop()
                 observe.worker_exit()
+                tracing.flush()
                 tg.cancel_scope.cancel()
 
     app = Litestar(
-        route_handlers=[healthz, readyz, models, metrics],
+        route_handlers=[healthz, readyz, models, model, metrics],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _openai_error, HTTPException: _openai_error, 500: _openai_error},
         request_max_body_size=max_body_size,  # the one limit, also on the proxy's own endpoints
@@ -83,18 +103,26 @@ def create_app(
     app.state.holder = holder
     app.state.max_body_size = max_body_size  # named in the 413 message
     app.state.slots = UpstreamSlots(max_upstream_connections or default_connections())
-    return Gateway(app, holder, max_body_size)
+    return Gateway(app, holder, max_body_size, key_holder, cors)
 
 
 class Gateway:
-    """The ASGI entry point: paths in the route table go to the forwarder, the rest to Litestar."""
+    """The ASGI entry point: paths in the route table go to the forwarder, the rest to Litestar.
 
-    __slots__ = ("litestar", "holder", "max_body_size")
+    With keys on, every path but `OPEN_PATHS` needs a valid key first, checked before the
+    body is read; with limits, a slot is taken before the exchange and held to its end.
+    """
 
-    def __init__(self, litestar: Litestar, holder: TableHolder, max_body_size: int) -> None:
+    __slots__ = ("litestar", "holder", "max_body_size", "keys", "cors", "limiters")
+
+    def __init__(self, litestar: Litestar, holder: TableHolder, max_body_size: int,
+                 keys: KeysHolder | None = None, cors: Cors | None = None) -> None:  # fmt: skip
         self.litestar = litestar
         self.holder = holder
         self.max_body_size = max_body_size
+        self.keys = keys
+        self.cors = cors
+        self.limiters = Limiters()
 
     @property
     def state(self) -> State:
@@ -102,33 +130,83 @@ class Gateway:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            table = self.holder.current  # one read: the whole request uses this table
-            path = route_path(scope)
-            if table.has_path(path):
-                scope["app"] = self.litestar  # where the Exchange finds the shared client
-                await self._proxy(scope, receive, send, table, path)
+            if self.cors is not None:
+                await self.cors(scope, receive, send, self._http)
+                return
+            await self._http(scope, receive, send)
+            return
+        await self.litestar(scope, receive, send)
+
+    async def _http(self, scope: Any, receive: Any, send: Any) -> None:
+        table = self.holder.current  # one read: the whole request uses this table
+        path = route_path(scope)
+        if table.has_path(path):
+            scope["app"] = self.litestar  # where the Exchange finds the shared client
+            await self._proxy(scope, receive, send, table, path)
+            return
+        if self.keys is not None and path not in OPEN_PATHS:
+            try:
+                scope[SCOPE_KEY] = self.keys.current.authenticate(scope["headers"])
+            except ProxyError as exc:
+                observe.Meter(scope)
+                await reject(scope, send, exc, table.face(path))
                 return
         await self.litestar(scope, receive, send)
 
     async def _proxy(self, scope: Any, receive: Any, send: Any, table: RouteTable, path: str) -> None:
         meter = observe.Meter(scope)  # the clock starts; `reject` finds it in the scope
+        caller: Caller | None = None
+        route: Route | None = None
         try:
+            if self.keys is not None:  # before the body: an unknown client costs no read
+                caller = scope[SCOPE_KEY] = self.keys.current.authenticate(scope["headers"], scope["query_string"])
             body = await read_body(scope, receive, self.max_body_size)
             if body is None:
                 return  # the client left while sending
             meter.body = body
             route, meter.model = table.match(scope["method"], path, body)
             meter.route = route
-            exchange = prepare(route, scope, body)
+            if caller is None:
+                exchange = prepare(route, scope, body)
+            else:
+                caller.check(route.name)
+                exchange = prepare(route, scope, body, CREDENTIAL_HEADERS)
         except ProxyError as exc:
-            await reject(scope, send, exc)
+            await reject(scope, send, exc, _face(table, path, route))
             return
         except Exception as exc:  # a bug, e.g. in an adapter's request(): a 500, not a dropped connection
             err, where = errors.internal(exc)
             log.error("internal error on %s %s: %s", scope["method"], path, where)
-            await reject(scope, send, err)
+            await reject(scope, send, err, _face(table, path, route))
             return
-        await exchange(scope, receive, send)
+        if route.limits is None and (caller is None or caller.config.max_concurrent is None):
+            await exchange(scope, receive, send)
+            return
+        await self._limited(scope, receive, send, exchange, caller)
+
+    async def _limited(self, scope: Any, receive: Any, send: Any, exchange: Exchange, caller: Caller | None) -> None:
+        """The exchange inside the key's and the route's slots (in that order), queued if need be."""
+        route = exchange.route
+        wanted: list[Limiter] = []
+        if caller is not None and (k := caller.config).max_concurrent is not None:
+            wanted.append(self.limiters.get("key", k.name, k.max_concurrent, k.queue, k.queue_timeout, k))
+        if (lim := route.limits) is not None:
+            wanted.append(self.limiters.get("route", route.name, lim.max_concurrent, lim.queue, lim.queue_timeout, lim))
+        held: list[Limiter] = []
+        try:
+            for limiter in wanted:
+                try:
+                    if not await limiter.acquire(receive):
+                        observe.rejected(scope, errors.ClientLeftQueue("the client left while queued"), exchange.rid)
+                        return
+                except Overloaded as exc:
+                    await reject(scope, send, exc, route.face, rid=exchange.rid)
+                    return
+                held.append(limiter)
+            await exchange(scope, receive, send)
+        finally:
+            for limiter in held:
+                limiter.release()
 
 
 async def read_body(scope: Any, receive: Any, limit: int) -> bytes | None:
@@ -151,11 +229,16 @@ async def read_body(scope: Any, receive: Any, limit: int) -> bytes | None:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def reject(scope: Any, send: Any, exc: ProxyError) -> None:
-    """Answer a refused request in the OpenAI shape, and count it once."""
-    rid = headers.request_id(scope["headers"])
+async def reject(scope: Any, send: Any, exc: ProxyError, face: str = "openai", *, rid: bytes | None = None) -> None:
+    """Answer a refused request in the path's error shape, and count it once."""
+    rid = rid or headers.request_id(scope["headers"])
     observe.rejected(scope, exc, rid)
-    await send_error(send, exc, rid)
+    await send_error(send, exc, rid, face)
+
+
+def _face(table: RouteTable, path: str, route: Route | None) -> str:
+    """The error shape of a refusal: the matched route's, else the path's (error path only)."""
+    return route.face if route is not None else table.face(path)
 
 
 @get("/healthz", include_in_schema=False, sync_to_thread=False)
@@ -166,26 +249,53 @@ def healthz() -> dict[str, str]:
 
 @get("/readyz", include_in_schema=False, sync_to_thread=False)
 def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    """A route table is loaded and the shared client is open."""
+    """A route table is loaded, the shared client is open, and no route has every upstream
+    out by its health checks (those are named in `down`)."""
     holder: TableHolder = request.app.state.holder
-    ready = bool(holder.current.routes) and getattr(request.app.state, "client", None) is not None
-    return Response({"status": "ok" if ready else "not ready", "routes": len(holder.current.routes)}, status_code=200 if ready else 503)
+    routes = holder.current.routes
+    down = [r.name for r in routes if r.pool.all_out()]
+    ready = bool(routes) and getattr(request.app.state, "client", None) is not None and not down
+    body: dict[str, Any] = {"status": "ok" if ready else "not ready", "routes": len(routes)}
+    if down:
+        body["down"] = down
+        body["reason"] = "every upstream is down (health checks) on route(s) " + ", ".join(repr(d) for d in down)
+    return Response(body, status_code=200 if ready else 503)
 
 
-@get("/v1/models", include_in_schema=False, sync_to_thread=False)
-def models(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """OpenAI's model list, from the route table (built with it, so this is one attribute read)."""
-    return Response(request.app.state.holder.current.models_json, media_type="application/json")
+@get("/v1/models", include_in_schema=False)
+async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """OpenAI's model list, from the route table (built with it, so usually one attribute read;
+    glob-only routes add what their upstreams list: proxy/catalog.py); with keys on, only the
+    models of routes the caller's key may use."""
+    caller: Caller | None = request.scope.get(SCOPE_KEY)  # type: ignore[call-overload]
+    body = await catalog.models_json(request.app.state.holder.current, getattr(request.app.state, "client", None),
+                                     None if caller is None else caller.may_use)
+    return Response(body, media_type="application/json")
+
+
+@get("/v1/models/{model_id:path}", include_in_schema=False, sync_to_thread=False)
+def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
+    """OpenAI's retrieve-model: a name some route serves, else 404 `model_not_found`.
+    A path parameter: model ids carry slashes (`Qwen/Qwen2.5-7B-Instruct`)."""
+    name = model_id.lstrip("/")
+    caller: Caller | None = request.scope.get(SCOPE_KEY)  # type: ignore[call-overload]
+    entry = request.app.state.holder.current.model(name, None if caller is None else caller.may_use)
+    if entry is None:
+        raise errors.ModelNotFound(f"model {name!r} is not served by any route", param="model")
+    return Response(entry, media_type="application/json")
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=True)
-def metrics() -> Response[bytes]:
+def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prometheus text format; with several workers, every worker's counts summed.
 
     In a thread: in multiprocess mode it reads one file per worker and metric.
     """
-    body, content_type = observe.exposition()
-    return Response(body, media_type=content_type)
+    routes = {r.name for r in request.app.state.holder.current.routes}
+    body, content_type = observe.exposition(routes)
+    # As a header, not `media_type`: Litestar appends its own `; charset=utf-8` to a text/*
+    # media type, and prometheus-client's already has one.
+    return Response(body, headers={"content-type": content_type})
 
 
 def route_path(scope: Any) -> str:
@@ -221,13 +331,18 @@ def app_from_env() -> Gateway:
     import os
 
     observe.lean_log_records()
+    tracing.from_env()
     folder = os.environ.get("LLMPROXY_ROUTES", "routes.d")
-    holder = TableHolder.load(folder)
+    holder = TableHolder.load(folder, last_good=os.environ.get(LAST_GOOD_ENV))
     max_body = int(os.environ.get("LLMPROXY_MAX_BODY", DEFAULT_MAX_BODY))
     reload = os.environ.get("LLMPROXY_RELOAD", "") not in ("", "0")
+    keys_file = os.environ.get("LLMPROXY_KEYS")
+    keys = KeysHolder.load(keys_file) if keys_file else None
+    cors = Cors.parse(os.environ.get("LLMPROXY_CORS_ORIGINS"))
     raise_open_files()  # the CLI did it already (and logged it); not so under a bare `uvicorn --factory`
     max_upstream = int(os.environ.get("LLMPROXY_MAX_UPSTREAM_CONNECTIONS", "0"))
-    app = create_app(holder, max_body_size=max_body, reload=reload, max_upstream_connections=max_upstream)
+    app = create_app(holder, max_body_size=max_body, reload=reload, keys=keys, cors=cors,
+                     max_upstream_connections=max_upstream)
     # Move the start-up heap (Litestar, aiohttp, the route table) out of the collector's
     # reach: it is never garbage, and scanning it cost ~30 µs per request (`just bench`).
     gc.collect()

@@ -1,21 +1,40 @@
-"""`llmproxy serve | check | mock-upstream`. Exit codes: 0 ok, 2 bad configuration or usage."""
+"""`llmproxy serve | check | mock-upstream`.
+
+Exit codes: 0 ok; 2 bad configuration or usage; 3 cannot start serving (the port is taken,
+uvicorn's STARTUP_FAILURE); 4 `check --probe` found an upstream down.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 
 if TYPE_CHECKING:
+    from .config import KeyConfig
     from .routes import RouteTable
 
 EXIT_CONFIG = 2
+EXIT_STARTUP = 3  # uvicorn's STARTUP_FAILURE: cannot bind the port
+EXIT_DOWN = 4  # `check --probe`: an upstream did not answer
+
+log = logging.getLogger("llmproxy")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmproxy")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         description="A declarative proxy for local LLM servers. Routes come from YAML files in a folder "
         "(one route per file); the shipped default turns OpenAI chat requests into legacy completions.",
     )
+    p.add_argument("--version", action="version", version=f"llmproxy {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     routes_help = "folder of route files (default: $LLMPROXY_ROUTES or ./routes.d)"
     default_routes = os.environ.get("LLMPROXY_ROUTES", "routes.d")
@@ -48,12 +68,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: info (access lines are info: 'warning' silences them)")
     s.add_argument("--log-format", default="json", choices=["json", "text"],
                    help="json: one object per line (default); text: for a terminal")
+    s.add_argument("--keys", default=os.environ.get("LLMPROXY_KEYS") or None, metavar="FILE",
+                   help="require an API key from this YAML file on every proxied request and /v1/models "
+                   "(default: $LLMPROXY_KEYS; watched and reloaded on its own)")
+    s.add_argument("--cors-origins", default=os.environ.get("LLMPROXY_CORS_ORIGINS") or None, metavar="ORIGINS",
+                   help='answer browsers from these origins: "https://a.example,https://b.example" or "*" '
+                   "(default: $LLMPROXY_CORS_ORIGINS; off)")
+    s.add_argument("--otlp-endpoint", metavar="URL", default=os.environ.get("LLMPROXY_OTLP_ENDPOINT"),
+                   help="send OpenTelemetry traces over OTLP/HTTP to URL (e.g. http://127.0.0.1:4318/v1/traces); "
+                   "needs the `otel` extra (default: off, or $LLMPROXY_OTLP_ENDPOINT)")
+    s.add_argument("--otlp-content", action="store_true",
+                   help="with --otlp-endpoint: also record prompts and completions in spans (off: no text)")
 
     c = sub.add_parser("check", help="validate the routes and print the table",
-                       description="Exit 0 when every route file is valid (warnings included), 2 otherwise.")
+                       description="Exit 0 when every route file is valid (warnings included), 2 otherwise; "
+                       "with --probe, 4 when an upstream does not answer.")
     c.add_argument("--routes", default=default_routes, help=routes_help)
     c.add_argument("--probe", action="store_true",
-                   help="also try a TCP connect to every upstream and print up/down (off by default: check stays offline)")
+                   help="also send GET /v1/models to every upstream's base URL and print its status and latency, "
+                   "or why it is down (off by default: check stays offline)")
+    c.add_argument("--keys", default=os.environ.get("LLMPROXY_KEYS") or None, metavar="FILE",
+                   help="also validate this keys file (default: $LLMPROXY_KEYS)")
 
     m = sub.add_parser("mock-upstream", help="run a development legacy-completions server",
                        description="A deterministic OpenAI legacy /v1/completions server (stream and non-stream) for demos and tests.")
@@ -71,30 +106,60 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .routes import RouteTable
 
+    from .config import load_keys
+
     try:
         table = RouteTable.from_dir(args.routes)
+        keys = load_keys(args.keys) if args.keys else None
     except ConfigError as exc:
         print(f"llmproxy: bad configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
         health = probe(table) if args.probe else None
-        print(format_table(table, health))
-        return 0
-    return _serve(args)
+        code = EXIT_DOWN if health and any(h.startswith("down") for h in health.values()) else 0
+        try:
+            print(format_table(table, health), flush=True)
+            if keys is not None:
+                print(format_keys(args.keys, keys, table), flush=True)
+        except BrokenPipeError:  # `llmproxy check | head -1`: the reader left; not an error of ours
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
+        return code
+    return _serve(args, table)
+
+
+def format_keys(path: str, keys: tuple[KeyConfig, ...], table: RouteTable) -> str:
+    """The keys file as `check --keys` prints it: names, routes, limits; never a key."""
+    from fnmatch import fnmatchcase
+
+    lines = []
+    for k in keys:
+        routes = "all routes" if k.routes == ("*",) else ", ".join(k.routes)
+        limit = f", max_concurrent {k.max_concurrent}" if k.max_concurrent is not None else ""
+        lines.append(f"key {k.name}: {routes}{limit}")
+        for g in k.routes:
+            if not any(fnmatchcase(r.name, g) for r in table.routes):
+                lines.append(f"warning: {path}: key {k.name!r}: routes: {g!r} matches no route of the table")
+    lines.append(f"{len(keys)} key(s) OK in {path}")
+    return "\n".join(lines)
 
 
 def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str:
     """The route table as `check` prints it: one row per route, one more per extra upstream,
     then the warnings. `health` maps an upstream URL to "up" or "down: reason"."""
-    rows = [("PATH", "METHODS", "MODELS", "ADAPTER", "STREAM", "UPSTREAM", "NAME", "FILE")]
+    # DIALECT once route files have that key (the upstream server kind), whoever adds it.
+    dialect = any(hasattr(r.config, "dialect") for r in table.routes)
+    rows = [("PATH", "METHODS", "MODELS", "ADAPTER", "STREAM", "UPSTREAM", *(("DIALECT",) if dialect else ()),
+             "NAME", "FILE")]  # fmt: skip
     for r in table.routes:
         c = r.config
         models = ",".join(c.models) or "* (fallback)"
         if c.upstream_model:
             models += f" -> {c.upstream_model}"
         ups = [f"{u} [{health.get(u, '?')}]" if health is not None else u for u in c.upstreams]
-        rows.append((c.path, ",".join(c.methods), models, c.adapter, c.stream, ups[0], c.name, c.source))
-        rows.extend(("", "", "", "", "", u, "", "") for u in ups[1:])
+        extra = (str(getattr(c, "dialect", "") or "-"),) if dialect else ()
+        rows.append((c.path, ",".join(c.methods), models, c.adapter, c.stream, ups[0], *extra, c.name, c.source))
+        rows.extend(("", "", "", "", "", u, *("" for _ in extra), "", "") for u in ups[1:])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     warnings = table.warnings()
@@ -106,39 +171,61 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
 
 
 def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
-    """TCP-connect to every distinct upstream host:port at once: "up" or "down: reason"."""
+    """`GET /v1/models` on every distinct upstream base URL at once, with the route's default
+    headers (servers started with an API key want it): "up: STATUS in N ms" when the server
+    answers below 500, else "down: reason". A real HTTP request, not a TCP connect: a port
+    that accepts but is not the model server (a proxy's 502 page, say) shows as such.
+
+    `/v1/models` is served by vLLM (`vllm/entrypoints/openai/api_server.py`), llama.cpp's
+    server (`tools/server/server.cpp`) and SGLang (`python/sglang/srt/entrypoints/http_server.py`).
+    """
     import asyncio
-    import socket
-    from urllib.parse import urlsplit
+    from time import perf_counter
 
-    def address(url: str) -> tuple[str, int]:
-        parts = urlsplit(url)
-        return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    import aiohttp
 
-    async def connect(host: str, port: int) -> str:
+    from .upstreams import models_url
+
+    async def get(session: aiohttp.ClientSession, url: str, hdrs: dict[str, str]) -> str:
+        started = perf_counter()
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            async with session.get(url, headers=hdrs, allow_redirects=False) as response:
+                status = response.status
         except TimeoutError:
             return f"down: no answer within {timeout:g}s"
-        except ConnectionRefusedError:
-            return "down: connection refused"
-        except socket.gaierror:
+        except aiohttp.ClientConnectorDNSError:
             return "down: cannot resolve host"
-        except OSError as exc:
-            return f"down: {exc.strerror or type(exc).__name__}"
-        writer.close()
-        return "up"
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ConnectionRefusedError):
+                return "down: connection refused"
+            return f"down: {exc.os_error.strerror or type(exc.os_error).__name__}"
+        except aiohttp.ClientError as exc:  # connected, then no usable HTTP answer
+            return f"down: {type(exc).__name__}"
+        ms = (perf_counter() - started) * 1000
+        state = "up" if status < 500 else "down"
+        return f"{state}: GET {_path_of(url)} {status} in {ms:.0f} ms"
 
     async def run() -> dict[str, str]:
-        urls = list(dict.fromkeys(u for r in table.routes for u in r.upstreams))
-        addrs = list(dict.fromkeys(address(u) for u in urls))
-        results = dict(zip(addrs, await asyncio.gather(*(connect(h, p) for h, p in addrs))))
-        return {u: results[address(u)] for u in urls}
+        checks: dict[str, tuple[str, dict[str, str]]] = {}
+        for r in table.routes:
+            for u in r.upstreams:
+                checks.setdefault(u, (models_url(u), dict(r.config.default_headers)))
+        bases = {url: hdrs for url, hdrs in checks.values()}
+        t = aiohttp.ClientTimeout(total=timeout)
+        async with aiohttp.ClientSession(timeout=t, trust_env=False) as session:
+            results = dict(zip(bases, await asyncio.gather(*(get(session, b, h) for b, h in bases.items()))))
+        return {u: results[b] for u, (b, _) in checks.items()}
 
     return asyncio.run(run())
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _path_of(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).path
+
+
+def _serve(args: argparse.Namespace, table: RouteTable) -> int:
     import signal
     import logging.config
 
@@ -146,8 +233,23 @@ def _serve(args: argparse.Namespace) -> int:
 
     os.environ["LLMPROXY_ROUTES"] = args.routes
     os.environ["LLMPROXY_MAX_BODY"] = str(args.max_body_size)
-    if args.reload:
+    if args.keys:
+        os.environ["LLMPROXY_KEYS"] = str(Path(args.keys).resolve())  # workers may not share the cwd's view
+    if args.cors_origins:
+        os.environ["LLMPROXY_CORS_ORIGINS"] = args.cors_origins
+    # With workers the supervisor watches the folder and signals them (proxy/workers.py).
+    if args.reload and args.workers <= 1:
         os.environ["LLMPROXY_RELOAD"] = "1"
+    if args.otlp_endpoint:
+        os.environ["LLMPROXY_OTLP_ENDPOINT"] = args.otlp_endpoint
+        if args.otlp_content:
+            os.environ["LLMPROXY_OTLP_CONTENT"] = "1"
+        from . import tracing
+
+        problem = tracing.missing()
+        if problem:
+            print(f"llmproxy: --otlp-endpoint: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
     if args.grace_period < 0:
         print("llmproxy: --grace-period must be >= 0", file=sys.stderr)
         return EXIT_CONFIG
@@ -166,22 +268,33 @@ def _serve(args: argparse.Namespace) -> int:
             "metrics of %d worker(s) are summed through %s", args.workers, os.environ[observe.MULTIPROC_ENV]
         )
     _log_capacity(args.max_upstream_connections, args.workers)
-    signal.signal(signal.SIGTERM, _stopped)
-    try:
-        uvicorn.run(
-            "proxy.app:app_from_env",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            loop="uvloop",
-            http="httptools",
-            access_log=False,
-            log_config=log_config,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=args.grace_period,
-            backlog=args.backlog,
+    if not args.keys and not is_loopback(args.host):
+        logging.getLogger("llmproxy").warning(
+            "serving on %s without --keys: anyone who reaches this address uses the upstreams with the routes' "
+            "default_headers credentials; give a keys file (README \"API keys\")", args.host,
         )
+    log_table(table)
+    signal.signal(signal.SIGTERM, _stopped)
+    settings: dict[str, Any] = dict(
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=log_config,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.grace_period,
+        backlog=args.backlog,
+    )
+    try:
+        if args.workers > 1:
+            from . import workers
+
+            workers.run(uvicorn.Config("proxy.app:app_from_env", **settings), args.routes, watch=args.reload)
+        else:
+            uvicorn.run("proxy.app:app_from_env", **settings)
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
@@ -202,6 +315,31 @@ def _log_capacity(max_upstream: int, workers: int) -> None:
         "open files: soft limit %s (hard %s); upstream connections: at most %d per process (%s), %d process(es)",
         raised, "unlimited" if hard == -1 else hard, limit, how, workers,
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `--host` only accepts connections from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def log_table(table: RouteTable) -> None:
+    """Start-up says once (in the main process, whatever `--workers`) what it will serve: the
+    table as `check` prints it, one log line per row, then each warning (an upstream on its
+    built-in default address among them). Upstream URLs carry no secret: config refuses
+    user-info and query strings in them."""
+    lines = format_table(table).splitlines()
+    for line in lines:
+        if line.startswith("warning: "):
+            log.warning("%s", line.removeprefix("warning: "))
+        else:
+            log.info("route table: %s", line)
 
 
 def _stopped(signum: int, frame: object) -> None:

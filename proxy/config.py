@@ -32,6 +32,32 @@ class Timeout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool: float = 30.0
 
 
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """At most `max_concurrent` requests in flight; `queue` more wait FIFO up to `queue_timeout` s."""
+
+    max_concurrent: int
+    queue: int = 0
+    queue_timeout: float = 30.0
+
+
+class Retry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Send again, before any byte went to the client, when the upstream answers one of `when`."""
+
+    attempts: int = 2  # the first try included
+    when: tuple[int | Literal["connect", "timeout"], ...] = ("connect",)
+    max_wait: float = 10.0  # a longer Retry-After is not waited for
+
+
+class Health(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Active checks: GET `path` on each upstream's origin every `interval` s."""
+
+    path: str = "/health"
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_after: int = 2
+    healthy_after: int = 1
+
+
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One route file, validated. See README "Route files" for each field."""
 
@@ -39,7 +65,8 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     path: str
     upstream: str | list[str]
     methods: tuple[str, ...] = ("POST",)
-    adapter: Literal["passthrough", "chat-to-completions"] = "passthrough"
+    adapter: Literal["passthrough", "chat-to-completions", "messages-to-completions", "responses-to-completions"] = \
+        "passthrough"
     stream: Literal["auto", "always", "never"] = "auto"
     models: tuple[str, ...] = ()
     upstream_model: str | None = None
@@ -47,15 +74,26 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     timeout: Timeout = Timeout()
     template: str = "chatml"
     reasoning: Literal["none", "think"] = "none"
+    limits: Limits | None = None
+    retry: Retry | None = None
+    health: Health | None = None
+    # Messages / Responses faces: tools a local model cannot run (web_search, code_interpreter, ...)
+    # are left out of the prompt (logged, counted), or the request is refused naming them.
+    hosted_tools: Literal["ignore", "reject"] = "ignore"
     source: str = ""  # the file it came from; set by the loader, not by users
+    # Variables of `upstream` that were unset (or empty) so their `${VAR:-default}` was used;
+    # set by the loader, so start-up and `check` can say the route runs on a built-in address.
+    env_defaults: tuple[str, ...] = ()
 
     @property
     def upstreams(self) -> tuple[str, ...]:
         return (self.upstream,) if isinstance(self.upstream, str) else tuple(self.upstream)
 
 
-def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None) -> str:
-    """`${VAR}` and `${VAR:-default}` from the environment; an unset `${VAR}` is an error."""
+def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None,
+               defaulted: list[str] | None = None) -> str:
+    """`${VAR}` and `${VAR:-default}` from the environment; an unset `${VAR}` is an error.
+    The names whose default was used are appended to `defaulted`."""
     env = os.environ if env is None else env
 
     def sub(m: re.Match[str]) -> str:
@@ -64,6 +102,8 @@ def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None)
         if val is None or (val == "" and default is not None):
             if default is None:
                 raise KeyError(name)
+            if defaulted is not None and default:
+                defaulted.append(name)
             return default
         return val
 
@@ -72,6 +112,41 @@ def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None)
 
 def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
     """Read and validate one route file."""
+    label = str(path)
+    data, node = _read_yaml(path)
+    lines = _key_lines(node)
+    if data is None:
+        raise ConfigError(f"{label}: file: is empty; a route file needs at least `path:` and `upstream:` "
+                          "(see README, Route files)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: file: expected a mapping of route fields, got {type(data).__name__}")
+
+    def fail(field: str, reason: str) -> ConfigError:
+        line = lines.get(field.split(".")[0].split("[")[0])
+        return ConfigError(f"{label}{f':{line}' if line else ''}: {field}: {reason}")
+
+    data.setdefault("name", path.stem)
+    for internal in ("source", "env_defaults"):
+        if internal in data:
+            raise fail(internal, "unknown field")
+    data["source"] = label
+    defaulted: list[str] = []
+    data = _expand(data, "", env, fail, defaulted)
+    _check_header_values(data.get("default_headers"), fail)
+    if isinstance(data.get("retry"), dict) and True in data["retry"]:
+        raise fail("retry.on", "write `when:` (YAML 1.1 reads a bare `on` as true)")
+    try:
+        route = msgspec.convert(data, RouteConfig)
+    except msgspec.ValidationError as exc:
+        field, reason, _ = invalid_field(exc)
+        raise fail(field or "file", _enum_hint(field, reason, data)) from None
+    if defaulted:
+        route = msgspec.structs.replace(route, env_defaults=tuple(defaulted))
+    return _check(route, path.parent, fail)
+
+
+def _read_yaml(path: Path) -> tuple[Any, Any]:
+    """The document and its node tree (for line numbers); `ConfigError` naming the file otherwise."""
     label = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -85,33 +160,29 @@ def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{label}{where}: yaml: {problem}") from None
-    lines = _key_lines(node)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{label}: file: expected a mapping of route fields, got {type(data).__name__}")
-
-    def fail(field: str, reason: str) -> ConfigError:
-        line = lines.get(field.split(".")[0].split("[")[0])
-        return ConfigError(f"{label}{f':{line}' if line else ''}: {field}: {reason}")
-
-    data.setdefault("name", path.stem)
-    if "source" in data:
-        raise fail("source", "unknown field")
-    data["source"] = label
-    data = _expand(data, "", env, fail)
-    try:
-        route = msgspec.convert(data, RouteConfig)
-    except msgspec.ValidationError as exc:
-        field, reason, _ = invalid_field(exc)
-        raise fail(field or "file", reason) from None
-    return _check(route, path.parent, fail)
+    return data, node
 
 
-def load_dir(folder: Path | str, env: dict[str, str] | None = None) -> list[RouteConfig]:
-    """Every `*.yaml`/`*.yml` in `folder`, in file-name order; names must be unique."""
+def load_dir(folder: Path | str, env: dict[str, str] | None = None, *, allow_empty: bool = False) -> list[RouteConfig]:
+    """Every `*.yaml`/`*.yml` in `folder`, in file-name order; names must be unique.
+
+    A folder without route files is an error at start-up (a typo in `--routes` would serve
+    nothing but 404s); a reload may empty it (`allow_empty`): the operator removed the routes.
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"{folder}: routes folder: not a directory")
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise ConfigError(
+            f"{folder}: routes folder: {what}{'' if folder.is_absolute() else f' (relative to {Path.cwd()})'}; "
+            "pass --routes DIR or set "
+            "LLMPROXY_ROUTES to a folder of route files (*.yaml)"
+        )
     files = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
+    if not files and not allow_empty:
+        raise ConfigError(
+            f"{folder}: routes folder: no routes (no *.yaml or *.yml file); add one with at least "
+            "`path:` and `upstream:` (see README, Route files)"
+        )
     routes = [load_file(p, env) for p in files]
     seen: dict[str, str] = {}
     fallbacks: dict[tuple[str, str], str] = {}
@@ -131,17 +202,72 @@ def load_dir(folder: Path | str, env: dict[str, str] | None = None) -> list[Rout
     return routes
 
 
-def _expand(value: Any, field: str, env: Any, fail: Any) -> Any:
+def _expand(value: Any, field: str, env: Any, fail: Any, defaulted: list[str]) -> Any:
     if isinstance(value, str):
         try:
-            return expand_env(value, env)
+            # Only the upstream's defaults are worth a warning (a blank API key is normal).
+            return expand_env(value, env, defaulted if field.startswith("upstream") else None)
         except KeyError as exc:
             raise fail(field or "file", f"environment variable {exc.args[0]} is not set and has no default") from None
     if isinstance(value, dict):
-        return {k: _expand(v, f"{field}.{k}" if field else str(k), env, fail) for k, v in value.items()}
+        return {k: _expand(v, f"{field}.{k}" if field else str(k), env, fail, defaulted) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, f"{field}[{i}]", env, fail) for i, v in enumerate(value)]
+        return [_expand(v, f"{field}[{i}]", env, fail, defaulted) for i, v in enumerate(value)]
     return value
+
+
+_YAML_BOOLS = "YAML reads unquoted yes/no/on/off/true/false as booleans"
+
+
+def _check_header_values(headers: Any, fail: Any) -> None:
+    """msgspec says `default_headers[...]` for a non-string value; name the header and the fix."""
+    if not isinstance(headers, dict):
+        return
+    for name, value in headers.items():
+        if isinstance(value, str):
+            continue
+        if value is None:
+            raise fail(f"default_headers.{name}", f'has no value; write `{name}: ""` for an empty value, or remove it')
+        if isinstance(value, bool):
+            raise fail(f"default_headers.{name}", f"must be a string, got {value!r} ({_YAML_BOOLS}); quote it")
+        if isinstance(value, (int, float)):
+            raise fail(f"default_headers.{name}", f'must be a string, got the number {value!r}; quote it: `{name}: "{value}"`')
+        raise fail(f"default_headers.{name}", f"must be a string, got a {type(value).__name__}")
+
+
+def _enum_hint(field: str, reason: str, data: dict[str, Any]) -> str:
+    """For a field typed as a `Literal`, add the valid values to msgspec's reason, derived from
+    the type itself, so every enum (`adapter`, `stream`, `reasoning`, and any added later) says
+    what to write. A YAML boolean where a word was meant (`stream: yes`) gets its own hint."""
+    values = _literal_values(field)
+    if not values:
+        return reason
+    valid = ", ".join(repr(v) for v in values)
+    value: Any = data
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, bool):
+        meant = "always" if value and "always" in values else "never" if not value and "never" in values else None
+        use = f"; write {field}: {meant}" if meant else ""
+        return f"got {str(value).lower()} ({_YAML_BOOLS}): quote the word or use one of {valid}{use}"
+    return f"{reason}; valid values: {valid}"
+
+
+def _literal_values(field: str, root: type[msgspec.Struct] = RouteConfig) -> tuple[Any, ...]:
+    """The values of the `Literal` type of `field` (a dotted path into `root`), in declared
+    order, else ()."""
+    import typing
+
+    tp: Any = root
+    for part in field.split("."):
+        if not (isinstance(tp, type) and issubclass(tp, msgspec.Struct)):
+            return ()
+        tp = typing.get_type_hints(tp).get(part)
+        for member in typing.get_args(tp) if typing.get_origin(tp) is not Literal else ():
+            if isinstance(member, type) and issubclass(member, msgspec.Struct) or typing.get_origin(member) is Literal:
+                tp = member  # `X | None`: the struct or literal inside
+                break
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
 def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
@@ -161,8 +287,16 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
             raise fail("methods", f"unknown HTTP method {m!r}")
     if not r.upstreams:
         raise fail("upstream", "must name at least one URL")
+    upstreams: list[str] = []
     for i, url in enumerate(r.upstreams):
         field = "upstream" if isinstance(r.upstream, str) else f"upstream[{i}]"
+        bad = _URL_BAD.search(url)
+        if bad:
+            what = "a space" if bad.group() == " " else f"the character {bad.group()!r}"
+            raise fail(field, f"bad URL {url!r}: contains {what}, which a URL cannot carry "
+                              "(percent-encode it, e.g. %20 for a space, or check the variable it came from)")
+        url = normalize_url(url)
+        upstreams.append(url)
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises on a bad port
@@ -195,6 +329,7 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
     for f in ("connect", "read", "write", "pool"):
         if getattr(t, f) <= 0:
             raise fail(f"timeout.{f}", "must be a positive number of seconds")
+    _check_resilience(r, fail)
     template = r.template
     if template not in BUILTIN:
         tpath = (folder / template) if not Path(template).is_absolute() else Path(template)
@@ -202,7 +337,148 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
             builtin = " nor ".join(repr(b) for b in BUILTIN)
             raise fail("template", f"neither {builtin} nor an existing file: {tpath}")
         template = str(tpath)
-    return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template)
+    upstream: str | list[str] = upstreams[0] if isinstance(r.upstream, str) else upstreams
+    return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template, upstream=upstream)
+
+
+# Anything outside RFC 3986's characters (white space, controls, quotes, <>{}|\^`, non-ASCII),
+# or a `%` that does not start an escape.
+_URL_BAD = re.compile(r"[^A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]|%(?![0-9A-Fa-f]{2})")
+_SLASHES = re.compile(r"/{2,}")
+_DOUBLE_V1 = re.compile(r"/v1(?:/v1)+(?=/|$)")
+
+
+def normalize_url(url: str) -> str:
+    """A base URL written with `/v1` or a trailing slash (`QWEN_BASE_URL=http://h:8000/v1/`)
+    in front of the route's `/v1/completions` must not become `/v1//v1/completions`:
+    repeated slashes are collapsed and a doubled `/v1/v1` is built once."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    host, slash, path = rest.partition("/")
+    if not slash:
+        return url
+    path = _DOUBLE_V1.sub("/v1", _SLASHES.sub("/", "/" + path))
+    return f"{scheme}://{host}{path}"
+
+
+def _check_resilience(r: RouteConfig, fail: Any) -> None:
+    """`limits`, `retry`, `health`: numbers that make sense (README "Gatekeeping and resilience")."""
+    if r.limits is not None:
+        _check_limits(r.limits.max_concurrent, r.limits.queue, r.limits.queue_timeout, "limits", fail)
+    if r.retry is not None:
+        if r.retry.attempts < 1:
+            raise fail("retry.attempts", "must be at least 1 (it counts the first try)")
+        if r.retry.max_wait < 0:
+            raise fail("retry.max_wait", "must be >= 0 seconds")
+        for i, w in enumerate(r.retry.when):
+            if isinstance(w, int) and not 400 <= w <= 599:
+                raise fail(f"retry.when[{i}]", f"{w} is not an HTTP error status (400-599), 'connect' or 'timeout'")
+    h = r.health
+    if h is not None:
+        if not h.path.startswith("/"):
+            raise fail("health.path", f"must start with '/', got {h.path!r}")
+        for f in ("interval", "timeout"):
+            if getattr(h, f) <= 0:
+                raise fail(f"health.{f}", "must be a positive number of seconds")
+        for f in ("unhealthy_after", "healthy_after"):
+            if getattr(h, f) < 1:
+                raise fail(f"health.{f}", "must be at least 1")
+
+
+def _check_limits(max_concurrent: int | None, queue: int, queue_timeout: float, field: str, fail: Any) -> None:
+    if max_concurrent is not None and max_concurrent < 1:
+        raise fail(f"{field}.max_concurrent", "must be at least 1")
+    if queue < 0:
+        raise fail(f"{field}.queue", "must be >= 0")
+    if queue_timeout <= 0:
+        raise fail(f"{field}.queue_timeout", "must be a positive number of seconds")
+
+
+# --- the keys file (`serve --keys FILE`) ------------------------------------------------------
+
+
+class KeyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One inbound API key. `name` is what logs and metrics show; `key` never appears anywhere."""
+
+    name: str
+    key: str
+    routes: tuple[str, ...] = ("*",)  # route-name globs
+    max_concurrent: int | None = None
+    queue: int = 0
+    queue_timeout: float = 30.0
+
+
+class KeysFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    keys: tuple[KeyConfig, ...]
+
+
+MAX_KEY_LENGTH = 512  # longer presented keys are refused before any comparison
+
+
+def load_keys(path: Path | str, env: dict[str, str] | None = None) -> tuple[KeyConfig, ...]:
+    """Read and validate a keys file: `FILE:LINE: keys[I].field: reason` on error."""
+    path = Path(path)
+    label = str(path)
+    data, node = _read_yaml(path)
+    lines = _all_lines(node)
+
+    def fail(field: str, reason: str) -> ConfigError:
+        probe = field
+        while probe and probe not in lines:  # the nearest enclosing place YAML knows a line for
+            probe = probe.rpartition(".")[0] if "." in probe else probe.rpartition("[")[0]
+        line = lines.get(probe)
+        return ConfigError(f"{label}{f':{line}' if line else ''}: {field}: {reason}")
+
+    if not isinstance(data, dict):
+        raise fail("file", f"expected a mapping with a `keys:` list, got {type(data).__name__}")
+    data = _expand(data, "", env, fail, [])
+    try:
+        parsed = msgspec.convert(data, KeysFile)
+    except msgspec.ValidationError as exc:
+        field, reason, _ = invalid_field(exc)
+        raise fail(field or "file", reason) from None
+    names: dict[str, int] = {}
+    secrets: dict[str, int] = {}
+    for i, k in enumerate(parsed.keys):
+        where = f"keys[{i}]"
+        if not k.name.strip():
+            raise fail(f"{where}.name", "must not be empty")
+        if k.name in names:
+            raise fail(f"{where}.name", f"{k.name!r} is already used by keys[{names[k.name]}]")
+        names[k.name] = i
+        if not k.key:
+            raise fail(f"{where}.key", "must not be empty (an unset variable expands to nothing)")
+        if k.key != k.key.strip() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in k.key):
+            raise fail(f"{where}.key", "must not contain white space or control characters")
+        if len(k.key.encode()) > MAX_KEY_LENGTH:
+            raise fail(f"{where}.key", f"longer than {MAX_KEY_LENGTH} bytes")
+        if k.key in secrets:  # the message never quotes the key itself
+            raise fail(f"{where}.key", f"the same key as keys[{secrets[k.key]}] ({parsed.keys[secrets[k.key]].name!r})")
+        secrets[k.key] = i
+        if not k.routes or any(not g for g in k.routes):
+            raise fail(f"{where}.routes", "must list route-name globs (leave it out for all routes)")
+        _check_limits(k.max_concurrent, k.queue, k.queue_timeout, where, fail)
+        if k.queue and k.max_concurrent is None:
+            raise fail(f"{where}.queue", "needs max_concurrent")
+    return parsed.keys
+
+
+def _all_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """Every mapping key and list item -> 1-based line: `keys[1].key` -> 7."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                field = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out[field] = k.start_mark.line + 1
+                out.update(_all_lines(v, field))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            field = f"{prefix}[{i}]"
+            out[field] = item.start_mark.line + 1
+            out.update(_all_lines(item, field))
+    return out
 
 
 def _key_lines(node: Any) -> dict[str, int]:

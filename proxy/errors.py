@@ -141,6 +141,48 @@ class InternalError(ProxyError):
     code = "internal_error"
 
 
+class Unauthorized(ProxyError):
+    """No key, or not one of the keys file's (OpenAI answers a wrong key the same way)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ProxyError):
+    """A valid key on a route its `routes:` globs do not name."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class Overloaded(ProxyError):
+    """A `limits:` queue was full, or the wait in it ran out. OpenAI's own 429 carries
+    type `requests` and code `rate_limit_exceeded`."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class NoHealthyUpstream(ProxyError):
+    """Every upstream of a route with `health:` is out: fail fast rather than wait on a dead one."""
+
+    status = 503
+    type = "upstream_error"
+    code = "no_healthy_upstream"
+    kind = "unreachable"
+
+
+class ClientLeftQueue(ProxyError):
+    """Only recorded (499), never sent: the client left while waiting for a slot."""
+
+    status = 499
+    type = "client_closed"
+    code = "client_left_queue"
+
+
 class TemplateFailed(ProxyError):
     """The route's chat template broke for a reason of its own (a bug, not its `raise_exception`):
     the route's fault, not the client's, so a 500 that names the route."""
@@ -179,19 +221,62 @@ class _Envelope(msgspec.Struct):
     error: _Error
 
 
-def render(exc: ProxyError) -> bytes:
-    """The JSON body for `exc`."""
+# --- faces: each API's clients read errors in their own shape ------------------------------
+# `face` is the error shape of the route's adapter: "openai" (chat, Responses, passthrough) or
+# "anthropic" (Messages). The gate and the forwarder pass it here; nothing else renders.
+# (Same names and semantics as on the `faces` branch, which brings the Messages adapter.)
+
+ANTHROPIC_ADAPTERS = frozenset({"messages-to-completions"})
+
+
+def face_of(adapter: str) -> str:
+    """The error shape of a route with this `adapter:`: the one small place that decides it."""
+    return "anthropic" if adapter in ANTHROPIC_ADAPTERS else "openai"
+
+
+# Anthropic's error types by status (docs.anthropic.com/en/api/errors; the `anthropic` SDK's
+# `_client.py` `_make_status_error` maps the same statuses to its exception classes).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+class _AnthropicError(msgspec.Struct):
+    type: str
+    message: str
+
+
+class _AnthropicEnvelope(msgspec.Struct):
+    error: _AnthropicError
+    type: str = "error"
+
+
+def anthropic_type(status: int) -> str:
+    """The Anthropic `error.type` for an HTTP status."""
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def render(exc: ProxyError, face: str = "openai") -> bytes:
+    """The JSON body for `exc`, in the shape the route's clients read."""
+    if face == "anthropic":
+        # An upstream's own (OpenAI-shaped) error is re-told: Anthropic clients read only their shape.
+        return msgspec.json.encode(_AnthropicEnvelope(_AnthropicError(anthropic_type(exc.status), exc.message)))
     passthrough = getattr(exc, "passthrough", None)
     if passthrough is not None:
         return passthrough
     return msgspec.json.encode(_Envelope(_Error(exc.message, exc.type, exc.param, exc.code)))
 
 
-def sse_event(exc: ProxyError) -> bytes:
+def sse_event(exc: ProxyError, face: str = "openai") -> bytes:
     """`exc` as one SSE event: the only way to report a fault once a stream has begun.
 
-    The official `openai` client raises `APIError(message)` on an event carrying `error`.
+    The official `openai` client raises `APIError(message)` on an event carrying `error`; the
+    `anthropic` client raises on `event: error` (`anthropic/_streaming.py`) and skips events
+    without an `event:` line.
     """
+    if face == "anthropic":
+        return b"event: error\ndata: " + render(exc, face) + b"\n\n"
     return b"data: " + render(exc) + b"\n\n"
 
 

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from . import errors, headers, observe
+from . import errors, headers, observe, tracing
 from .descriptors import UNLIMITED, UpstreamSlots
 from .errors import ProxyError, UpstreamStatus
 
 if TYPE_CHECKING:
     from .adapters import Call
+    from .retry import RetryPolicy
     from .routes import Route
     from .upstreams import Upstream
 
@@ -37,8 +38,10 @@ _ADAPTER_DROPS = frozenset({b"accept-encoding"})
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
-def prepare(route: Route, scope: dict[str, Any], body: bytes) -> Exchange:
-    """Turn a matched request into an `Exchange`. Raises `ProxyError` for bad input."""
+def prepare(route: Route, scope: dict[str, Any], body: bytes, strip: frozenset[bytes] = frozenset()) -> Exchange:
+    """Turn a matched request into an `Exchange`. Raises `ProxyError` for bad input.
+
+    `strip`: client headers never forwarded (the inbound API key, when keys are on)."""
     call = route.adapter.request(body)
     client_headers = scope["headers"]
     rid = headers.request_id(client_headers)
@@ -49,11 +52,13 @@ def prepare(route: Route, scope: dict[str, Any], body: bytes) -> Exchange:
         rid=rid,
         client_ip=client[0] if client else None,
         scheme=scope.get("scheme", "http"),
-        drop=_ADAPTER_DROPS if call.translates else frozenset(),
+        drop=(_drops(call) | strip if strip else _drops(call)) if call.translates else strip,
     )
     if call.translates:
         out.append((b"accept-encoding", b"identity"))
-    return Exchange(route, call, scope["method"], scope.get("query_string", b""), out, rid, route.pool.pick())
+    # A face's query (Claude Code's `?beta=true`) means nothing to the completions upstream.
+    query = scope.get("query_string", b"") if getattr(call, "upstream_query", True) else b""
+    return Exchange(route, call, scope["method"], query, out, rid, route.pool.pick())
 
 
 class Exchange:
@@ -64,7 +69,7 @@ class Exchange:
     """
 
     __slots__ = ("route", "call", "method", "query", "headers", "url", "rid", "upstream", "disconnected", "error",
-                 "_complete")  # fmt: skip
+                 "span", "_complete")  # fmt: skip
 
     def __init__(self, route: Route, call: Call, method: str, query: bytes, out: headers.Headers, rid: bytes,
                  upstream: Upstream) -> None:  # fmt: skip
@@ -76,9 +81,10 @@ class Exchange:
         self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out]
         self.rid = rid
         self.upstream = upstream  # which of the route's upstreams the request goes to
-        self.url = upstream.target(query)
+        self.url = self._target(upstream)
         self.disconnected = False
         self.error: ProxyError | None = None  # what failed, for `observe`
+        self.span: tracing.Span | None = None  # only when tracing is on
         self._complete = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -86,24 +92,34 @@ class Exchange:
         client: aiohttp.ClientSession = state.client
         slots: UpstreamSlots = getattr(state, "slots", UNLIMITED)  # an app made by create_app has its own
         meter = observe.begin(scope, self.route, send)  # counts bytes and the first byte
+        out = meter.send
+        if tracing.TRACER is not None:  # off: this one test is all tracing costs
+            self.span = tracing.start(self, scope, meter)
+            out = self.span.wrap(out)
         # A plain task, not an anyio task group: measured 90 µs less per request, same semantics.
         watcher = asyncio.get_running_loop().create_task(self._watch(receive, asyncio.current_task()))
         try:
             if not slots.take():  # at --max-upstream-connections: refuse now, never park the request
-                await self._fail(meter.send, slots.refusal(self.route.name))
+                await self._fail(out, slots.refusal(self.route.name))
                 return
             try:
-                await self._exchange(client, meter.send)
+                await self._exchange(client, out)
             finally:
                 slots.give()
         except asyncio.CancelledError:
-            if not self.disconnected:
-                raise  # cancelled from outside (shutdown): not ours to swallow
+            if not self.disconnected and not isinstance(self.error, errors.ShuttingDown):
+                raise  # cancelled from outside, and not by the server's shutdown: not ours to swallow
+            # The client left, or uvicorn's grace period ran out and `_cut` told the client why:
+            # the request is over, and its access line says which (no traceback from uvicorn).
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            log.debug("client left before the end of the response; route %r: upstream request closed", self.route.name)
+            if self.disconnected:
+                log.debug("client left before the end of the response; route %r: upstream request closed",
+                          self.route.name)
         finally:
             watcher.cancel()
             observe.finish(meter, self, scope)
+            if self.span is not None:
+                self.span.end(self, meter)
 
     async def _exchange(self, client: aiohttp.ClientSession, send: Any) -> None:
         route = self.route
@@ -127,6 +143,10 @@ class Exchange:
             status = response.status
             if status >= 400:
                 body = await _read_capped(response)
+                recovered = self._recover(status)
+                if recovered is not None:  # the call has its own answer for this refusal
+                    await self._answer(send, recovered)
+                    return
                 retry_after = response.headers.get("retry-after")
                 await self._fail(send, UpstreamStatus(status, body, route, retry_after))
                 return
@@ -156,7 +176,7 @@ class Exchange:
             if not started:
                 await self._fail(send, err)
             elif self._is_stream(response):
-                await self._end(send, errors.sse_event(err))
+                await self._end(send, self._stream_error(err))
             else:
                 # Mid-body on a plain response: HTTP/1.1 has no way to say so but to drop the
                 # connection, which the server does when we return without ending the body.
@@ -170,7 +190,7 @@ class Exchange:
             if not started:
                 await self._fail(send, self.error)
             elif self._is_stream(response):
-                await self._end(send, errors.sse_event(self.error))
+                await self._end(send, self._stream_error(self.error))
         finally:
             # Synchronous, so a cancellation cannot interrupt it: a finished body returns the
             # connection to the pool, anything else closes it (the upstream stops generating).
@@ -183,8 +203,11 @@ class Exchange:
         """Send upstream, moved on to the route's next upstream while connecting fails.
 
         Only a failed connect moves on: nothing was sent, so even a POST is safe to
-        repeat. The last failure is raised when every upstream was tried.
+        repeat. The last failure is raised when every upstream was tried. A route
+        with `retry:` goes through `_send_retrying` instead.
         """
+        if self.route.retry is not None:
+            return await self._send_retrying(client)
         pool = self.route.pool
         tried: list[Upstream] = []
         while True:
@@ -202,11 +225,79 @@ class Exchange:
                 nxt = pool.next_after(tried)
                 if nxt is None:
                     raise
-                self.upstream = nxt
-                self.url = nxt.target(self.query)
+                self._move(nxt)
                 continue
             pool.succeeded(self.upstream)
             return response
+
+    async def _send_retrying(self, client: aiohttp.ClientSession) -> aiohttp.ClientResponse:
+        """`retry:`: send again, to the next upstream at once or to the same one after its
+        `Retry-After`, while the answer is one the route lists and no byte went to the client
+        (this runs before the response head is relayed). The last try's answer or failure is
+        the client's."""
+        route = self.route
+        policy = route.retry
+        assert policy is not None
+        pool = route.pool
+        tried: list[Upstream] = []
+        attempt = 1
+        while True:
+            try:
+                response = await client.request(
+                    self.method, self.url, headers=self.headers, data=self.call.body or None,
+                    allow_redirects=False, timeout=route.client_timeout,
+                )  # fmt: skip
+            except UPSTREAM_ERRORS as exc:
+                connect = errors.connect_failure(exc)
+                if connect is not None:
+                    pool.failed(self.upstream, connect)
+                    why = "connect" if policy.connect else None
+                else:
+                    why = "timeout" if policy.timeout and isinstance(exc, TimeoutError) else None
+                if why is None or attempt >= policy.attempts or not await self._again(tried, why, None, policy):
+                    raise
+                attempt += 1
+                continue
+            pool.succeeded(self.upstream)
+            status = response.status
+            if status < 400 or status not in policy.statuses or attempt >= policy.attempts:
+                return response
+            if not await self._again(tried, str(status), response.headers.get("retry-after"), policy, response):
+                return response  # too long a wait asked: this answer is the client's
+            attempt += 1
+
+    async def _again(self, tried: list[Upstream], why: str, retry_after: str | None, policy: RetryPolicy,
+                     response: aiohttp.ClientResponse | None = None) -> bool:  # fmt: skip
+        """Pick the next try's upstream and wait as asked; False when no retry is allowed."""
+        tried.append(self.upstream)
+        nxt = self.route.pool.next_after(tried)
+        if nxt is None:  # every upstream tried: the same one again, after its Retry-After
+            nxt = self.upstream
+            tried.clear()
+        wait = policy.wait_for(retry_after, same_upstream=nxt is self.upstream)
+        if wait is None:
+            return False
+        if response is not None:  # read the small error body, so the connection can be reused
+            try:
+                await _read_capped(response)
+            finally:
+                if response.content.at_eof():
+                    response.release()
+                else:
+                    response.close()
+        log.warning(
+            "retrying route %r on %s after %s from %s%s", self.route.name, nxt.label, why, self.upstream.label,
+            f" (waiting {wait:g} s)" if wait else "",
+        )
+        observe.retried(self.route.name, why)
+        if wait:
+            await asyncio.sleep(wait)
+        self._move(nxt)
+        return True
+
+    def _move(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.url = self._target(upstream)
 
     async def _watch(self, receive: Any, task: asyncio.Task[Any] | None) -> None:
         # The body has been read, so the next message is the client leaving (or, once the
@@ -231,29 +322,61 @@ class Exchange:
     async def _fail(self, send: Any, exc: ProxyError) -> None:
         self.error = exc
         self._complete = True
-        await send_error(send, exc, self.rid)
+        await send_error(send, exc, self.rid, self.route.face)
+
+    def _stream_error(self, exc: ProxyError) -> bytes:
+        """A fault after the stream began, in the face's stream grammar: the call's own events when
+        it has some (a Responses stream ends with `response.failed`), else the face's error event."""
+        encode = getattr(self.call, "stream_error", None)
+        return encode(exc) if encode is not None else errors.sse_event(exc, self.route.face)
+
+    def _target(self, upstream: Upstream) -> str:
+        """The URL for this call: the route's upstream URL, or the one the call derives from it
+        (`count_tokens` asks the same server's `/tokenize`)."""
+        retarget = getattr(self.call, "retarget", None)
+        return upstream.target(self.query) if retarget is None else retarget(upstream.url)
+
+    def _recover(self, status: int) -> bytes | None:
+        recover = getattr(self.call, "recover", None)
+        return recover(status) if recover is not None else None
+
+    async def _answer(self, send: Any, body: bytes) -> None:
+        """A 200 JSON answer the call made itself (after the upstream refused it)."""
+        hdrs = _JSON + [(b"content-length", str(len(body)).encode()), (b"x-request-id", self.rid)]
+        await send({"type": "http.response.start", "status": 200, "headers": hdrs})
+        await self._end(send, body)
 
     async def _cut(self, send: Any, *, started: bool, sse: bool) -> None:
         """Cancelled from outside (the shutdown grace period ran out), not by the client leaving:
         tell the client why rather than just dropping the connection."""
-        if self.disconnected or self._complete or (started and not sse):
+        if self.disconnected or self._complete:
             return
         err = errors.ShuttingDown(f"the proxy is shutting down; route {self.route.name!r} was cut off")
+        self.error = err  # the access line says `shutting_down`
+        if started and not sse:
+            return  # a plain body: only dropping the connection can say it was cut
         if started:
-            await self._end(send, errors.sse_event(err))
+            await self._end(send, self._stream_error(err))
         else:
             await self._fail(send, err)
 
 
-async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None) -> None:
-    """A complete OpenAI-shaped error response (only before the start line was sent)."""
-    body = errors.render(exc)
+async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None, face: str = "openai") -> None:
+    """A complete error response in the face's shape (only before the start line was sent)."""
+    body = errors.render(exc, face)
     hdrs = _JSON + [(b"content-length", str(len(body)).encode())]
     if rid is not None:
         hdrs.append((b"x-request-id", rid))
     hdrs.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())
     await send({"type": "http.response.start", "status": exc.status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _drops(call: Call) -> frozenset[bytes]:
+    """Client headers a translating call does not send upstream: accept-encoding, and the ones
+    its face names (an Anthropic client's `x-api-key` is for the proxy, not the completions server)."""
+    extra = getattr(call, "drop_headers", None)
+    return _ADAPTER_DROPS if extra is None else _ADAPTER_DROPS | extra
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:

@@ -8,7 +8,11 @@ Behaviour is deterministic and steered per request by headers:
 - `x-mock-events`: split the text into this many stream events (default: one per word);
 - `x-mock-interval-ms`: pause between stream events;
 - `x-mock-hold: KEY`: after the first event, wait until `POST /_mock/release?key=KEY` (10 s at most);
+- `x-mock-finish: REASON`: the last `finish_reason` (default `stop`; `length` as if cut by `max_tokens`);
+- `x-mock-stop-reason: S`: vLLM's `stop_reason` (the stop string that matched) on the finishing choice;
 - faults: see below.
+`POST /tokenize` answers as vLLM does (`count`, `max_model_len`, `tokens`), one token per word
+of `prompt` (or llama.cpp's `content`).
 Every response echoes the request headers it received as JSON in `x-mock-echo-headers`,
 and `GET /_mock/requests` lists the last requests (method, path, headers, body).
 
@@ -24,6 +28,11 @@ Faults (for the error tests; K counts stream events, or body bytes of a non-stre
 - `x-mock-stall-ms: S`: stall S ms before the response head (any endpoint), or, with
   `x-mock-stall-after: K` (K >= 1), once after K stream events (K = 0: before the head). A stall ends early when the
   client closes the connection, so no mock task outlives its caller.
+`GET /health` answers `health_status` (200 by default; tests set it to stage a sick server, as
+vLLM and llama.cpp answer 503 on `/health` while they cannot serve).
+In-process tests may also queue header sets in `MockUpstream.script`: each request
+(but `/health` and `/_mock/*`) takes the next one as if the client had sent those headers,
+so one server of several can fail once (`{"x-mock-status": "503"}`) and then answer.
 `GET /_mock/stats` answers `{"open_connections", "busy_connections", "connections"}`: the
 connections open now, those of them in the middle of a request (received, not yet fully
 answered), and all accepted so far; the connection asking is not counted. An idle
@@ -77,6 +86,10 @@ class MockUpstream:
         self.record = True
         self.connections: set[_Connection] = set()
         self.accepted = 0
+        self.script: collections.deque[dict[str, str]] = collections.deque()
+        self.health_status = 200
+        self.track_peak = False  # count `peak_busy`: the most requests in progress at once
+        self.peak_busy = 0
 
     def stats(self, asking: _Connection | None = None) -> dict[str, int]:
         others = [c for c in self.connections if c is not asking]
@@ -174,6 +187,11 @@ class _Connection(asyncio.Protocol):
         self.echo = _json.encode({k: "***" if k in _CREDENTIALS else v for k, v in hdrs.items()})
         self.keep_alive = self.parser.should_keep_alive()
         self.busy = True
+        mock = self.mock
+        if mock.script and path != "/health" and not path.startswith("/_mock/"):
+            hdrs = {**hdrs, **mock.script.popleft()}
+        if mock.track_peak:
+            mock.peak_busy = max(mock.peak_busy, sum(c.busy for c in mock.connections))
         handler = _ROUTES.get((method, path))
         if handler is None:
             self.write(404, _error(f"no mock endpoint {method} {path}"))
@@ -301,7 +319,7 @@ def _completions(conn: _Connection, hdrs: dict[str, str], body: bytes, query: st
         "object": "text_completion",
         "created": int(time.time()),
         "model": req.model,
-        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": "stop"} for i in range(req.n)],
+        "choices": [_finish({"index": i, "text": text, "logprobs": None}, hdrs) for i in range(req.n)],
         "usage": _usage(req.prompt, text, req.n),
     }
     conn.write(200, _json.encode(doc), cut_at=_faults(hdrs).drop_after)
@@ -339,7 +357,7 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
     for i in range(req.n):
         conn.chunk(b"data: " + _json.encode({
             "id": "cmpl-mock", "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": "stop"}],
+            "choices": [_finish({"index": i, "text": "", "logprobs": None}, hdrs)],
         }) + b"\n\n")
     if req.stream_options and req.stream_options.get("include_usage"):
         conn.chunk(b"data: " + _json.encode({
@@ -348,6 +366,23 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
         }) + b"\n\n")
     conn.chunk(b"data: [DONE]\n\n")
     conn.end_chunked()
+
+
+def _finish(choice: dict[str, Any], hdrs: dict[str, str]) -> dict[str, Any]:
+    choice["finish_reason"] = hdrs.get("x-mock-finish", "stop")
+    if "x-mock-stop-reason" in hdrs:
+        choice["stop_reason"] = hdrs["x-mock-stop-reason"]
+    return choice
+
+
+def _tokenize(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> Any:
+    fault = _fault(conn, hdrs)
+    if fault is not None:
+        return fault
+    doc = msgspec.json.decode(body) if body else {}
+    words = str(doc.get("prompt", doc.get("content", ""))).split()
+    conn.write(200, _json.encode({"count": len(words), "max_model_len": 32768, "tokens": list(range(len(words)))}))
+    return None
 
 
 def _fault(conn: _Connection, hdrs: dict[str, str]) -> Any:
@@ -423,7 +458,9 @@ def _stats(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> 
 
 
 def _models(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
-    conn.write(200, _json.encode({"object": "list", "data": [{"id": "mock", "object": "model", "owned_by": "mock"}]}))
+    """`x-mock-models: a,b` names the models listed (default: `mock`)."""
+    ids = [m.strip() for m in hdrs.get("x-mock-models", "mock").split(",") if m.strip()]
+    conn.write(200, _json.encode({"object": "list", "data": [{"id": i, "object": "model", "owned_by": "mock"} for i in ids]}))
 
 
 def _echo(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
@@ -440,8 +477,15 @@ def _release(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -
     conn.write(200, b"{}")
 
 
+def _health(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
+    status = conn.mock.health_status
+    conn.write(status, b"{}" if status < 400 else _error("mock is unhealthy", "server_error"))
+
+
 _ROUTES = {
+    ("GET", "/health"): _health,
     ("POST", "/v1/completions"): _completions,
+    ("POST", "/tokenize"): _tokenize,
     ("GET", "/v1/models"): _models,
     ("POST", "/echo"): _echo,
     ("GET", "/echo"): _echo,

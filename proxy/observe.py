@@ -44,7 +44,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from .errors import ProxyError
+from .errors import ProxyError, render
 from .routes import UNREAD, Unread
 from .routes import _model_of as _decode_model
 
@@ -88,6 +88,49 @@ prompt_tokens = Counter("llmproxy_prompt_tokens", "Prompt tokens the upstream re
 completion_tokens = Counter(
     "llmproxy_completion_tokens", "Completion tokens the upstream reported in `usage`.", ["route", "model"]
 )
+# LLM latency as users feel it, for streamed 2xx answers. Time to first token: request -> first
+# body byte of the stream (the upstream sends its first event once the first token exists).
+# Time per output token: first byte -> last byte over (completion_tokens - 1), where the
+# adapter reads `usage`. Buckets as vLLM's own histograms of the same names
+# (vllm/v1/metrics/loggers.py), so both can be read side by side.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640)
+_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+ttft = Histogram(
+    "llmproxy_time_to_first_token_seconds", "Streams: time from the request to the first token event.",
+    ["route", "model"], buckets=_TTFT_BUCKETS,
+)  # fmt: skip
+tpot = Histogram(
+    "llmproxy_time_per_output_token_seconds",
+    "Streams with usage: time from the first to the last token event over (completion tokens - 1).",
+    ["route", "model"], buckets=_TPOT_BUCKETS,
+)  # fmt: skip
+
+# Gatekeeping and resilience (README "Gatekeeping and resilience"). `kind` is `route` or `key`,
+# `name` the route or key name (never the key itself).
+limit_in_flight = Gauge(
+    "llmproxy_limit_in_flight", "Requests holding a `limits` / `max_concurrent` slot.", ["kind", "name"],
+    multiprocess_mode="livesum",
+)
+limit_queued = Gauge(
+    "llmproxy_limit_queued", "Requests waiting in a limit's queue.", ["kind", "name"], multiprocess_mode="livesum"
+)
+limit_wait = Histogram(
+    "llmproxy_limit_queue_wait_seconds", "Time spent waiting in a limit's queue (served or not).", ["kind", "name"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+limit_rejections = Counter(
+    "llmproxy_limit_rejections", "Requests answered 429 by a limit: queue_full or queue_timeout.",
+    ["kind", "name", "reason"],
+)
+retries = Counter("llmproxy_retries", "Upstream requests sent again, by the reason (status, connect, timeout).",
+                  ["route", "reason"])
+upstream_up = Gauge(
+    "llmproxy_upstream_up", "1 while the upstream takes requests, 0 while it is skipped as down.", ["route", "upstream"],
+    multiprocess_mode="livemin",
+)
+key_requests = Counter("llmproxy_key_requests", "Requests by the key name that made them, and status.", ["key", "status"])
+auth_failures = Counter("llmproxy_auth_failures", "Requests refused by the keys file: 401 or 403.", ["status"])
+keys_reloads = Counter("llmproxy_keys_reloads", "Keys file reloads, by result (ok, failed).", ["result"])
 
 
 class _Children:
@@ -113,7 +156,16 @@ _active = _Children(active)
 _upstream_errors = _Children(upstream_errors)
 _disconnects = _Children(disconnects)
 _prompt_tokens = _Children(prompt_tokens)
+tools_left_out = Counter(
+    "llmproxy_tools_left_out", "Tools a Messages/Responses face left out of the prompt because a local model "
+    "cannot run them (web_search, code_interpreter, ...), by route and tool type.", ["route", "tool"]
+)
+_tools_left_out = _Children(tools_left_out)
 _completion_tokens = _Children(completion_tokens)
+_key_requests = _Children(key_requests)
+limit_children = (_Children(limit_in_flight), _Children(limit_queued), _Children(limit_wait), _Children(limit_rejections))
+_ttft = _Children(ttft)
+_tpot = _Children(tpot)
 
 
 class RequestRecord(msgspec.Struct, tag_field="event", tag="access"):
@@ -137,6 +189,9 @@ class RequestRecord(msgspec.Struct, tag_field="event", tag="access"):
     completion_tokens: int | None = None
     client: str | None = None
     user_agent: str | None = None
+    key: str | None = None  # the keys file entry's name, never the key
+    ttft_ms: float | None = None  # streams: time to the first token event
+    tpot_ms: float | None = None  # streams with usage: time per output token after the first
 
 
 _METER = "llmproxy.meter"
@@ -232,6 +287,8 @@ def rejected(scope: dict[str, Any], exc: ProxyError, rid: bytes) -> None:
         return
     route = m.route
     model = _model_of(m)
+    if not m.bytes_out:  # the error body went out without the meter: count it
+        m.bytes_out = len(render(exc))
     record(
         _record(scope, m, rid, route.name if route else None, model, exc.status, error=_error_name(exc)),
         model=model_label(route, model) if route else OTHER,
@@ -254,12 +311,47 @@ def record(rec: RequestRecord, *, model: str = OTHER, kind: str | None = None) -
         _prompt_tokens(route, model).inc(rec.prompt_tokens)
     if rec.completion_tokens:
         _completion_tokens(route, model).inc(rec.completion_tokens)
+    if rec.key is not None:
+        _key_requests(rec.key, rec.status).inc()
+    if rec.status in (401, 403):
+        auth_failures.labels(status=str(rec.status)).inc()
+    if rec.ttft_ms is not None:
+        _ttft(route, model).observe(rec.ttft_ms / 1000)
+        if rec.tpot_ms is not None:
+            _tpot(route, model).observe(rec.tpot_ms / 1000)
     access_log.info(rec)
+
+
+_logged_left_out: set[tuple[str, str]] = set()
+
+
+def left_out_tools(route: str, kinds: list[str]) -> None:
+    """A face dropped tools it cannot offer the model (`hosted_tools: ignore`): count them, and log
+    each route and tool once (Codex sends `web_search` with every request: a line each would be noise)."""
+    for kind in kinds:
+        _tools_left_out(route, kind).inc()
+        if (route, kind) not in _logged_left_out:
+            _logged_left_out.add((route, kind))
+            logging.getLogger("llmproxy.faces").info(
+                "route %r: left the tool %r out of the prompt (the upstream model cannot run it); "
+                "further ones are counted in llmproxy_tools_left_out_total", route, kind)
 
 
 def reloaded(ok: bool) -> None:
     """Count a route-table reload (`llmproxy_reloads_total{result}`)."""
     reloads.labels(result="ok" if ok else "failed").inc()
+
+
+def keys_reloaded(ok: bool) -> None:
+    keys_reloads.labels(result="ok" if ok else "failed").inc()
+
+
+def retried(route: str, reason: str) -> None:
+    retries.labels(route=route, reason=reason).inc()
+
+
+def upstream_state(route: str, upstream: str, up: bool) -> None:
+    upstream_up.labels(route=route, upstream=upstream).set(1 if up else 0)
 
 
 def model_label(route: Route, model: str | None) -> str:
@@ -274,13 +366,34 @@ def model_label(route: Route, model: str | None) -> str:
     return OTHER
 
 
-def exposition() -> tuple[bytes, str]:
-    """The metrics page: this process's registry, or every worker's files in multiprocess mode."""
+def exposition(routes: set[str] | frozenset[str] | None = None) -> tuple[bytes, str]:
+    """The metrics page: this process's registry, or every worker's files in multiprocess mode.
+
+    With `routes` (the current table's names), series of routes a reload removed are left
+    out: prometheus-client cannot delete from the multiprocess files, so the page filters.
+    """
+    registry: Any = REGISTRY
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    if routes is not None:
+        registry = _OnlyRoutes(registry, {*routes, UNMATCHED})
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _OnlyRoutes:
+    """A registry view without the samples of routes no longer in the table."""
+
+    def __init__(self, source: Any, routes: set[str]) -> None:
+        self.source = source
+        self.routes = routes
+
+    def collect(self) -> Any:
+        for family in self.source.collect():
+            samples = [s for s in family.samples if s.labels.get("route", UNMATCHED) in self.routes]
+            if len(samples) != len(family.samples):
+                family.samples = samples
+            yield family
 
 
 def worker_exit() -> None:
@@ -314,6 +427,11 @@ def _record(
         if name == b"user-agent":
             ua = value[:_CLIP].decode("latin-1")
             break
+    ttft_ms = tpot_ms = None
+    if m.streamed and m.first_byte is not None and status < 400:
+        ttft_ms = round((m.first_byte - m.start) * 1000, 3)
+        if usage and usage[1] > 1:
+            tpot_ms = round((now - m.first_byte) * 1000 / (usage[1] - 1), 3)
     return RequestRecord(
         time=_iso(time.time()),
         request_id=rid.decode("latin-1"),
@@ -333,7 +451,15 @@ def _record(
         completion_tokens=usage[1] if usage else None,
         client=client[0] if client else None,
         user_agent=ua,
+        key=_caller_name(scope),
+        ttft_ms=ttft_ms,
+        tpot_ms=tpot_ms,
     )
+
+
+def _caller_name(scope: dict[str, Any]) -> str | None:
+    caller = scope.get("llmproxy.caller")  # keys.SCOPE_KEY, set by the gate when keys are on
+    return caller.name if caller is not None else None
 
 
 def _path(scope: dict[str, Any]) -> str:
@@ -431,6 +557,18 @@ def _text_value(v: Any) -> str:
     return _encode(s).decode() if (" " in s or '"' in s or not s) else s
 
 
+class GraceOver(logging.Filter):
+    """uvicorn logs the end of `--grace-period` as an ERROR ("Cancel N running task(s), timeout
+    graceful shutdown exceeded", uvicorn/server.py): for the proxy it is the documented way a
+    shutdown cuts what still runs (each cut request has its access line), so a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error" and str(record.msg).startswith("Cancel %s running task"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "grace period over: cutting %s running response(s) (each one's access line says shutting_down)"
+        return True
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 
@@ -461,8 +599,10 @@ def logging_config(level: str = "info", fmt: str = "json") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"llmproxy": {"()": formatter}},
+        "filters": {"grace": {"()": "proxy.observe.GraceOver"}},
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "llmproxy", "stream": "ext://sys.stderr"},
+            "stderr": {"class": "logging.StreamHandler", "formatter": "llmproxy", "stream": "ext://sys.stderr",
+                       "filters": ["grace"]},
             "access": {"class": "logging.StreamHandler", "formatter": "llmproxy", "stream": "ext://sys.stdout"},
         },
         "loggers": {

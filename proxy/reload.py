@@ -13,19 +13,26 @@ import hashlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
+import msgspec
 
 from . import observe
+from .config import RouteConfig
 from .errors import ConfigError
 from .routes import RouteTable
 
 log = logging.getLogger("llmproxy.reload")
 
+T = TypeVar("T")
+
 POLL_INTERVAL = 1.0  # seconds between fingerprint checks when no event arrives
+LAST_GOOD_ENV = "LLMPROXY_ROUTES_LAST_GOOD"  # set by the `--workers` supervisor (proxy/workers.py)
 
 
 def fingerprint(folder: Path) -> bytes:
@@ -53,6 +60,61 @@ def fingerprint(folder: Path) -> bytes:
     return h.digest()
 
 
+async def watch_folder(folder: Path, check: Callable[[], object], stop: anyio.Event, poll: float = POLL_INTERVAL,
+                       only: Callable[[str], bool] | None = None) -> None:  # fmt: skip
+    """Call `check()` on every change in `folder`, and at least every `poll` seconds, until `stop`.
+
+    `check` compares content itself (a fingerprint): events only wake it early, and
+    `yield_on_timeout` turns the silence into the periodic check. `only(name)` picks the
+    file names whose events count (a keys file may share its folder with a busy log).
+    """
+    from watchfiles import awatch
+
+    try:
+        async for _ in awatch(
+            folder,
+            watch_filter=None if only is None else (lambda _change, path: only(os.path.basename(path))),
+            debounce=300,
+            step=30,
+            rust_timeout=max(1, int(poll * 1000)),
+            yield_on_timeout=True,
+            recursive=False,
+            stop_event=stop,
+        ):
+            check()
+    except (OSError, RuntimeError) as exc:  # no inotify, the folder replaced, too many watches
+        log.warning("cannot watch %s (%s); checking it every %gs instead", folder, exc, poll)
+    while not stop.is_set():
+        with anyio.move_on_after(poll):
+            await stop.wait()
+        check()
+
+
+def rebuild(build: Callable[[Path], T], source: Path, failed: str, count: Callable[[bool], None]) -> T | None:
+    """`build(source)`, or None after logging `failed: reason` (a bad file, or a bug: neither may
+    end the watcher, nor the app with it); `count` tallies the result."""
+    try:
+        built = build(source)
+    except ConfigError as exc:
+        log.error("%s: %s", failed, exc)
+        count(False)
+        return None
+    except Exception:
+        log.exception("%s: unexpected error", failed)
+        count(False)
+        return None
+    count(True)
+    return built
+
+
+def save_last_good(table: RouteTable, path: Path) -> None:
+    """The validated route configs (templates already resolved to absolute paths), for
+    `TableHolder.load(..., last_good=path)`; written whole, then renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(msgspec.json.encode([r.config for r in table.routes]))
+    os.replace(tmp, path)
+
+
 class TableHolder:
     """`current` is read once per request; a request keeps the table it started with."""
 
@@ -64,12 +126,24 @@ class TableHolder:
         self._stop: anyio.Event | None = None
 
     @classmethod
-    def load(cls, folder: Path | str) -> TableHolder:
+    def load(cls, folder: Path | str, last_good: Path | str | None = None) -> TableHolder:
         """Snapshot first, then build: an edit landing in between shows up as a change later,
-        instead of being mistaken for the state the table was built from."""
+        instead of being mistaken for the state the table was built from.
+
+        `last_good` (a file `save_last_good` wrote): when the folder does not load, serve the
+        routes saved there rather than fail. A worker that `--workers` replaces while a file
+        is broken then serves what the other workers serve, instead of crash-looping.
+        """
         folder = Path(folder)
         snapshot = fingerprint(folder)
-        return cls(RouteTable.from_dir(folder), folder, snapshot)
+        try:
+            table = RouteTable.from_dir(folder)
+        except ConfigError as exc:
+            if last_good is None or not Path(last_good).is_file():
+                raise
+            log.error("routes not loaded, serving the last table that loaded: %s", exc)
+            table = RouteTable(msgspec.json.decode(Path(last_good).read_bytes(), type=list[RouteConfig]))
+        return cls(table, folder, snapshot)
 
     def reload(self, force: bool = False) -> bool:
         """Build a new table if the files changed (or `force`); keep the old one when a file is bad."""
@@ -80,47 +154,20 @@ class TableHolder:
             return False
         # Taken even when the build fails: a broken file is reported once, not on every check.
         self.snapshot = snapshot
-        try:
-            table = RouteTable.from_dir(self.folder)
-        except ConfigError as exc:
-            log.error("routes not reloaded, the previous table stays in service: %s", exc)
-            observe.reloaded(False)
-            return False
-        except Exception:  # a bug must not end the watcher, nor the app with it
-            log.exception("routes not reloaded, the previous table stays in service: unexpected error")
-            observe.reloaded(False)
+        table = rebuild(partial(RouteTable.from_dir, allow_empty=True), self.folder,
+                        "routes not reloaded, the previous table stays in service", observe.reloaded)
+        if table is None:
             return False
         self.current = table
-        observe.reloaded(True)
         log.info("routes reloaded from %s: %d route(s) on %d path(s)", self.folder, len(table.routes), len(table.paths))
         return True
 
     async def watch(self, poll: float = POLL_INTERVAL) -> None:
         """Reload on every change until cancelled (or `stop()`)."""
-        from watchfiles import awatch
-
         assert self.folder is not None, "watch() needs the routes folder"
         self._stop = stop = anyio.Event()
         self.reload()  # edits made between `load()` and now
-        try:
-            # Events only wake us early; `yield_on_timeout` turns the silence into the periodic check.
-            async for _ in awatch(
-                self.folder,
-                watch_filter=None,
-                debounce=300,
-                step=30,
-                rust_timeout=max(1, int(poll * 1000)),
-                yield_on_timeout=True,
-                recursive=False,
-                stop_event=stop,
-            ):
-                self.reload()
-        except (OSError, RuntimeError) as exc:  # no inotify, the folder replaced, too many watches
-            log.warning("cannot watch %s (%s); checking it every %gs instead", self.folder, exc, poll)
-        while not stop.is_set():
-            with anyio.move_on_after(poll):
-                await stop.wait()
-            self.reload()
+        await watch_folder(self.folder, self.reload, stop, poll)
 
     def stop(self) -> None:
         """End `watch()` promptly: the watcher thread checks this event every few ms, while

@@ -6,9 +6,10 @@ the table (and route) it started with.
 
 from __future__ import annotations
 
+import copy
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase, translate
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import msgspec
 
 from .adapters import Adapter, make_adapter
 from .config import RouteConfig, load_dir
-from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body
+from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body, face_of
 from .headers import Headers, normalize
+from .retry import RetryPolicy
 from .transport import route_timeout
 from .upstreams import Pool
 
@@ -45,14 +47,18 @@ class _ModelList(msgspec.Struct):
 class Route:
     """A route file compiled for the hot path."""
 
-    __slots__ = ("config", "name", "adapter", "upstreams", "pool", "defaults", "timeout", "client_timeout", "models", "_match")
+    __slots__ = ("config", "name", "adapter", "face", "upstreams", "pool", "defaults", "timeout", "client_timeout",
+                 "models", "limits", "retry", "_match")  # fmt: skip
 
     def __init__(self, config: RouteConfig) -> None:
         self.config = config
         self.name = config.name
         self.adapter: Adapter = make_adapter(config)
+        self.face = face_of(config.adapter)  # the error shape its clients read
         self.upstreams = config.upstreams
-        self.pool = Pool(config.name, config.upstreams)
+        self.pool = Pool(config.name, config.upstreams, config.health)
+        self.limits = config.limits  # None: the gate takes no slot (one attribute test per request)
+        self.retry = RetryPolicy(config.retry) if config.retry is not None else None
         self.defaults: Headers = normalize(config.default_headers)
         t = config.timeout
         self.timeout = {"connect": t.connect, "read": t.read, "write": t.write, "pool": t.pool}
@@ -63,6 +69,16 @@ class Route:
 
     def serves(self, model: str | None) -> bool:
         return model is not None and self._match is not None and self._match(model) is not None
+
+    def subroutes(self) -> dict[str, Route]:
+        """The paths a face answers beside its own (`/v1/messages/count_tokens`), as routes that
+        share this one's upstreams, health, headers and models but not its adapter."""
+        out: dict[str, Route] = {}
+        for suffix, adapter in getattr(self.adapter, "subpaths", {}).items():
+            sub = copy.copy(self)
+            sub.adapter = adapter
+            out[self.config.path.rstrip("/") + suffix] = sub
+        return out
 
 
 class Unread:
@@ -96,7 +112,7 @@ class RouteTable:
     Routes are kept in file-name order, and the first route whose `models` match wins.
     """
 
-    __slots__ = ("routes", "created", "models_json", "_by_path", "_allowed")
+    __slots__ = ("routes", "created", "models_json", "_by_path", "_allowed", "_faces")
 
     def __init__(self, configs: Sequence[RouteConfig]) -> None:
         self.routes = tuple(Route(c) for c in configs)
@@ -104,19 +120,31 @@ class RouteTable:
         by_path: dict[str, list[Route]] = {}
         for r in self.routes:
             by_path.setdefault(r.config.path, []).append(r)
+        declared = set(by_path)
+        for r in self.routes:
+            for path, sub in r.subroutes().items():
+                if path not in declared:  # a route file naming the path itself wins
+                    by_path.setdefault(path, []).append(sub)
         self._by_path = {
             path: {m: _Choice([r for r in rs if m in r.config.methods]) for m in {m for r in rs for m in r.config.methods}}
             for path, rs in by_path.items()
         }
         self._allowed = {path: ", ".join(sorted(choices)) for path, choices in self._by_path.items()}
+        self._faces = {path: rs[0].face for path, rs in by_path.items()}
         self.models_json = self._models_json()
+        self._faces = {path: rs[0].face for path, rs in by_path.items()}
 
     @classmethod
-    def from_dir(cls, folder: Path | str) -> RouteTable:
-        return cls(load_dir(folder))
+    def from_dir(cls, folder: Path | str, *, allow_empty: bool = False) -> RouteTable:
+        return cls(load_dir(folder, allow_empty=allow_empty))
 
     def has_path(self, path: str) -> bool:
         return path in self._by_path
+
+    def face(self, path: str) -> str:
+        """The error shape of the routes on `path` (its first route's face; "openai" when none):
+        for refusals before a route is matched (401, 404, 413)."""
+        return self._faces.get(path, "openai")
 
     @property
     def paths(self) -> frozenset[str]:
@@ -140,23 +168,51 @@ class RouteTable:
                 return r, model
         if choice.fallback is not None:
             return choice.fallback, model
+        if model is None:
+            _require_json(body)  # a body that is not JSON is a 400, as on every other route
         served = ", ".join(choice.served)
         asked = f"model {model!r} is not served" if model is not None else "the request names no model"
         raise ModelNotFound(f"{asked} at {path}; available: {served}", param="model")
 
-    def _models_json(self) -> bytes:
-        """`GET /v1/models`: every declared model (glob) once, owned by the route that wins it.
+    def models_json_for(self, may_use: Callable[[str], bool]) -> bytes:
+        """`GET /v1/models` as a key sees it: only models of routes it may use."""
+        return msgspec.json.encode(_ModelList(data=list(self.model_entries(may_use).values())))
 
-        A fallback route (no `models`) answers any name, so it is listed under its route
-        name: model pickers then offer something that works (the shipped default is one).
-        `upstream_model` stays private: clients address the proxy's names only.
+    def _models_json(self) -> bytes:
+        """`GET /v1/models`: every model name a client can send, once, owned by the route that wins it.
+
+        Only concrete names: an exact `models:` entry is listed as written, a glob (`llama-3*`)
+        is not a model id a client could pick. A fallback route (no `models`) answers any
+        name, so it is listed under its route name: model pickers then offer something that
+        works (the shipped default is one). `upstream_model` stays private.
         """
+        return msgspec.json.encode(_ModelList(data=list(self.model_entries().values())))
+
+    def model_entries(self, may_use: Callable[[str], bool] | None = None) -> dict[str, _ModelEntry]:
         seen: dict[str, _ModelEntry] = {}
         for r in self.routes:
-            for g in r.models or (r.name,):
-                if g not in seen:
-                    seen[g] = _ModelEntry(id=g, owned_by=r.name, created=self.created)
-        return msgspec.json.encode(_ModelList(data=list(seen.values())))
+            if may_use is not None and not may_use(r.name):
+                continue
+            for name in r.models or (r.name,):
+                if name not in seen and not is_glob(name):
+                    seen[name] = _ModelEntry(id=name, owned_by=r.name, created=self.created)
+        return seen
+
+    def model(self, name: str, may_use: Callable[[str], bool] | None = None) -> bytes | None:
+        """`GET /v1/models/{name}`: the entry of a name some route serves, or None (404).
+
+        A listed name, a name one route's glob matches, or any name when a fallback route
+        exists (it would answer the request). With keys on, only routes the key may use."""
+        entry = self.model_entries(may_use).get(name)
+        if entry is None:
+            usable = [r for r in self.routes if may_use is None or may_use(r.name)]
+            owner = next((r for r in usable if r.serves(name)), None) or next(
+                (r for r in usable if not r.models), None
+            )
+            if owner is None:
+                return None
+            entry = _ModelEntry(id=name, owned_by=owner.name, created=self.created)
+        return msgspec.json.encode(entry)
 
     def warnings(self) -> list[str]:
         """Things that load but are probably not what the operator meant (`llmproxy check`)."""
@@ -178,10 +234,53 @@ class RouteTable:
                                     f"({first.config.source}) on {path}; route {first.name!r} wins for models "
                                     "both match (first file in name order)"
                                 )
+            for choice in choices.values():
+                if choice.fallback is None:
+                    continue
+                for r in choice.by_model:
+                    everything = next((g for g in r.models if _matches_everything(g)), None)
+                    if everything is not None:
+                        out.append(
+                            f"{r.config.source}: models: {everything!r} of route {r.name!r} matches every model, so "
+                            f"the fallback route {choice.fallback.name!r} ({choice.fallback.config.source}) on {path} "
+                            "is never used; remove the glob or the fallback"
+                        )
+                        break
+        for r in self.routes:
+            c = r.config
+            if c.adapter == "passthrough":
+                for field in _adapter_only(c):
+                    out.append(
+                        f"{c.source}: {field}: has no effect on a passthrough route (it only applies to "
+                        "translating adapters such as chat-to-completions); remove it or set `adapter:`"
+                    )
+            for var in dict.fromkeys(c.env_defaults):
+                out.append(
+                    f"{c.source}: upstream: {var} is not set (or empty), so route {r.name!r} sends to the default in the file: "
+                    f"{', '.join(c.upstreams)}; set {var} to your model server's address"
+                )
         for r in self.routes:
             for url in sorted({u for u in r.upstreams if r.upstreams.count(u) > 1}):
                 out.append(f"{r.config.source}: upstream: {url} is listed more than once (it gets a larger share)")
         return out
+
+
+def is_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def _matches_everything(glob: str) -> bool:
+    return glob.strip("*") == ""
+
+
+# Options that only a translating adapter reads; on a passthrough route they do nothing.
+# Listed by name, compared with the field's default, so keys added later only need naming here.
+ADAPTER_ONLY = ("template", "reasoning", "dialect")
+
+
+def _adapter_only(c: RouteConfig) -> list[str]:
+    defaults = {f.name: f.default for f in msgspec.structs.fields(c)}
+    return [f for f in ADAPTER_ONLY if f in defaults and getattr(c, f) != defaults[f]]
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -191,6 +290,14 @@ def _overlap(a: str, b: str) -> bool:
     the usual cases: duplicates, `qwen*` beside `qwen2.5-*`, `*` beside anything.
     """
     return a == b or fnmatchcase(a, b) or fnmatchcase(b, a)
+
+
+def _require_json(body: bytes) -> None:
+    """400 `invalid_json` when `body` is not JSON (asked on the error path only)."""
+    try:
+        msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise bad_body(exc) from None
 
 
 def _model_of(body: bytes) -> str | None:

@@ -62,3 +62,9 @@ class SSEDecoder:
                 data.append(value[1:] if value[:1] == b" " else value)
         return events
 
+
+
+def named(name: bytes, data: bytes) -> bytes:
+    """One event with an `event:` line, as the Anthropic and Responses streams send them
+    (the `anthropic` client skips events without one, `anthropic/_streaming.py`)."""
+    return b"event: " + name + b"\ndata: " + data + b"\n\n"

@@ -6,18 +6,34 @@ upstream reset, shutdown) would have to undo; with `--workers N` each worker
 only sees its own share anyway, so "least outstanding" would be per-worker
 guesswork; and LLM servers (vLLM, llama.cpp) queue and batch internally.
 
-Health is passive: a connect failure marks an upstream down for `DOWN_FOR`
-seconds, during which the others get its turn; after that a real request
-probes it again. Nothing else marks an upstream down: once a request reached
-it, its answer (even a 5xx) is its own to give.
+Without `health:`, health is passive: a connect failure marks an upstream
+down for `DOWN_FOR` seconds, during which the others get its turn; after that
+a real request probes it again. Nothing else marks an upstream down: once a
+request reached it, its answer (even a 5xx) is its own to give.
+
+With `health:` (proxy/health.py runs the checks), an upstream is out after
+`unhealthy_after` consecutive failures, of checks or of real requests'
+connects, and back after `healthy_after` passed checks; while it is out its
+`down_until` is infinite, so the balancer's one test covers both kinds. When
+every upstream of such a route is out, `pick` fails fast with 503.
+
+A skipped upstream's turn goes to the next one up, and the turn then resumes
+after the one picked: with one of three down, the other two share its
+traffic evenly (resuming at the fixed next slot gave the first one up after
+the down one twice the share of the other).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from .config import Health
 
 log = logging.getLogger("llmproxy.upstreams")
 
@@ -27,13 +43,18 @@ DOWN_FOR = 10.0  # seconds an upstream sits out after a connect failure
 class Upstream:
     """One base URL of a route, with its passive health."""
 
-    __slots__ = ("url", "label", "down_until", "reason")
+    __slots__ = ("url", "label", "origin", "down_until", "reason", "fails", "passes", "next_check")
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.label = upstream_label(url)  # for logs and metrics, made once
-        self.down_until = 0.0  # monotonic time; 0: up
+        parts = urlsplit(url)
+        self.origin = f"{parts.scheme}://{parts.netloc}"  # health paths are taken from here
+        self.down_until = 0.0  # monotonic time; 0: up; inf: out until health checks pass
         self.reason = ""
+        self.fails = 0  # consecutive failures (with `health:`)
+        self.passes = 0  # consecutive passed checks while out
+        self.next_check = 0.0  # monotonic time of the next health check
 
     def target(self, query: bytes = b"") -> str:
         """The URL to send to, with the client's query string."""
@@ -47,33 +68,52 @@ def upstream_label(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
+def models_url(upstream: str) -> str:
+    """The `GET /v1/models` of the server behind an upstream URL: the path up to `/v1`, else the
+    origin. vLLM (`vllm/entrypoints/openai/api_server.py`), llama.cpp's server
+    (`tools/server/server.cpp`) and SGLang (`python/sglang/srt/entrypoints/http_server.py`) serve it."""
+    parts = urlsplit(upstream)
+    path = parts.path
+    base = path[: path.index("/v1/")] if "/v1/" in path else path[:-3] if path.endswith("/v1") else ""
+    return f"{parts.scheme}://{parts.netloc}{base}/v1/models"
+
+
 class Pool:
     """The upstreams of one route, in file order."""
 
-    __slots__ = ("route", "members", "_turn")
+    __slots__ = ("route", "members", "health", "_turn")
 
-    def __init__(self, route: str, urls: Sequence[str]) -> None:
+    def __init__(self, route: str, urls: Sequence[str], health: Health | None = None) -> None:
         self.route = route
         self.members = tuple(Upstream(u) for u in urls)
+        self.health = health
         self._turn = 0
 
     def pick(self) -> Upstream:
-        """The upstream for a new request: the next one in turn that is not sitting out."""
+        """The upstream for a new request: the next one in turn that is not sitting out.
+
+        Raises `NoHealthyUpstream` when health checks have every upstream out.
+        """
         members = self.members
         n = len(members)
-        if n == 1:
+        if n == 1 and self.health is None:
             return members[0]
         start = self._turn
-        self._turn = (start + 1) % n
         now = time.monotonic()
         for k in range(n):
-            m = members[(start + k) % n]
+            i = (start + k) % n
+            m = members[i]
             if m.down_until <= now:
+                self._turn = (i + 1) % n if n > 1 else 0
                 return m
+        if self.health is not None:
+            raise self.all_out_error()
+        self._turn = (start + 1) % n
         return members[start]  # all down: try anyway rather than refuse; it may be back
 
     def next_after(self, tried: Sequence[Upstream]) -> Upstream | None:
-        """Failover: the next upstream not tried yet for this request, healthy ones first."""
+        """Failover: the next upstream not tried yet for this request, healthy ones first
+        (only healthy ones when health checks run)."""
         members = self.members
         n = len(members)
         first = members.index(tried[0])
@@ -82,15 +122,31 @@ class Pool:
         for m in rest:
             if m.down_until <= now:
                 return m
-        return rest[0] if rest else None
+        return rest[0] if rest and self.health is None else None
+
+    def all_out(self) -> bool:
+        """Every upstream is out by health checks (`/readyz` names such routes)."""
+        return self.health is not None and all(m.down_until == math.inf for m in self.members)
+
+    def all_out_error(self) -> Exception:
+        from .errors import NoHealthyUpstream
+
+        why = "; ".join(f"{m.label}: {m.reason or 'down'}" for m in self.members)
+        return NoHealthyUpstream(f"every upstream of route {self.route!r} is down (health checks): {why}")
 
     def failed(self, member: Upstream, reason: str) -> None:
-        """`member` refused or did not answer the connect: let it sit out `DOWN_FOR` seconds."""
+        """`member` refused or did not answer the connect: let it sit out `DOWN_FOR` seconds,
+        or, with health checks, count it towards `unhealthy_after`."""
+        if self.health is not None:
+            self.checked(member, False, reason)
+            return
         now = time.monotonic()
         logged = member.down_until > now  # concurrent failures: one line per sit-out
         was_up = member.down_until == 0.0
         member.down_until = now + DOWN_FOR
         member.reason = reason
+        if was_up:
+            self._publish(member, False)
         if not logged:
             log.warning(
                 "upstream %s of route %r %s for %gs: %s",
@@ -98,8 +154,45 @@ class Pool:
             )
 
     def succeeded(self, member: Upstream) -> None:
-        """`member` answered. On the hot path: one attribute test when all is well."""
-        if member.down_until:
+        """`member` answered. On the hot path: two attribute tests when all is well."""
+        if member.fails:
+            member.fails = 0
+        if member.down_until and member.down_until != math.inf:  # out by health checks: theirs to end
             member.down_until = 0.0
             member.reason = ""
+            self._publish(member, True)
             log.info("upstream %s of route %r is back up", member.url, self.route)
+
+    def checked(self, member: Upstream, ok: bool, reason: str = "") -> None:
+        """A health check's result (or, with `ok` False, a real request's failed connect)."""
+        health = self.health
+        assert health is not None
+        if ok:
+            member.fails = 0
+            if member.down_until:
+                member.passes += 1
+                if member.passes >= health.healthy_after:
+                    member.down_until = 0.0
+                    member.passes = 0
+                    member.reason = ""
+                    self._publish(member, True)
+                    log.info("upstream %s of route %r is back up (health check passed)", member.url, self.route)
+            return
+        member.passes = 0
+        member.fails += 1
+        member.reason = reason
+        if member.down_until != math.inf and member.fails >= health.unhealthy_after:
+            member.down_until = math.inf
+            self._publish(member, False)
+            log.warning("upstream %s of route %r is out after %d failure(s) in a row, until its health checks "
+                        "pass: %s", member.url, self.route, member.fails, reason)
+
+    def publish(self) -> None:
+        """Set every member's `llmproxy_upstream_up` gauge (a new table starts serving)."""
+        for m in self.members:
+            self._publish(m, not m.down_until)
+
+    def _publish(self, member: Upstream, up: bool) -> None:
+        from . import observe  # observe imports the route table, which imports this module
+
+        observe.upstream_state(self.route, member.label, up)

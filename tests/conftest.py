@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy.app import create_app
+from proxy.keys import KeysHolder
 from proxy.routes import RouteTable
 from servers import MockServer, run_app, run_mock
 
@@ -36,6 +37,27 @@ def routes_dir(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return write
+
+
+@pytest.fixture
+def completions_route(routes_dir: Callable[..., Path], upstream: MockServer) -> Path:
+    """A routes folder with one passthrough route `r`: POST /v1/completions to the mock upstream."""
+    return routes_dir(r=f"""
+        path: /v1/completions
+        upstream: {upstream.url}/v1/completions
+    """)
+
+
+@pytest.fixture
+def keys_for(tmp_path: Path) -> Callable[..., KeysHolder]:
+    """`keys_for(name="key", ...)` -> a `KeysHolder` over a keys file with those entries."""
+
+    def make(**keys: str) -> KeysHolder:
+        path = tmp_path / "keys.yaml"
+        path.write_text("keys:\n" + "".join(f"  - name: {n}\n    key: {k}\n" for n, k in keys.items()))
+        return KeysHolder.load(path)
+
+    return make
 
 
 @pytest.fixture

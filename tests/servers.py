@@ -83,3 +83,32 @@ def run_app(app: Any, **kw: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         t.join(10)
+
+
+def wait_ready(proc: Any, base: str, err: Any, within: float = 30) -> None:
+    """Wait for a `llmproxy serve` subprocess to answer `/readyz`; fail with its stderr file."""
+    import httpx
+
+    deadline = time.monotonic() + within
+    while True:
+        assert proc.poll() is None, err.read_text()
+        assert time.monotonic() < deadline, "not ready in time\n" + err.read_text()
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+def stop(proc: Any) -> int:
+    """SIGTERM to a server the test started (only that one); its exit code."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)

@@ -35,6 +35,7 @@ def write(folder: Path, name: str, text: str) -> Path:
         ("path: /v1/x\nupstream: http://127.0.0.1:9/\nmethods: [FETCH]\n", r"r\.yaml:3: methods: unknown HTTP method 'FETCH'"),
         ("path: /v1/x\nupstream: http://127.0.0.1:9/\nadapter: magic\n", r"r\.yaml:3: adapter: Invalid enum value 'magic'"),
         ("path: /v1/x\nupstream: http://127.0.0.1:9/\nstream: sometimes\n", r"r\.yaml:3: stream: Invalid enum value"),
+        ("path: /v1/x\nupstream: http://127.0.0.1:9/\nhosted_tools: drop\n", r"r\.yaml:3: hosted_tools: Invalid enum value 'drop'"),
         ("path: /v1/x\nupstream: http://127.0.0.1:9/\ndefault_headers: {'Bad Name': x}\n", r"r\.yaml:3: default_headers\.Bad Name: not a valid header name"),
         ("path: /v1/x\nupstream: ${LLMPROXY_TEST_UNSET}/v1\n", r"r\.yaml:2: upstream: environment variable LLMPROXY_TEST_UNSET is not set"),
         ("path: /healthz\nupstream: http://127.0.0.1:9/\n", r"r\.yaml:1: path: /healthz is one of the proxy's own endpoints"),

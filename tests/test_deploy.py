@@ -113,6 +113,20 @@ def test_the_routes_configmap_is_mounted_whole_and_reloaded(docs):
     assert "subPath" not in mount  # subPath mounts never see ConfigMap updates
 
 
+def test_clients_need_a_key_from_a_secret_mounted_whole(docs):
+    container = _container(docs)
+    args = _args(container)
+    assert args.get("--host") == "0.0.0.0" and isinstance(args.get("--keys"), str)  # bound wide: keys on
+    spec = docs["Deployment"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if "secret" in v and v["name"] == "keys"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert str(args["--keys"]).startswith(mount["mountPath"] + "/")
+    assert "subPath" not in mount  # subPath mounts never see Secret updates
+    file = str(args["--keys"]).rsplit("/", 1)[1]
+    create = f"kubectl create secret generic {volume['secret']['secretName']} --from-file={file}="
+    assert create in (DEPLOY / "README.md").read_text()
+
+
 def test_several_workers_have_a_writable_tmp_for_metrics(docs):
     container = _container(docs)
     if int(_args(container).get("--workers", 1)) > 1 and container["securityContext"].get("readOnlyRootFilesystem"):

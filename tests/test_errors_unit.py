@@ -305,8 +305,10 @@ async def test_cut_by_shutdown_before_the_first_byte_is_a_503(route):
     task = asyncio.ensure_future(exchange(scope, receive, send))
     await asyncio.sleep(0.05)
     task.cancel()  # what uvicorn does when the grace period ends
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    # The exchange told the client and ends quietly: a cancellation escaping would make
+    # uvicorn log an "Exception in ASGI application" traceback for a documented shutdown.
+    await asyncio.wait_for(task, 2)
+    assert isinstance(exchange.error, errors.ShuttingDown)  # what its access line says
     assert send.status == 503
     assert json.loads(send.body)["error"]["code"] == "shutting_down"
 
@@ -342,3 +344,30 @@ def test_grace_period_must_not_be_negative(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text("path: /p\nupstream: http://127.0.0.1:9/p\n")
     assert main(["serve", "--routes", str(tmp_path), "--grace-period", "-1"]) == 2
     assert "--grace-period" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
+    (404, "not_found_error"), (413, "request_too_large"), (422, "invalid_request_error"),
+    (429, "rate_limit_error"), (500, "api_error"), (502, "api_error"), (503, "overloaded_error"),
+    (504, "timeout_error"), (529, "overloaded_error"), (507, "api_error"),
+])
+def test_anthropic_face_renders_its_own_shape(status, kind):
+    """Messages routes: `{"type": "error", "error": {"type", "message"}}` with Anthropic's type for the
+    status, also for an upstream's OpenAI error (re-told, not passed on), and as `event: error` mid-stream."""
+    exc = errors.ProxyError("it broke")
+    exc.status = status
+    assert json.loads(errors.render(exc, "anthropic")) == {"type": "error", "error": {"type": kind,
+                                                                                      "message": "it broke"}}
+    event = errors.sse_event(exc, "anthropic")
+    assert event.startswith(b"event: error\ndata: ") and event.endswith(b"\n\n")
+    assert json.loads(event.split(b"data: ", 1)[1]) == json.loads(errors.render(exc, "anthropic"))
+    assert json.loads(errors.render(exc))["error"]["message"] == "it broke"  # the default face is OpenAI's
+
+
+def test_anthropic_face_retells_an_upstream_openai_error(tmp_path):
+    route = make_route(tmp_path, "path: /v1/messages\nupstream: http://127.0.0.1:9/v1/completions\n")
+    exc = errors.UpstreamStatus(429, b'{"error": {"message": "slow down", "type": "x"}}', route)
+    assert json.loads(errors.render(exc))["error"]["message"] == "slow down"  # OpenAI faces: passed on
+    body = json.loads(errors.render(exc, "anthropic"))
+    assert body["error"]["type"] == "rate_limit_error" and "answered 429: slow down" in body["error"]["message"]

@@ -566,15 +566,17 @@ def test_sigterm_finishes_running_streams_then_exits_0(upstream, routes_dir, tmp
     """)
     port = free_port()
     grace = 1.0
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--routes", str(folder), "--port", str(port),
-         "--grace-period", str(grace), "--log-level", "warning"],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--routes", str(folder), "--port", str(port),
+             "--grace-period", str(grace)],
+            cwd=Path(__file__).resolve().parents[1], stdout=stdout, stderr=stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     base = f"http://127.0.0.1:{port}"
     try:
-        assert wait_for(lambda: _healthy(base), within=15), proc.stdout.read1() if proc.poll() is not None else ""
+        assert wait_for(lambda: _healthy(base), within=15), err.read_text()
         results: dict[str, bytes] = {}
         started = {name: threading.Event() for name in ("short", "long")}
 
@@ -618,7 +620,15 @@ def test_sigterm_finishes_running_streams_then_exits_0(upstream, routes_dir, tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
-        proc.stdout.close()  # type: ignore[union-attr]
+    # A documented shutdown is no error: no traceback, and the cut stream's access line says why.
+    logs = err.read_text()
+    assert "Traceback" not in logs and "CancelledError" not in logs, logs
+    assert not [line for line in logs.splitlines() if '"level":"error"' in line], logs
+    assert "grace period over: cutting 1 running response(s)" in logs
+    access = {line["bytes_out"] > 0 and line["error"]: line for line in map(json.loads, out.read_text().splitlines())}
+    assert len(out.read_text().splitlines()) == 2
+    assert access["shutting_down"]["status"] == 200 and access["shutting_down"]["streamed"] is True
+    assert access[None]["status"] == 200  # the short stream finished inside the grace period
 
 
 def _healthy(base: str) -> bool:

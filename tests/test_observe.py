@@ -414,7 +414,7 @@ def test_text_format_is_one_readable_line():
     assert line == (
         "2025-01-01T00:00:00.000Z POST /v1/chat/completions 200 request_id=abc route=qwen-chat "
         'model="qwen 2" upstream=http://127.0.0.1:8019/v1/completions duration_ms=12.5 ttfb_ms=3.25 '
-        "bytes_out=42 streamed=true disconnected=false error=- prompt_tokens=- completion_tokens=- client=- user_agent=-"
+        "bytes_out=42 streamed=true disconnected=false error=- prompt_tokens=- completion_tokens=- client=- user_agent=- key=- ttft_ms=- tpot_ms=-"
     )
     other = observe.JsonFormatter().format(logging.makeLogRecord({"msg": "hello %s", "args": ("you",), "name": "x"}))
     assert json.loads(other)["message"] == "hello you"
@@ -474,3 +474,79 @@ def test_a_crash_before_the_answer_is_counted_once(upstream, routes_dir, access_
     # The error log names the exception and where it was raised, not its message (which could carry a secret).
     assert "internal error on route" in caplog.text and "RuntimeError at" in caplog.text
     assert "adapter bug" not in caplog.text and "adapter bug" not in r.text
+
+
+# --- operator polish: LLM latency, error sizes, content type, reloads --------------------------
+
+
+def test_streams_report_time_to_first_token_and_per_output_token(upstream, routes_dir, access_lines):
+    name = unique("llm")
+    folder = routes_dir(a=f"""
+        name: {name}
+        path: /v1/chat/completions
+        models: [qwen]
+        adapter: chat-to-completions
+        upstream: {upstream.url}/v1/completions
+    """)
+    # 5 tokens (the mock counts words), one event each, 40 ms apart: 4 gaps after the first.
+    hdrs = {"x-mock-text": "one two three four five", "x-mock-events": "5", "x-mock-interval-ms": "40"}
+    chat = {"model": "qwen", "messages": [{"role": "user", "content": "hi"}]}
+    with run_app(create_app(RouteTable.from_dir(folder))) as base:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**chat, "stream": True}, headers=hdrs) as r:
+            assert r.status_code == 200 and b"[DONE]" in r.read()
+        assert httpx.post(f"{base}/v1/chat/completions", json=chat).status_code == 200
+        m = scrape(base)
+    streamed, whole = access_lines()
+    assert streamed["streamed"] and streamed["completion_tokens"] == 5
+    assert 0 < streamed["ttft_ms"] < 40 <= streamed["duration_ms"]  # the first event comes at once
+    assert 30 <= streamed["tpot_ms"] < 200  # ~40 ms between tokens, on a busy 2-core machine
+    assert whole["ttft_ms"] is None and whole["tpot_ms"] is None  # only streams have a first token
+    assert val(m, "llmproxy_time_to_first_token_seconds_count", route=name, model="qwen") == 1
+    assert val(m, "llmproxy_time_per_output_token_seconds_count", route=name, model="qwen") == 1
+    assert val(m, "llmproxy_time_per_output_token_seconds_bucket", route=name, model="qwen", le="0.025") == 0
+    assert val(m, "llmproxy_time_per_output_token_seconds_bucket", route=name, model="qwen", le="0.2") == 1
+
+
+def test_error_answers_count_their_bytes(upstream, routes_dir, access_lines):
+    folder = routes_dir(a=f"""
+        path: /v1/completions
+        models: [qwen]
+        upstream: {upstream.url}/v1/completions
+    """)
+    with run_app(create_app(RouteTable.from_dir(folder))) as base:
+        answers = [
+            httpx.post(f"{base}/v1/nowhere", json={}),  # 404 from Litestar's router
+            httpx.post(f"{base}/v1/completions", json={"model": "llama"}),  # 404 model_not_found from the gate
+            httpx.post(f"{base}/v1/completions", content=b"{not json"),  # 400 invalid_json
+            httpx.post(f"{base}/v1/completions", json={"model": "qwen"}, headers={"x-mock-status": "503"}),
+        ]
+    lines = access_lines()
+    assert [line["status"] for line in lines] == [404, 404, 400, 503]
+    assert [line["bytes_out"] for line in lines] == [len(r.content) for r in answers]
+    assert all(line["bytes_out"] > 0 for line in lines)
+
+
+def test_metrics_content_type_names_its_charset_once(routes_dir, proxy_for):
+    base = proxy_for(routes_dir(a="path: /v1/completions\nupstream: http://127.0.0.1:9/v1/completions\n"))
+    content_type = httpx.get(f"{base}/metrics").headers["content-type"]
+    assert content_type.count("charset") == 1, content_type
+    assert content_type.startswith("text/plain; version=")
+
+
+def test_a_reload_drops_the_series_of_deleted_routes(upstream, routes_dir):
+    kept, gone = unique("kept"), unique("gone")
+    folder = routes_dir(
+        a=f"name: {kept}\npath: /v1/a\nupstream: {upstream.url}/v1/completions\n",
+        b=f"name: {gone}\npath: /v1/b\nupstream: {upstream.url}/v1/completions\n",
+    )
+    holder = TableHolder.load(folder)
+    with run_app(create_app(holder)) as base:
+        for path in ("/v1/a", "/v1/b"):
+            assert httpx.post(f"{base}{path}", json={"model": "m", "prompt": "hi"}).status_code == 200
+        before = scrape(base)
+        (folder / "b.yaml").unlink()
+        assert holder.reload() is True
+        after = scrape(base)
+    assert val(before, "llmproxy_requests_total", route=gone, model="other", status="200") == 1
+    assert not any(("route", gone) in labels for _, labels in after), "a deleted route's series stay"
+    assert val(after, "llmproxy_requests_total", route=kept, model="other", status="200") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import httpx
 import msgspec
@@ -82,8 +83,9 @@ def test_unknown_model_is_404_listing_what_the_path_serves(two, routes_dir, prox
     assert err["message"].endswith("available: alpha, alpha-*, beta-*")
     r = completions(base, None)
     assert r.status_code == 404 and "names no model" in r.json()["error"]["message"]
+    # A body that is not JSON is the client's mistake whatever the path: 400, not 404.
     r = httpx.post(f"{base}/v1/completions", content=b"not json")
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert not a.requests and not b.requests
 
 
@@ -138,11 +140,49 @@ def test_check_probe_shows_each_upstream_up_or_down(upstream, routes_dir, capsys
     folder = routes_dir(m=f"""
         path: /v1/completions
         upstream: [{upstream.url}/v1/completions, http://127.0.0.1:{dead}/v1/completions]
+        default_headers: {{Authorization: Bearer probe-key}}
     """)
-    assert cli(["check", "--routes", str(folder), "--probe"]) == 0
+    assert cli(["check", "--routes", str(folder), "--probe"]) == 4  # one upstream is down
     out = capsys.readouterr().out
-    assert f"{upstream.url}/v1/completions [up]" in out
+    assert re.search(re.escape(f"{upstream.url}/v1/completions [up: GET /v1/models 200 in ") + r"\d+ ms\]", out), out
     assert f"http://127.0.0.1:{dead}/v1/completions [down: connection refused]" in out
+    # A real HTTP request to the server's base, with the route's headers (a keyed vLLM wants them).
+    (probe,) = upstream.requests
+    assert (probe.method, probe.path) == ("GET", "/v1/models")
+    assert probe.headers.get("authorization") == "Bearer probe-key"
+
+    only_up = routes_dir(m=f"""
+        path: /v1/completions
+        upstream: {upstream.url}/v1/completions
+    """)
+    assert cli(["check", "--routes", str(only_up), "--probe"]) == 0
+
+
+def test_check_probe_reports_an_http_error_as_down(routes_dir, capsys):
+    """A port that answers, but not as a model server (here: a 503 to every request)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Down(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        folder = routes_dir(m=f"""
+            path: /v1/completions
+            upstream: http://127.0.0.1:{server.server_port}/v1/
+        """)
+        assert cli(["check", "--routes", str(folder), "--probe"]) == 4
+    finally:
+        server.shutdown()
+    assert f"[down: GET /v1/models 503 in " in capsys.readouterr().out
 
 
 def test_upstream_model_is_sent_upstream_and_hidden_from_the_client(upstream, routes_dir, proxy_for):
@@ -211,8 +251,9 @@ def test_v1_models_lists_declared_models_once(upstream, routes_dir, proxy_for):
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     doc = r.json()
     assert doc["object"] == "list"
+    # Concrete names only: a glob (`qwen2.5-*`) is not an id a client could pick.
     assert [(m["id"], m["owned_by"], m["object"]) for m in doc["data"]] == [
-        ("qwen", "a", "model"), ("qwen2.5-*", "a", "model"), ("llama", "b", "model"),
+        ("qwen", "a", "model"), ("llama", "b", "model"),
         ("c", "c", "model"),  # a fallback answers any name: listed under its route name
     ]
     assert all(isinstance(m["created"], int) for m in doc["data"])
@@ -223,13 +264,18 @@ def test_v1_models_lists_declared_models_once(upstream, routes_dir, proxy_for):
     import openai
 
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["qwen", "qwen2.5-*", "llama", "c"]
+    assert [m.id for m in client.models.list()] == ["qwen", "llama", "c"]
+    # One model: a listed name, a name a glob serves, any name when a fallback exists.
+    assert client.models.retrieve("qwen").owned_by == "a"
+    assert client.models.retrieve("qwen2.5-7b").owned_by == "a"
+    assert client.models.retrieve("anything").owned_by == "c"
+    assert client.models.retrieve("Qwen/Qwen2.5-7B").id == "Qwen/Qwen2.5-7B"  # ids carry slashes
 
     r = httpx.post(f"{base}/v1/models", json={})
     assert r.status_code == 405 and "error" in r.json()
     # The plain route must not shadow the catch-all for its neighbours (Litestar's trie does
     # not backtrack): both still get the proxy's own OpenAI-shaped answers.
-    r = httpx.get(f"{base}/v1/models/qwen")
+    r = httpx.get(f"{base}/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(f"{base}/v1/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
@@ -293,12 +339,12 @@ def test_pool_skips_down_upstreams_and_logs_recovery(caplog):
     assert [pool.pick() for _ in range(4)] == [a, b, c, a]
     pool.failed(b, "refused")
     pool.failed(b, "refused")  # a concurrent failure: one log line
-    assert [pool.pick() for _ in range(4)] == [c, c, a, c]  # b's turns go to the next healthy one
+    assert [pool.pick() for _ in range(4)] == [c, a, c, a]  # b's turns are shared evenly by a and c
     assert pool.next_after([a]) == c  # healthy first
     assert pool.next_after([c, a]) == b  # then the one sitting out, rather than nothing
     assert pool.next_after([a, b, c]) is None
     pool.succeeded(b)
-    assert [pool.pick() for _ in range(3)] == [c, a, b]  # b has its turn again
+    assert [pool.pick() for _ in range(3)] == [b, c, a]  # b has its turn again
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["upstream http://b of route 'r' marked down for 10s: refused",
                         "upstream http://b of route 'r' is back up"]
@@ -323,3 +369,49 @@ def test_model_is_read_only_when_a_path_has_a_choice(routes_dir):
     assert (route.name, model) == ("two", "m")  # handed on, so observation need not decode it again
     r, _ = table.match("POST", "/two", b'{"model": "m", "prompt": "' + b"x" * 100_000 + b'"}')
     assert r.name == "two"
+
+
+def test_v1_models_id_is_404_for_a_name_no_route_serves(upstream, routes_dir, proxy_for):
+    base = proxy_for(routes_dir(a=f"""
+        path: /v1/completions
+        models: ["llama-3*"]
+        upstream: {upstream.url}/v1/completions
+    """))
+    assert httpx.get(f"{base}/v1/models").json()["data"] == []  # a glob alone names no model
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve("llama-3-8b").id == "llama-3-8b"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("qwen")
+    assert info.value.code == "model_not_found"
+
+
+def test_v1_models_lists_what_a_glob_only_routes_upstream_serves(upstream, routes_dir, proxy_for):
+    """A glob names no model; the upstream's own /v1/models does. Listed: its ids that match the
+    glob and that this route would really serve (an earlier file may win one)."""
+    dead = free_port()
+    base = proxy_for(routes_dir(
+        a=f"""
+            path: /v1/chat/completions
+            models: [qwen2.5-72b]
+            upstream: {upstream.url}/v1/completions
+        """,
+        b=f"""
+            path: /v1/chat/completions
+            models: ["qwen2.5-*"]
+            upstream: {upstream.url}/v1/completions
+            default_headers: {{x-mock-models: "qwen2.5-7b, llama-3, qwen2.5-72b"}}
+        """,
+        c=f"""
+            path: /v1/completions
+            models: ["llama-*"]
+            upstream: http://127.0.0.1:{dead}/v1/completions
+        """,
+    ))
+    data = httpx.get(f"{base}/v1/models", timeout=10).json()["data"]
+    assert [(m["id"], m["owned_by"]) for m in data] == [("qwen2.5-72b", "a"), ("qwen2.5-7b", "b")]
+    (asked,) = upstream.requests  # once: the next list comes from the cache
+    assert (asked.method, asked.path) == ("GET", "/v1/models")
+    assert httpx.get(f"{base}/v1/models").json()["data"] == data
+    assert len(upstream.requests) == 1

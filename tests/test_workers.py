@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from servers import free_port
+from servers import free_port, stop, wait_ready
 
 
 def _requests_total(base: str, route: str) -> float:
@@ -42,16 +44,7 @@ def test_two_workers_share_one_port_and_their_metrics_add_up(upstream, routes_di
             stdout=stdout, stderr=stderr, env=env,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, "the workers did not start\n" + err.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_ready(proc, base, err)
         logs = _log_lines(err)
         (shared,) = [Path(line["message"].rsplit(" ", 1)[1]) for line in logs if "are summed through" in line["message"]]
         assert shared.is_dir()
@@ -82,3 +75,117 @@ def test_two_workers_share_one_port_and_their_metrics_add_up(upstream, routes_di
     access = [line for line in _log_lines(out)]
     assert len(access) == sent and {line["event"] for line in access} == {"access"}
     assert {line["status"] for line in access} == {200}
+
+
+@contextmanager
+def _workers(folder: Path, tmp_path: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """`serve --workers 2` over `folder`, ready; stopped (exit 0) at the end."""
+    port, err = free_port(), tmp_path / "stderr"
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--routes", str(folder), "--port", str(port), "--workers", "2",
+             *extra],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+        )  # fmt: skip
+    try:
+        wait_ready(proc, base, err)
+        yield proc, base, err
+    finally:
+        assert stop(proc) == 0
+
+
+def _wait(check, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def _statuses(base: str, path: str, n: int = 12) -> set[int]:
+    """Each on a fresh connection, so both workers answer some."""
+    return {httpx.post(f"{base}{path}", json={"model": "m", "prompt": "hi"}, timeout=5).status_code for _ in range(n)}
+
+
+def _all_ok(base: str, path: str) -> bool:
+    """Every one of a few fresh connections answered 200 (a connection the killed worker had
+    accepted may still fail while uvicorn replaces it)."""
+    try:
+        return _statuses(base, path, 16) == {200}
+    except httpx.TransportError:
+        return False
+
+
+def _messages(err: Path) -> list[str]:
+    return [line["message"] for line in _log_lines(err)]
+
+
+def _break_and_sighup(route_file: Path, proc: subprocess.Popen, err: Path) -> None:
+    route_file.write_text("path: /v1/a\nupstream: [not a url\n")
+    proc.send_signal(signal.SIGHUP)
+    _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
+
+
+def test_sighup_with_workers_reports_a_broken_file_once_and_keeps_serving(upstream, routes_dir, tmp_path):
+    good = f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n"
+    folder = routes_dir(a=good)
+    with _workers(folder, tmp_path) as (proc, base, err):
+        _break_and_sighup(folder / "a.yaml", proc, err)
+        time.sleep(1.5)  # room for a second report, or for uvicorn's restart of the workers, to show up
+        assert _statuses(base, "/v1/a") == {200}  # every worker keeps the previous table
+
+        (folder / "a.yaml").write_text(good)
+        (folder / "b.yaml").write_text(f"path: /v1/b\nupstream: {upstream.url}/v1/completions\n")
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: sum("routes reloaded from" in m and "route(s)" in m for m in _messages(err)) == 2, 15,
+              "both workers should reload")  # fmt: skip
+        assert _statuses(base, "/v1/b") == {200}
+        assert proc.poll() is None
+    text = err.read_text()
+    assert "Traceback" not in text and "aborting the restart" not in text, text
+    reports = [m for m in _messages(err) if "routes not reloaded" in m]
+    assert len(reports) == 1 and "a.yaml:3: yaml:" in reports[0], reports
+    assert not any(line["level"] == "error" and "routes not reloaded" not in line["message"] for line in _log_lines(err))
+
+
+def test_reload_with_workers_is_watched_once(upstream, routes_dir, tmp_path):
+    folder = routes_dir(a=f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n")
+    with _workers(folder, tmp_path, "--reload") as (proc, base, err):
+        (folder / "b.yaml").write_text("path: /v1/b\nupstream: {not a url\n")
+        _wait(lambda: any("routes not reloaded" in m for m in _messages(err)), 5, "the broken file was not reported")
+        (folder / "b.yaml").write_text(f"path: /v1/b\nupstream: {upstream.url}/v1/completions\n")
+        _wait(lambda: _statuses(base, "/v1/b", 6) == {200}, 10, "the fixed file was not picked up by every worker")
+    assert len([m for m in _messages(err) if "routes not reloaded" in m]) == 1
+    assert "Traceback" not in err.read_text()
+
+
+def _workers_of(pid: int) -> set[int]:
+    """uvicorn's worker processes (multiprocessing `spawn` children), not its resource tracker."""
+    out = set()
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            out.add(int(child))
+    return out
+
+
+def test_a_worker_replaced_while_a_file_is_broken_serves_the_last_good_table(upstream, routes_dir, tmp_path):
+    """uvicorn replaces a worker that dies; with a broken file the newcomer serves the table the
+    others serve instead of failing to start (and uvicorn restarting it over and over)."""
+    folder = routes_dir(a=f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n")
+    with _workers(folder, tmp_path) as (proc, base, err):
+        _break_and_sighup(folder / "a.yaml", proc, err)
+        before = _workers_of(proc.pid)
+        assert len(before) >= 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)  # a worker of the server this test started
+        _wait(lambda: any("serving the last table that loaded" in m for m in _messages(err)), 30,
+              "no replacement worker started")  # fmt: skip
+        _wait(lambda: len(_workers_of(proc.pid) - before) == 1, 30, "the worker was not replaced")
+        _wait(lambda: _all_ok(base, "/v1/a"), 15, "the replacement does not serve the last good table")
+        time.sleep(1)
+        assert sum("serving the last table that loaded" in m for m in _messages(err)) == 1  # no restart loop

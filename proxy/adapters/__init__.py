@@ -33,6 +33,14 @@ def make_adapter(config: RouteConfig) -> Adapter:
         from .chat_completions import ChatToCompletions
 
         return ChatToCompletions(config)
+    if config.adapter == "messages-to-completions":
+        from .messages import MessagesToCompletions
+
+        return MessagesToCompletions(config)
+    if config.adapter == "responses-to-completions":
+        from .responses import ResponsesToCompletions
+
+        return ResponsesToCompletions(config)
     from .passthrough import Passthrough
 
     return Passthrough(config)

@@ -134,6 +134,10 @@ class CompletionChoice(msgspec.Struct):
     finish_reason: str | None = None
     # Left undecoded: only requests that asked for logprobs pay for them.
     logprobs: msgspec.Raw = msgspec.Raw(b"null")
+    # The stop string (or token id) that ended the choice: vLLM's `stop_reason`
+    # (vllm/entrypoints/openai/protocol.py CompletionResponseChoice), SGLang's `matched_stop`.
+    stop_reason: str | int | None = None
+    matched_stop: str | int | None = None
 
 
 class Completion(msgspec.Struct):

@@ -198,10 +198,11 @@ def _tools(gen: Generation) -> tuple[list[dict[str, Any]] | None, bool]:
 class _Choice:
     """One choice's text as it streams in, split into reasoning, content and calls."""
 
-    __slots__ = ("index", "stop", "think", "tools", "calls", "seen", "finished")
+    __slots__ = ("index", "stop", "think", "tools", "calls", "seen", "finished", "client_stops")
 
     def __init__(self, turn: Turn, index: int) -> None:
         self.index = index
+        self.client_stops = turn.gen.stop
         self.stop = StopFilter(turn.core.stops)
         self.think = think.ThinkSplitter(turn.prefilled) if turn.core.reasoning else None
         self.tools = ToolCallSplitter() if turn.parse_tools else None
@@ -209,8 +210,10 @@ class _Choice:
         self.seen = False
         self.finished = False
 
-    def events(self, text: str, finish: str | None, lp: msgspec.Raw, out: list[Event]) -> None:
-        """Append the events that `text` (and the end, when `finish` is set) decide."""
+    def events(self, text: str, finish: str | None, lp: msgspec.Raw, out: list[Event],
+               matched: str | int | None = None) -> None:
+        """Append the events that `text` (and the end, when `finish` is set) decide. `matched` is the
+        upstream's report of the stop string that ended it (vLLM `stop_reason`, SGLang `matched_stop`)."""
         end = finish is not None
         if self.seen and not end and self.think is None and self.tools is None:  # the hot path: plain text
             text = self.stop.feed(text)
@@ -230,7 +233,8 @@ class _Choice:
             self._split(text, end, first, lp, out)
         if end:
             reason = "tool_calls" if self.calls and finish in ("stop", None) else finish
-            out.append(Finish(self.index, reason or "stop"))
+            stop = matched if isinstance(matched, str) and self.client_stops and matched in self.client_stops else None
+            out.append(Finish(self.index, reason or "stop", stop))
 
     def _split(self, text: str, end: bool, first: bool, lp: msgspec.Raw, out: list[Event]) -> None:
         reasoning = ""
@@ -345,7 +349,7 @@ class Turn:
                 state = states.get(c.index)
                 if state is None:
                     state = states[c.index] = _Choice(self, c.index)
-                state.events(c.text, c.finish_reason, c.logprobs, out)
+                state.events(c.text, c.finish_reason, c.logprobs, out, c.stop_reason or c.matched_stop)
             if ev.usage is not None:
                 self.usage = (ev.usage.prompt_tokens, ev.usage.completion_tokens)
         return out, None
@@ -370,7 +374,7 @@ class Turn:
         out: list[Event] = [Start(doc.id, doc.created or int(time.time()))]
         self._started = True
         for c in sorted(doc.choices, key=lambda c: c.index):
-            _Choice(self, c.index).events(c.text, c.finish_reason or "stop", c.logprobs, out)
+            _Choice(self, c.index).events(c.text, c.finish_reason or "stop", c.logprobs, out, c.stop_reason or c.matched_stop)
         if doc.usage is not None:
             self.usage = (doc.usage.prompt_tokens, doc.usage.completion_tokens)
             out.append(Usage(*self.usage))
@@ -381,6 +385,7 @@ class Turn:
         dec = sse.SSEDecoder()
         texts: dict[int, list[str]] = {}
         finish: dict[int, str | None] = {}
+        matched: dict[int, str | int | None] = {}
         lps: dict[int, list[Any]] = {}
         first: Completion | None = None
         usage = None
@@ -399,9 +404,10 @@ class Turn:
                 texts.setdefault(c.index, []).append(c.text)
                 if c.finish_reason is not None:
                     finish[c.index] = c.finish_reason
+                    matched[c.index] = c.stop_reason or c.matched_stop
                 if logprobs:
                     lps.setdefault(c.index, []).append(c.logprobs)
-        choices = [CompletionChoice("".join(t), i, finish.get(i)) for i, t in texts.items()]
+        choices = [CompletionChoice("".join(t), i, finish.get(i), stop_reason=matched.get(i)) for i, t in texts.items()]
         if logprobs:
             for c in choices:
                 c.logprobs = msgspec.Raw(_merge_logprobs(lps.get(c.index, [])))

@@ -1,0 +1,93 @@
+"""`GET /v1/models`: the table's concrete names, plus what glob-only routes' upstreams serve.
+
+A route whose `models` are all globs (`models: ["Qwen/*"]`) names no model a client
+could pick; its upstream knows which ones it serves. So the list asks each such
+upstream's own `GET /v1/models` (the route's default headers, a short timeout, the
+answer cached for `TTL` seconds) and lists the ids that match the route's globs and
+that the table would really route to it. Routes with `upstream_model` are skipped:
+their upstream's ids are not names clients send. A table without glob-only routes is
+answered from the bytes built with it, with no network at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from .routes import Route, RouteTable, _ModelEntry, _ModelList, is_glob
+from .upstreams import models_url
+
+log = logging.getLogger("llmproxy.catalog")
+
+TTL = 60.0  # seconds an upstream's model list is reused
+TIMEOUT = 2.0  # seconds to wait for an upstream's list; the answer never waits longer
+
+
+class _Upstream(msgspec.Struct):
+    id: Any = None
+
+
+class _UpstreamList(msgspec.Struct):
+    data: list[_Upstream] = []
+
+
+_cache: dict[str, Any] = {"table": None, "at": 0.0, "body": b""}
+
+
+def learners(table: RouteTable) -> list[Route]:
+    """Routes whose names can only be learned from their upstream."""
+    return [r for r in table.routes if r.models and all(is_glob(g) for g in r.models) and not r.config.upstream_model]
+
+
+async def models_json(table: RouteTable, session: aiohttp.ClientSession | None,
+                      may_use: Callable[[str], bool] | None = None) -> bytes:
+    """The list; `may_use` (keys on) keeps only the routes the caller's key may use."""
+    routes = [r for r in learners(table) if may_use is None or may_use(r.name)]
+    if not routes or session is None:
+        return table.models_json if may_use is None else table.models_json_for(may_use)
+    now = time.monotonic()
+    if may_use is None and _cache["table"] is table and now - _cache["at"] < TTL:
+        return _cache["body"]  # type: ignore[no-any-return]
+    found = await asyncio.gather(*(_ids(session, r) for r in routes))
+    entries = table.model_entries(may_use)
+    for route, ids in zip(routes, found):
+        for name in ids:
+            if name not in entries and _routes_to(table, route, name):
+                entries[name] = _ModelEntry(id=name, owned_by=route.name, created=table.created)
+    body = msgspec.json.encode(_ModelList(data=list(entries.values())))
+    if may_use is None:
+        _cache.update(table=table, at=now, body=body)
+    return body
+
+
+def _routes_to(table: RouteTable, route: Route, name: str) -> bool:
+    """Whether a request for `name` on the route's path would be served by `route` (an
+    earlier file's glob may win it)."""
+    body = msgspec.json.encode({"model": name})
+    try:
+        return all(table.match(m, route.config.path, body)[0] is route for m in route.config.methods)
+    except Exception:  # noqa: BLE001 - a name no route serves on that path
+        return False
+
+
+async def _ids(session: aiohttp.ClientSession, route: Route) -> list[str]:
+    url = models_url(route.upstreams[0])
+    hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in route.defaults}
+    try:
+        async with session.get(url, headers=hdrs, allow_redirects=False,
+                               timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as response:  # fmt: skip
+            if response.status != 200:
+                log.info("route %r: %s answered %d; its models are not listed", route.name, url, response.status)
+                return []
+            doc = msgspec.json.decode(await response.read(), type=_UpstreamList)
+    except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
+        log.info("route %r: cannot list the models of %s (%s); its models are not listed",
+                 route.name, url, type(exc).__name__)  # fmt: skip
+        return []
+    return [m.id for m in doc.data if isinstance(m.id, str) and route.serves(m.id)]

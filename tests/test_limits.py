@@ -1,0 +1,183 @@
+"""Concurrency limits with a bounded FIFO queue (`limits:` on a route, `max_concurrent` on a key),
+against a real mock upstream that counts how many requests it serves at once."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.keys import KeysHolder
+
+SLOW = {"x-mock-stall-ms": "1000"}  # each request holds the upstream for a second
+BODY = {"model": "m", "prompt": "hi", "max_tokens": 3}
+
+
+def gauge(metrics: str, name: str, limit: str) -> float:
+    m = re.search(rf'^{name}\{{kind="route",name="{limit}"\}} (\S+)$', metrics, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.fixture
+def limited(routes_dir, upstream, proxy_for):
+    def start(limits: str, **kw: object) -> str:
+        upstream.mock.track_peak = True
+        return proxy_for(routes_dir(slow=f"""
+            path: /v1/completions
+            upstream: {upstream.url}/v1/completions
+            limits: {limits}
+        """), **kw)
+
+    return start
+
+
+async def _post_many(url: str, n: int, headers: dict[str, str], timeout: float = 20) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=n)) as client:
+        return await asyncio.gather(*(client.post(url, json=BODY, headers=headers) for _ in range(n)))
+
+
+def test_two_in_flight_two_queued_the_rest_429_and_the_queued_ones_complete(limited, upstream):
+    base = limited("{max_concurrent: 2, queue: 2, queue_timeout: 10}")
+
+    async def run() -> tuple[list[httpx.Response], str]:
+        task = asyncio.ensure_future(_post_many(f"{base}/v1/completions", 10, SLOW))
+        await asyncio.sleep(0.5)  # all ten have arrived; the first two are at the upstream
+        async with httpx.AsyncClient() as c:
+            metrics = (await c.get(f"{base}/metrics")).text
+        return await task, metrics
+
+    start = time.monotonic()
+    responses, metrics = asyncio.run(run())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 4 + [429] * 6
+    assert upstream.mock.peak_busy == 2  # never more than two at the upstream
+    assert len(upstream.requests) == 4
+    assert gauge(metrics, "llmproxy_limit_in_flight", "slow") == 2
+    assert gauge(metrics, "llmproxy_limit_queued", "slow") == 2
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "10"
+            err = r.json()["error"]
+            assert err["code"] == "rate_limit_exceeded"
+            assert "route 'slow' is at its limit: 2 request(s) in flight, 2 queued" in err["message"]
+    assert 1.9 < time.monotonic() - start < 6  # the queued pair ran after the first pair: two rounds of 1 s
+    after = httpx.get(f"{base}/metrics").text
+    assert gauge(after, "llmproxy_limit_in_flight", "slow") == 0 and gauge(after, "llmproxy_limit_queued", "slow") == 0
+    assert 'llmproxy_limit_rejections_total{kind="route",name="slow",reason="queue_full"}' in after
+
+
+def test_a_wait_longer_than_queue_timeout_is_answered_429(limited, upstream):
+    base = limited("{max_concurrent: 1, queue: 5, queue_timeout: 0.3}")
+    start = time.monotonic()
+    responses = asyncio.run(_post_many(f"{base}/v1/completions", 2, SLOW))
+    assert sorted(r.status_code for r in responses) == [200, 429]
+    refused = next(r for r in responses if r.status_code == 429)
+    assert "no free slot on route 'slow' within 0.3 s (limits queue_timeout)" in refused.json()["error"]["message"]
+    assert refused.headers["retry-after"] == "1"
+    assert time.monotonic() - start < 3
+
+
+def test_a_queued_client_that_leaves_frees_its_place_at_once(limited, upstream):
+    base = limited("{max_concurrent: 1, queue: 1, queue_timeout: 10}")
+    url = f"{base}/v1/completions"
+
+    async def run() -> tuple[int, str]:
+        async with httpx.AsyncClient(timeout=10) as c:
+            first = asyncio.ensure_future(c.post(url, json=BODY, headers={"x-mock-stall-ms": "1500"}))
+            await asyncio.sleep(0.2)
+            with pytest.raises(httpx.ReadTimeout):  # queued, then gives up
+                await c.post(url, json=BODY, timeout=0.3)
+            await asyncio.sleep(0.1)
+            metrics = (await c.get(f"{base}/metrics")).text
+            third = await c.post(url, json=BODY)  # takes the freed place in the queue, not a 429
+            assert (await first).status_code == 200
+            return third.status_code, metrics
+
+    status, metrics = asyncio.run(run())
+    assert status == 200
+    assert gauge(metrics, "llmproxy_limit_queued", "slow") == 0
+    assert len(upstream.requests) == 2  # the one that left never reached the upstream
+
+
+def test_a_stream_holds_its_slot_until_its_last_byte(limited, upstream):
+    base = limited("{max_concurrent: 1}")
+    url = f"{base}/v1/completions"
+    with httpx.Client(timeout=10) as c:
+        with c.stream("POST", url, json={**BODY, "stream": True}, headers={"x-mock-hold": "s1"}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")  # the stream has begun
+            r = c.post(url, json=BODY)
+            assert r.status_code == 429 and r.headers["retry-after"] == "30"
+            upstream.release("s1")
+            assert "data: [DONE]" in list(lines)
+        assert c.post(url, json=BODY).status_code == 200  # the slot came back with the stream's end
+
+
+def test_a_keys_max_concurrent_limits_that_key_only(completions_route, proxy_for, tmp_path: Path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - name: alice\n    key: sk-alice-1\n    max_concurrent: 1\n  - name: ci\n    key: sk-ci-1\n")
+    base = proxy_for(completions_route, keys=KeysHolder.load(keys))
+    url = f"{base}/v1/completions"
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=10) as c:
+            return await asyncio.gather(
+                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-alice-1"}),
+                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-alice-1"}),
+                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-ci-1"}),
+                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-ci-1"}),
+            )
+
+    alice1, alice2, ci1, ci2 = asyncio.run(run())
+    assert sorted([alice1.status_code, alice2.status_code]) == [200, 429]
+    assert ci1.status_code == ci2.status_code == 200
+    refused = alice1 if alice1.status_code == 429 else alice2
+    assert "key 'alice' is at its limit" in refused.json()["error"]["message"]
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'llmproxy_limit_rejections_total{kind="key",name="alice",reason="queue_full"}' in metrics
+
+
+def test_limits_are_validated_like_any_route_field(completions_route, upstream):
+    from proxy.errors import ConfigError
+    from proxy.routes import RouteTable
+
+    folder = completions_route
+    (folder / "r.yaml").write_text(f"path: /v1/completions\nupstream: {upstream.url}\nlimits: {{max_concurrent: 0}}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:3: limits.max_concurrent: must be at least 1"):
+        RouteTable.from_dir(folder)
+
+
+def test_the_queue_is_first_in_first_out_and_a_raised_limit_admits_waiters_at_once():
+    from proxy.limits import Limiter
+
+    async def never() -> dict[str, str]:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def run() -> list[str]:
+        lim = Limiter("route", "unit-fifo", 1, 3, 10)
+        order: list[str] = []
+        assert await lim.acquire(never)
+
+        async def wait(name: str) -> None:
+            assert await lim.acquire(never)
+            order.append(name)
+
+        tasks = []
+        for name in ("b", "c", "d"):
+            tasks.append(asyncio.ensure_future(wait(name)))
+            await asyncio.sleep(0.01)  # queued in this order
+        assert lim.try_acquire() is False  # no overtaking the queue
+        lim.release()
+        await asyncio.sleep(0.01)
+        assert order == ["b"]
+        lim.configure(3, 3, 10)  # a reload raised the limit: both remaining waiters go now
+        await asyncio.gather(*tasks)
+        assert order == ["b", "c", "d"] and lim.active == 3
+        return order
+
+    asyncio.run(run())
