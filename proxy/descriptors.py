@@ -23,7 +23,7 @@ import logging
 import os
 import resource
 
-from .errors import OutOfDescriptors, OutOfSlots
+from .errors import ProcessLimit
 
 log = logging.getLogger("llmproxy")
 
@@ -96,24 +96,26 @@ class UpstreamSlots:
     def give(self) -> None:
         self.busy -= 1
 
-    def refusal(self, route: str) -> OutOfSlots:
-        return OutOfSlots(
+    def refusal(self, route: str) -> ProcessLimit:
+        return ProcessLimit(
             f"the proxy holds its limit of {self.limit} upstream connections (--max-upstream-connections); "
             f"request for route {route!r} not forwarded: retry shortly, or raise the limit or add replicas",
+            code="upstream_connections_exhausted",
             headers={"retry-after": "1"},
         )
 
 
-def from_exhaustion(exc: BaseException, route: str) -> OutOfDescriptors | None:
+def from_exhaustion(exc: BaseException, route: str) -> ProcessLimit | None:
     """The 503 for an upstream connect that failed for want of descriptors, else None."""
     os_error = getattr(exc, "os_error", exc)
     if not isinstance(os_error, OSError) or os_error.errno not in (errno.EMFILE, errno.ENFILE):
         return None
     which = "this process's open-file limit" if os_error.errno == errno.EMFILE else "the system's file table"
-    return OutOfDescriptors(
+    return ProcessLimit(
         f"the proxy ran out of file descriptors ({which}, soft RLIMIT_NOFILE {open_files()}) connecting upstream "
         f"for route {route!r}: raise the limit (ulimit -n, LimitNOFILE=, the container's nofile) or lower "
         "--max-upstream-connections",
+        code="out_of_file_descriptors",
         headers={"retry-after": "1"},
     )
 

@@ -119,20 +119,12 @@ class ShuttingDown(ProxyError):
     code = "shutting_down"
 
 
-class OutOfSlots(ProxyError):
-    """Refused at once: the process holds `--max-upstream-connections` upstream requests (descriptors.py)."""
+class ProcessLimit(ProxyError):
+    """This process is at one of its own limits (descriptors.py): `--max-upstream-connections`
+    (`upstream_connections_exhausted`) or its open files (`out_of_file_descriptors`)."""
 
     status = 503
     type = "server_error"
-    code = "upstream_connections_exhausted"
-
-
-class OutOfDescriptors(ProxyError):
-    """The process ran out of file descriptors (EMFILE/ENFILE) opening an upstream connection."""
-
-    status = 503
-    type = "server_error"
-    code = "out_of_file_descriptors"
 
 
 class InternalError(ProxyError):
