@@ -42,11 +42,16 @@ timeout: {{connect: 5, read: 60}}
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the process (all its threads), fields 14 and 15 of /proc/PID/stat."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the process in seconds: user space (Python) and the kernel (syscalls, TCP)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # The command name (field 2) may hold spaces; the fields after it are fixed.
     fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_mib(pid: int) -> float:
@@ -55,6 +60,56 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants (uvicorn's workers under `--workers N`)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and its live descendants."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            pass
+    return total
+
+
+def tree_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of `pid` and its live descendants."""
+    user = system = 0.0
+    for p in tree(pid):
+        try:
+            u, s = cpu_split(p)
+        except OSError:
+            continue
+        user += u
+        system += s
+    return user, system
+
+
+def tree_rss(pid: int) -> float:
+    """RSS (MiB) of `pid` and its live descendants."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            total += rss_mib(p)
+        except (OSError, RuntimeError):
+            pass
+    return total
 
 
 def free_port() -> int:
@@ -84,10 +139,11 @@ class Child:
         return self.proc.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU seconds of the process and its workers, if any."""
+        return tree_cpu(self.pid)
 
     def rss(self) -> float:
-        return rss_mib(self.pid)
+        return tree_rss(self.pid)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -164,8 +220,10 @@ def _check_chat(python: str, env: dict[str, str], src: Path, folder: Path) -> st
 
 
 @contextmanager
-def start(src: Path, python: str = sys.executable, chat: bool = True) -> Iterator[Stack]:
-    """Start the mock upstream and the proxy (`src` holds the `proxy` package); stop both on exit."""
+def start(src: Path, python: str = sys.executable, chat: bool = True, serve_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """Start the mock upstream and the proxy (`src` holds the `proxy` package); stop both on exit.
+
+    `serve_args`: more `llmproxy serve` options (`--workers 2`)."""
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmproxy-bench-")))
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
@@ -190,7 +248,7 @@ def start(src: Path, python: str = sys.executable, chat: bool = True) -> Iterato
 
         proxy_port = free_port()
         proxy = _spawn("proxy", [python, "-m", "proxy", "serve", "--routes", str(routes), "--host", HOST,
-                                 "--port", str(proxy_port), "--log-level", "warning"], env, src, tmp)
+                                 "--port", str(proxy_port), "--log-level", "warning", *serve_args], env, src, tmp)
         stack.callback(proxy.stop)
         _wait_ready(proxy, proxy_port, "/readyz")
         yield Stack(mock, mock_port, proxy, proxy_port, chat_missing, src)

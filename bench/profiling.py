@@ -95,6 +95,8 @@ def main(args: argparse.Namespace, src: Path) -> int:
     outdir = ROOT / "bench/results/profile"
     outdir.mkdir(parents=True, exist_ok=True)
     vias = [v for v in args.via.split(",") if v and v != "direct"]
+    if args.scale:
+        return scale_profile(args, src, vias, outdir)
     text: list[str] = []
     with procs.start(src, chat="chat" in vias) as stack:
         live = [v for v in vias if v != "chat" or stack.chat_missing is None]
@@ -127,3 +129,36 @@ def main(args: argparse.Namespace, src: Path) -> int:
     print(f"written: {outdir}/ (collapsed stacks: feed them to flamegraph.pl or speedscope)")
     return 0
 
+
+
+def scale_profile(args: argparse.Namespace, src: Path, vias: list[str], outdir: Path) -> int:
+    """`--profile --scale`: py-spy on the proxy while the first `--streams` N slow streams are open."""
+    import scale
+
+    n = int(args.streams.split(",")[0])
+    text: list[str] = []
+    serve_args = tuple(args.serve_args.split()) if args.serve_args else ()
+    with procs.start(src, python=args.python, chat="chat" in vias, serve_args=serve_args) as stack:
+        for via in [v for v in vias if v != "chat" or stack.chat_missing is None]:
+            name = f"{via}-scale-{n}"
+            raw = outdir / f"{name}.txt"
+            # Record the middle of the 10 s streams: all open, past the connect burst.
+            start, length = (scale.STEADY[0] + 0.5, scale.STEADY[1] - scale.STEADY[0]) if not args.ramp else (0.4, 2.0)
+            name += "-ramp" if args.ramp else ""
+            raw = outdir / f"{name}.txt"
+            timer = threading.Timer(start, lambda: box.append(record(stack.proxy.pid, length, raw, native=args.native)))
+            box: list[subprocess.Popen[bytes]] = []
+            timer.start()
+            row = scale.scenario(stack, via, n, args.clients, args.python)
+            timer.join()
+            _, err = box[0].communicate(timeout=60)
+            if box[0].returncode != 0 or not raw.exists():
+                print(f"py-spy failed on {name}: {err.decode(errors='replace').strip()}", file=sys.stderr)
+                return 1
+            text.append(render(name, summarize(raw.read_text())) +
+                        f"\n  (unprofiled figures are not valid here; completed {row['completed']}/{n})")
+            print(text[-1], flush=True)
+            threading.Event().wait(scale.SETTLE_S)
+    (outdir / "summary-scale.txt").write_text("\n\n".join(text) + "\n")
+    print(f"written: {outdir}/")
+    return 0

@@ -261,16 +261,33 @@ def _value(key: str, v: Any) -> str:
     return format(v, ".3g") if isinstance(v, float) else str(v)
 
 
-def render(report: dict[str, Any]) -> str:
-    m = report["meta"]
-    out = [
-        f"llmproxy bench  {m['date']}  commit {m['commit']}" + (f"  [{m['label']}]" if m["label"] else ""),
-        f"command: {m['command']}   ({m['seconds_per_scenario']} s per scenario)",
+def title(m: dict[str, Any], what: str) -> str:
+    """The first line of a report: what ran, when, on which commit."""
+    return f"llmproxy {what}  {m['date']}  commit {m['commit']}" + (f"  [{m['label']}]" if m["label"] else "")
+
+
+def columns(head: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[int, ...]) -> list[str]:
+    """Rows as aligned text: the `left` columns flush left, the others (figures) flush right."""
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    return ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+            for row in [head, *rows]]
+
+
+def preamble(m: dict[str, Any], what: str, command_note: str = "") -> list[str]:
+    """The report's first lines: what ran, when and where, with which versions."""
+    return [
+        title(m, what),
+        f"command: {m['command']}{command_note}",
         f"machine: {m['machine']['cpu']}, {m['machine']['cores']} cores, {m['machine']['mem_mib']} MiB, "
         f"Linux {m['machine']['kernel']}, load avg {m['machine']['loadavg_at_start']:.2f} at start",
         f"python {m['python']}  " + "  ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        f"load: non-stream {m['load_tools']['non-stream']}; stream {m['load_tools']['stream']}",
     ]
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["meta"]
+    out = preamble(m, "bench", f"   ({m['seconds_per_scenario']} s per scenario)")
+    out.append(f"load: non-stream {m['load_tools']['non-stream']}; stream {m['load_tools']['stream']}")
     if report.get("chat_missing"):
         out.append(f"chat route: n/a (chat adapter missing): {report['chat_missing']}")
     head = ("scenario", "via", "req/s", "p50 ms", "p99 ms", "+p50 ms", "ttfb p50", "ttfb p99", "events/s",
@@ -287,11 +304,9 @@ def render(report: dict[str, Any]) -> str:
             _f(r.get("events_per_s"), ".0f"), _f(r["proxy_us_per_req"], ".0f"), _f(r.get("proxy_us_per_event"), ".1f"),
             _f(r["mock_us_per_req"], ".0f"), str(r["errors"]),
         ))
-    widths = [max(len(row[i]) for row in [head, *table]) for i in range(len(head))]
-    for row in [head, *table]:
-        out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    out += columns(head, table, left=(0, 1))
     for scenario, via, reason in skipped:
-        out.append(f"{scenario:<{widths[0]}}  {via:<{widths[1]}}  {reason}")
+        out.append(f"{scenario:<16}  {via:<11}  {reason}")
     rss = report.get("rss")
     if rss:
         out.append(f"proxy RSS: idle {rss['idle_mib']:.1f} MiB, after 1k {rss['after_1000_mib']:.1f}, "
@@ -321,6 +336,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/latest.json", help="JSON output")
     p.add_argument("--profile", action="store_true", help="profile the proxy with py-spy instead of measuring")
     p.add_argument("--native", action="store_true", help="with --profile: sample C frames too (uvloop, httptools)")
+    p.add_argument("--scale", action="store_true",
+                   help="the scale scenario instead: N slow streams at once (bench/scale.py); writes scale.json")
+    p.add_argument("--streams", default="500,1000,2000,4000",
+                   help="with --scale: comma list of N (default 500,1000,2000,4000); with --profile: the first N")
+    p.add_argument("--ramp", action="store_true",
+                   help="with --profile --scale: record the first 2 s (streams starting) instead of the steady state")
+    p.add_argument("--clients", type=int, default=1, help="with --scale: load client processes (default 1)")
+    p.add_argument("--serve-args", default="", help="more `llmproxy serve` options, e.g. '--workers 2'")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds = 2.0
@@ -337,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         import profiling
 
         return profiling.main(args, src)
+    if args.scale:
+        import scale
+
+        return scale.main(args, src)
     use_wrk = wrkload.available() and not args.no_wrk
     if not use_wrk and not args.no_wrk:
         print("wrk not found: non-stream load uses the asyncio client (apt-get install wrk)", file=sys.stderr)

@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reload", action="store_true", help="watch the routes folder and swap in a new table on change")
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default: 1)")
     s.add_argument("--max-body-size", type=int, default=10 * 2**20, help="largest request body in bytes (default: 10 MiB)")
+    s.add_argument("--max-upstream-connections", type=int, default=0, metavar="N",
+                   help="upstream requests in flight per process; past it a request is refused at once with a 503 "
+                   "(default 0: as many as the open-file limit leaves room for, two descriptors per stream)")
+    s.add_argument("--backlog", type=int, default=4096,
+                   help="pending connections the listening socket queues (default 4096; the kernel caps it at "
+                   "net.core.somaxconn)")
     s.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, stop accepting and let running responses finish for this long, "
                    "then cut them (default: 30)")
@@ -251,6 +257,10 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
     if args.grace_period < 0:
         print("llmproxy: --grace-period must be >= 0", file=sys.stderr)
         return EXIT_CONFIG
+    if args.max_upstream_connections < 0:
+        print("llmproxy: --max-upstream-connections must be >= 0 (0: sized from the open-file limit)", file=sys.stderr)
+        return EXIT_CONFIG
+    os.environ["LLMPROXY_MAX_UPSTREAM_CONNECTIONS"] = str(args.max_upstream_connections)
     # Before `observe` is imported anywhere: prometheus-client picks its mode on import.
     own_dir = metrics_dir(args.workers)
     from . import observe
@@ -261,6 +271,7 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         logging.getLogger("llmproxy").info(
             "metrics of %d worker(s) are summed through %s", args.workers, os.environ[observe.MULTIPROC_ENV]
         )
+    _log_capacity(args.max_upstream_connections, args.workers)
     if not args.keys and not is_loopback(args.host):
         logging.getLogger("llmproxy").warning(
             "serving on %s without --keys: anyone who reaches this address uses the upstreams with the routes' "
@@ -279,6 +290,7 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         log_config=log_config,
         log_level=args.log_level,
         timeout_graceful_shutdown=args.grace_period,
+        backlog=args.backlog,
     )
     try:
         if args.workers > 1:
@@ -291,6 +303,22 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
     return 0
+
+
+def _log_capacity(max_upstream: int, workers: int) -> None:
+    """Raise the open-file limit (workers inherit it) and say what one process can hold."""
+    import logging
+
+    from . import descriptors
+
+    before, after, hard = descriptors.raise_open_files()
+    limit = max_upstream or descriptors.default_connections(after)
+    how = "--max-upstream-connections" if max_upstream else "sized from the open-file limit"
+    raised = f"raised from {before} to {after}" if after != before else f"{after}"
+    logging.getLogger("llmproxy").info(
+        "open files: soft limit %s (hard %s); upstream connections: at most %d per process (%s), %d process(es)",
+        raised, "unlimited" if hard == -1 else hard, limit, how, workers,
+    )
 
 
 def is_loopback(host: str) -> bool:

@@ -3,7 +3,9 @@
 Starts the mock upstream and the proxy (uvicorn) on ephemeral loopback ports
 over the shipped `routes.d/` with `QWEN_BASE_URL` pointed at the mock, streams
 one chat answer with the official `openai` client printing the deltas as they
-arrive, shows a tool-call round trip, then shuts both down. Every route's
+arrive, shows a tool-call round trip, a streamed Anthropic Messages answer with
+a tool call (the `anthropic` SDK, as Claude Code) and a streamed OpenAI
+Responses answer (as Codex), then shuts both down. Every route's
 upstream is checked to be on loopback before anything is sent, so the
 shipped default address is never reached.
 """
@@ -135,6 +137,37 @@ def run(routes: Path, pace_ms: int = 60) -> None:
             final = client.chat.completions.create(model="qwen", messages=messages, tools=tools,
                                                    extra_headers={"x-mock-text-json": reply})
             _say(f"   after the tool result: {final.choices[0].message.content}")
+
+            _say("\n3) Anthropic Messages (Claude Code, the anthropic SDK): POST /v1/messages, streamed")
+            import anthropic
+
+            claude = anthropic.Anthropic(base_url=base, api_key="demo", max_retries=0, timeout=_TIMEOUT)
+            with claude.messages.stream(
+                model="qwen", max_tokens=256, messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+                tools=[{"name": "get_weather", "description": "Current weather in a city",
+                        "input_schema": tools[0]["function"]["parameters"]}],
+                extra_headers={"x-mock-text-json": json.dumps("Let me look.\n" + scripted),
+                               "x-mock-interval-ms": str(pace_ms)},
+            ) as events:
+                _say("   events: ", end="")
+                for ev in events:
+                    if ev.type in ("content_block_start", "message_delta", "message_stop"):
+                        _say(f"[{ev.type}]", end="")
+                msg = events.get_final_message()
+            blocks = ", ".join(f"{b.type}({b.input if b.type == 'tool_use' else b.text!r})" for b in msg.content)
+            _say(f"\n   content: {blocks}; stop_reason={msg.stop_reason}")
+
+            _say("\n4) OpenAI Responses (Codex, the Agents SDK): POST /v1/responses, streamed")
+            _say("   deltas: ", end="")
+            with client.responses.stream(
+                model="qwen", input="Say hello.", instructions="Be brief.",
+                extra_headers={"x-mock-text": "Hello from the Responses face.", "x-mock-interval-ms": str(pace_ms)},
+            ) as rstream:
+                for rev in rstream:
+                    if rev.type == "response.output_text.delta":
+                        _say(f"[{rev.delta}]", end="")
+                response = rstream.get_final_response()
+            _say(f"\n   status={response.status}, output_text={response.output_text!r}")
     _say("\ndone: both servers stopped.")
 
 

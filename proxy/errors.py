@@ -8,6 +8,7 @@ scrubbed of them before they are passed on.
 
 from __future__ import annotations
 
+import errno
 import re
 import traceback
 from urllib.parse import urlsplit
@@ -123,6 +124,14 @@ class ShuttingDown(ProxyError):
     status = 503
     type = "server_error"
     code = "shutting_down"
+
+
+class ProcessLimit(ProxyError):
+    """This process is at one of its own limits (descriptors.py): `--max-upstream-connections`
+    (`upstream_connections_exhausted`) or its open files (`out_of_file_descriptors`)."""
+
+    status = 503
+    type = "server_error"
 
 
 class InternalError(ProxyError):
@@ -385,7 +394,11 @@ def from_upstream(exc: Exception, route: Route, url: str) -> ProxyError:
         reason = _scrub(_os_reason(exc.os_error), route)
         return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: TLS with {where} failed: {reason}")
     if isinstance(exc, aiohttp.ClientConnectorError):
+        from .descriptors import from_exhaustion
+
         os_error = exc.os_error
+        if (ours := from_exhaustion(exc, name)) is not None:
+            return ours  # the proxy's own shortage, not the upstream's fault
         if isinstance(os_error, ConnectionRefusedError):
             return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: connection refused by {where}")
         reason = _scrub(_os_reason(os_error), route)
@@ -419,6 +432,8 @@ def connect_failure(exc: Exception) -> str | None:
 
     if isinstance(exc, aiohttp.ClientConnectorError):
         err = exc.os_error or exc
+        if getattr(err, "errno", None) in (errno.EMFILE, errno.ENFILE):
+            return None  # out of descriptors here: another upstream would fail the same, and this one is fine
         return f"{type(err).__name__}: {_os_reason(err)}"
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "connect timed out"

@@ -115,7 +115,8 @@ class MockUpstream:
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.base_events.Server:
         loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        # A backlog of thousands: the scale bench opens thousands of connections at once.
+        return await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True, backlog=4096)
 
 
 class _Connection(asyncio.Protocol):
@@ -128,6 +129,7 @@ class _Connection(asyncio.Protocol):
         self.body = bytearray()
         self.busy = False  # a request was received and its answer is not complete
         self.lost = asyncio.Event()
+        self._pause: asyncio.Future[None] | None = None  # a stall in progress, woken early by connection_lost
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -139,18 +141,30 @@ class _Connection(asyncio.Protocol):
         self.mock.connections.discard(self)
         self.busy = False
         self.lost.set()
+        if self._pause is not None:
+            _wake(self._pause)
 
     @property
     def closed(self) -> bool:
         return self.lost.is_set()
 
     async def stall(self, seconds: float) -> bool:
-        """Wait `seconds` (capped); True when the peer closed the connection meanwhile."""
+        """Wait `seconds` (capped); True when the peer closed the connection meanwhile.
+
+        A future and one timer rather than `wait_for(lost.wait())`, which makes a task per
+        call: the scale bench pauses thousands of streams after every event, and the mock
+        must stay cheaper than what it measures."""
+        if self.lost.is_set():
+            return True
+        loop = asyncio.get_running_loop()
+        self._pause = pause = loop.create_future()
+        timer = loop.call_later(min(seconds, MAX_STALL_S), _wake, pause)
         try:
-            await asyncio.wait_for(self.lost.wait(), min(seconds, MAX_STALL_S))
-        except TimeoutError:
-            return False
-        return True
+            await pause
+        finally:
+            timer.cancel()
+            self._pause = None
+        return self.lost.is_set()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -259,6 +273,11 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         assert self.transport is not None
         self.transport.abort()
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _error(message: str, type_: str = "invalid_request_error", code: Any = None) -> bytes:

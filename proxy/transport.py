@@ -9,19 +9,74 @@ difference, so the forwarder speaks aiohttp and nothing else does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import aiohttp
-
-MAX_CONNECTIONS = 1000
+from aiohttp.client_proto import ResponseHandler
 
 ClientFactory = Callable[[], aiohttp.ClientSession]
 
 
+class LazyReadTimeout(ResponseHandler):
+    """aiohttp's connection protocol with the same `sock_read` deadline, kept by one timer per
+    `timeout.read` seconds instead of one per received chunk.
+
+    aiohttp cancels its read timer and makes a new one on every `data_received`: under
+    thousands of streams that is a TimerHandle per relayed event, each living until the next
+    event, which the cyclic GC then scans and promotes (`just bench --profile --scale`). Here a
+    chunk only notes the loop time; the one pending timer, when it fires, either times out (no
+    read for `timeout` seconds, exactly aiohttp's deadline) or re-arms itself for the rest.
+    Pausing, resuming and dropping the timer stay aiohttp's (`_drop_timeout`).
+    """
+
+    _last_read = 0.0
+    _armed_at = 0.0  # when the pending timer fires
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._drop_timeout()
+            return
+        self._last_read = now = self._loop.time()
+        deadline = now + timeout
+        handle = self._read_timeout_handle
+        # A pending timer set later than this deadline (a shorter timeout.read on a pooled
+        # connection than its previous route's) would fire too late: set it again.
+        if handle is None or self._armed_at > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        self._armed_at = deadline
+        self._read_timeout_handle = self._loop.call_at(deadline, self._check_read_timeout)
+
+    def _check_read_timeout(self) -> None:
+        self._read_timeout_handle = None
+        timeout = self._read_timeout
+        if not timeout:
+            return
+        deadline = self._last_read + timeout
+        if deadline > self._loop.time():
+            self._arm(deadline)
+        else:
+            self._on_read_timeout()
+
+
+# The hooks LazyReadTimeout relies on are aiohttp internals (3.10 to 3.14 at least); should a
+# release drop one, the stock protocol is used instead (correct, one timer per chunk).
+_LAZY_OK = all(hasattr(ResponseHandler, a) for a in ("_reschedule_timeout", "_drop_timeout", "_on_read_timeout"))
+
+
 def make_client() -> aiohttp.ClientSession:
     """One session per app (and per worker). Timeouts are set per request from the route."""
-    # aiohttp's default of 100 connections drains under long LLM streams.
-    connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
+    # No pool limit: aiohttp parks a request past its limit (default 100, then 1000 here) until an
+    # earlier stream ends, which under minute-long LLM streams is a silent wait of minutes. The one
+    # cap is `--max-upstream-connections`, which refuses at once (descriptors.UpstreamSlots).
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
+    if _LAZY_OK and isinstance(getattr(connector, "_factory", None), functools.partial):
+        connector._factory = functools.partial(LazyReadTimeout, loop=connector._loop)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,  # passthrough relays bytes as they came, Content-Encoding included
