@@ -213,15 +213,9 @@ class Exchange:
             return await self._send_retrying(client)
         pool = self.route.pool
         tried: list[Upstream] = []
-        ready = getattr(self.call, "ready", None)
         while True:
             try:
-                if ready is not None:  # a last word with this upstream first (Call.ready)
-                    await ready(client, self.url, self.headers)
-                response = await client.request(
-                    self.method, self.url, headers=self.headers, data=self.call.body or None,
-                    allow_redirects=False, timeout=self.route.client_timeout,
-                )  # fmt: skip
+                response = await self._attempt(client)
             except UPSTREAM_ERRORS as exc:
                 reason = errors.connect_failure(exc)
                 if reason is None:
@@ -236,6 +230,17 @@ class Exchange:
             pool.succeeded(self.upstream)
             return response
 
+    async def _attempt(self, client: aiohttp.ClientSession) -> aiohttp.ClientResponse:
+        """One try at the current upstream, after the call's last word with it (`Call.ready`:
+        the context lookup of a request that set no max_tokens goes to the same server)."""
+        ready = getattr(self.call, "ready", None)
+        if ready is not None:
+            await ready(client, self.url, self.headers)
+        return await client.request(
+            self.method, self.url, headers=self.headers, data=self.call.body or None,
+            allow_redirects=False, timeout=self.route.client_timeout,
+        )  # fmt: skip
+
     async def _send_retrying(self, client: aiohttp.ClientSession) -> aiohttp.ClientResponse:
         """`retry:`: send again, to the next upstream at once or to the same one after its
         `Retry-After`, while the answer is one the route lists and no byte went to the client
@@ -247,15 +252,9 @@ class Exchange:
         pool = route.pool
         tried: list[Upstream] = []
         attempt = 1
-        ready = getattr(self.call, "ready", None)
         while True:
             try:
-                if ready is not None:  # a last word with this upstream first (Call.ready)
-                    await ready(client, self.url, self.headers)
-                response = await client.request(
-                    self.method, self.url, headers=self.headers, data=self.call.body or None,
-                    allow_redirects=False, timeout=route.client_timeout,
-                )  # fmt: skip
+                response = await self._attempt(client)
             except UPSTREAM_ERRORS as exc:
                 connect = errors.connect_failure(exc)
                 if connect is not None:
