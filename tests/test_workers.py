@@ -195,5 +195,10 @@ def test_a_worker_replaced_while_a_file_is_broken_serves_the_last_good_table(ups
               "no replacement worker started")  # fmt: skip
         _wait(lambda: len(_workers_of(proc.pid) - before) == 1, 30, "the worker was not replaced")
         _wait(lambda: _all_ok(base, "/v1/a"), 15, "the replacement does not serve the last good table")
-        time.sleep(1)
-        assert sum("serving the last table that loaded" in m for m in _messages(err)) == 1  # no restart loop
+        # No restart loop: the replacement stays up, so no further worker starts on the broken file.
+        # (The count itself may be 2 on a loaded machine: uvicorn also replaces a worker that misses
+        # its health ping, and that one serves the last good table too; a loop keeps counting.)
+        count = sum("serving the last table that loaded" in m for m in _messages(err))
+        time.sleep(2)
+        assert sum("serving the last table that loaded" in m for m in _messages(err)) == count
+        assert _all_ok(base, "/v1/a")
