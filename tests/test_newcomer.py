@@ -24,6 +24,8 @@ from proxy.routes import RouteTable
 from servers import free_port, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
+SEED = "http://10.103.232.66:8019"  # the shipped default upstream: read from files, never contacted
+DEAD_DEFAULT = "http://127.0.0.1:9"  # what the subprocess test serves instead (discard port: refused)
 LLMPROXY = [sys.executable, "-m", "proxy"]
 
 
@@ -191,6 +193,11 @@ def test_start_up_logs_the_table_once_and_warns_about_the_default_upstream(tmp_p
     logged once (by the main process), and no request is sent anywhere."""
     folder = tmp_path / "routes.d"
     shutil.copytree(ROOT / "routes.d", folder)
+    # A real `serve` runs outside pytest-socket's fence: the shipped files' default address is
+    # swapped for a dead loopback port, so nothing this process might ever send can leave the
+    # machine (the warning is about the variable being unset, whatever the default says).
+    for f in folder.glob("*.yaml"):
+        f.write_text(f.read_text().replace(SEED, DEAD_DEFAULT))
     port = free_port()
     err = tmp_path / "stderr"
     env = {k: v for k, v in os.environ.items() if k not in ("QWEN_BASE_URL", "PROMETHEUS_MULTIPROC_DIR")}
@@ -205,7 +212,8 @@ def test_start_up_logs_the_table_once_and_warns_about_the_default_upstream(tmp_p
     table = [line["message"] for line in logs if line["message"].startswith("route table: ")]
     assert table[0].split()[2:8] == ["PATH", "METHODS", "MODELS", "ADAPTER", "STREAM", "UPSTREAM"]
     assert sum("qwen-chat" in line for line in table) == 1  # once, not once per worker
-    assert any("http://10.103.232.66:8019/v1/completions" in line for line in table)
+    assert any(f"{DEAD_DEFAULT}/v1/completions" in line for line in table)
+    assert not any(SEED in line for line in table)
     loud = [line for line in logs if line["level"] == "warning" and "QWEN_BASE_URL is not set" in line["message"]]
     shipped = [f for f in (ROOT / "routes.d").glob("*.yaml") if "QWEN_BASE_URL" in f.read_text()]
     assert len(loud) == len(shipped) >= 2  # one per shipped route on the default, once
