@@ -193,12 +193,14 @@ def test_a_worker_replaced_while_a_file_is_broken_serves_the_last_good_table(ups
         os.kill(victim, signal.SIGKILL)  # a worker of the server this test started
         _wait(lambda: any("serving the last table that loaded" in m for m in _messages(err)), 30,
               "no replacement worker started")  # fmt: skip
-        _wait(lambda: len(_workers_of(proc.pid) - before) == 1, 30, "the worker was not replaced")
+        _wait(lambda: len(_workers_of(proc.pid) - before) >= 1, 30, "the worker was not replaced")
         _wait(lambda: _all_ok(base, "/v1/a"), 15, "the replacement does not serve the last good table")
-        # No restart loop: the replacement stays up, so no further worker starts on the broken file.
-        # (The count itself may be 2 on a loaded machine: uvicorn also replaces a worker that misses
-        # its health ping, and that one serves the last good table too; a loop keeps counting.)
-        count = sum("serving the last table that loaded" in m for m in _messages(err))
+        # No restart loop: a worker started on the broken file does not fail. (How many workers
+        # start is uvicorn's business: on a loaded machine it also replaces a worker whose health
+        # ping is late, and that one serves the last good table too.) A failing newcomer would
+        # log a traceback, and uvicorn would stop the parent ("failed to start") or restart it.
         time.sleep(2)
-        assert sum("serving the last table that loaded" in m for m in _messages(err)) == count
+        assert proc.poll() is None
+        text = err.read_text()
+        assert "Traceback" not in text and "failed to start" not in text, text
         assert _all_ok(base, "/v1/a")
