@@ -252,3 +252,17 @@ def start(src: Path, python: str = sys.executable, chat: bool = True, serve_args
         stack.callback(proxy.stop)
         _wait_ready(proxy, proxy_port, "/readyz")
         yield Stack(mock, mock_port, proxy, proxy_port, chat_missing, src)
+
+
+@contextmanager
+def pipe(stack: Stack, python: str, script: Path) -> Iterator[tuple[Child, int]]:
+    """The byte pipe (`pipe.py`) in front of the mock: (its process, its port); stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="llmproxy-pipe-") as tmp:
+        port = free_port()
+        child = _spawn("pipe", [python, str(script), "--port", str(port), "--upstream-port", str(stack.mock_port)],
+                       dict(os.environ), script.parent, Path(tmp))
+        try:
+            _wait_ready(child, port, "/v1/models")
+            yield child, port
+        finally:
+            child.stop()

@@ -94,7 +94,7 @@ def record(pid: int, seconds: float, out: Path, native: bool) -> subprocess.Pope
 def main(args: argparse.Namespace, src: Path) -> int:
     outdir = ROOT / "bench/results/profile"
     outdir.mkdir(parents=True, exist_ok=True)
-    vias = [v for v in args.via.split(",") if v and v != "direct"]
+    vias = [v for v in args.via.split(",") if v and v not in ("direct", "pipe")]
     if args.scale:
         return scale_profile(args, src, vias, outdir)
     text: list[str] = []

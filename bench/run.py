@@ -325,7 +325,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], prog="bench/run.py")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each scenario (default 10)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s per scenario")
-    p.add_argument("--via", default=",".join(VIAS), help="comma list of direct,passthrough,chat (default all)")
+    p.add_argument("--via", default=None,
+                   help="comma list of direct,passthrough,chat (default all); with --scale also pipe, a bare byte "
+                        "relay (bench/pipe.py) that shows the floor of CPU per event (default with --scale: all four)")
     p.add_argument("--modes", default="non-stream,stream", help="comma list of non-stream,stream")
     p.add_argument("--concurrency", default="1,32", help="comma list (default 1,32)")
     p.add_argument("--no-rss", action="store_true", help="skip the RSS phase (1k + 10k requests)")
@@ -347,6 +349,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.seconds = 2.0
+    if args.via is None:
+        args.via = ",".join(("direct", "pipe", "passthrough", "chat") if args.scale else VIAS)
     return args
 
 

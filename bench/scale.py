@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +39,26 @@ HERE = Path(__file__).resolve().parent
 
 
 def body(via: str) -> str:
+    """The request: chat for the chat route, completions otherwise (`pipe` and `direct` reach the mock)."""
     doc = dict(CHAT if via == "chat" else COMPLETION) | {"stream": True, "max_tokens": EVENTS}
     return json.dumps(doc, separators=(",", ":"))
 
 
-def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str, idle_mib: float | None = None) -> dict[str, Any]:
-    port = stack.mock_port if via == "direct" else stack.proxy_port
+def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str, idle_mib: float | None = None,
+             pipe: tuple[procs.Child, int] | None = None) -> dict[str, Any]:
+    """One row. `via == "pipe"` measures the byte pipe (`pipe.py`) in the proxy's place."""
+    relay, port = pipe if via == "pipe" and pipe else (stack.proxy, stack.proxy_port)
+    if via == "direct":
+        port = stack.mock_port
     hdrs = {"x-mock-text": TEXT, "x-mock-events": str(EVENTS), "x-mock-interval-ms": str(INTERVAL_MS)}
     shares = [n // clients + (1 if i < n % clients else 0) for i in range(clients)]
     load_before = os.getloadavg()[0]
-    rss0 = stack.proxy.rss()
-    p0, m0 = stack.proxy.cpu(), stack.mock.cpu()
-    s0 = procs.tree_split(stack.proxy.pid)[1]
+    rss0 = relay.rss()
+    p0, m0 = relay.cpu(), stack.mock.cpu()
+    s0 = procs.tree_split(relay.pid)[1]
     kids = []
     for share in shares:
-        argv = [python, str(HERE / "scaleload.py"), "--port", str(port), "--path", PATHS[via], "--body", body(via),
+        argv = [python, str(HERE / "scaleload.py"), "--port", str(port), "--path", PATHS.get(via, PATHS["direct"]), "--body", body(via),
                 "--n", str(share), "--deadline", str(DEADLINE)]
         for k, v in hdrs.items():
             argv += ["--header", f"{k}: {v}"]
@@ -65,11 +71,11 @@ def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str, id
     def sample() -> None:
         t0 = time.monotonic()
         while not stop.wait(0.25):
-            peak[0] = max(peak[0], stack.proxy.rss())
+            peak[0] = max(peak[0], relay.rss())
             t = time.monotonic() - t0
             for key, at in (("a", STEADY[0]), ("b", STEADY[1])):
                 if key not in steady and t >= at:
-                    steady[key] = stack.proxy.cpu()
+                    steady[key] = relay.cpu()
                     steady[key + "_t"] = t
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -85,8 +91,8 @@ def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str, id
         results.append(json.loads(out))
     stop.set()
     sampler.join()
-    p1, m1 = stack.proxy.cpu(), stack.mock.cpu()
-    s1 = procs.tree_split(stack.proxy.pid)[1]
+    p1, m1 = relay.cpu(), stack.mock.cpu()
+    s1 = procs.tree_split(relay.pid)[1]
     ttfb = [x for r in results for x in r["ttfb_s"]]
     dur = [x for r in results for x in r["duration_s"]]
     events = sum(r["events"] for r in results)
@@ -117,7 +123,7 @@ def scenario(stack: procs.Stack, via: str, n: int, clients: int, python: str, id
         "proxy_kib_per_stream": (peak[0] - rss0) * 1024 / n if proxied else None,
         # Against the freshly started proxy instead: heap grown by earlier scenarios and idle pooled
         # upstream connections count too, so this is the upper bound.
-        "proxy_kib_per_stream_vs_idle": (peak[0] - idle_mib) * 1024 / n if proxied and idle_mib else None,
+        "proxy_kib_per_stream_vs_idle": (peak[0] - idle_mib) * 1024 / n if proxied and idle_mib and via != "pipe" else None,
         "loadavg_before": load_before,
         "error_sample": next((r["error_sample"] for r in results if r.get("error_sample")), None),
     }
@@ -174,14 +180,16 @@ def main(args: argparse.Namespace, src: Path) -> int:
                               "clients": args.clients, "events": EVENTS, "interval_ms": INTERVAL_MS}
     t0 = time.monotonic()
     rows = []
-    with procs.start(src, python=args.python, chat="chat" in vias, serve_args=serve_args) as stack:
+    with ExitStack() as ctx:
+        stack = ctx.enter_context(procs.start(src, python=args.python, chat="chat" in vias, serve_args=serve_args))
         time.sleep(1.0)  # every worker up
         report["proxy_idle_mib"] = idle = stack.proxy.rss()
         live = [v for v in vias if v != "chat" or stack.chat_missing is None]
+        pipe = ctx.enter_context(procs.pipe(stack, args.python, HERE / "pipe.py")) if "pipe" in vias else None
         for n in ns:
             for via in live:
                 print(f"  scale N={n} {via} ...", file=sys.stderr, flush=True)
-                rows.append(scenario(stack, via, n, args.clients, args.python, idle))
+                rows.append(scenario(stack, via, n, args.clients, args.python, idle, pipe))
                 time.sleep(SETTLE_S)
         report["chat_missing"] = stack.chat_missing if "chat" in vias else None
     add_deltas(rows)
