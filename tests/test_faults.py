@@ -458,7 +458,7 @@ def test_client_leaving_mid_stream_closes_the_upstream_at_once(env, forward_log)
         assert not any("client left" in r.getMessage() for r in forward_log.records)
     t0 = time.monotonic()
     assert wait_for(lambda: stats(upstream)["busy_connections"] == 0), stats(upstream)
-    assert time.monotonic() - t0 < 1  # at once, not when the 5 s stall ends
+    assert time.monotonic() - t0 < 2.5  # at once, not when the 5 s stall ends
     assert wait_for(lambda: any("client left" in r.getMessage() for r in forward_log.records))
 
 
