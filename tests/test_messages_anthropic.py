@@ -109,6 +109,21 @@ def test_tool_round_trip(messages, upstream, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_with_bare_arguments_gives_the_same_object_streamed_or_not(messages, stream):
+    """`tool_use.input` is always an object, and the stream's `partial_json` builds the same one."""
+    client, _ = messages()
+    kw = dict(model="qwen", max_tokens=200, messages=[{"role": "user", "content": "Echo hello"}], tools=[WEATHER],
+              extra_headers=said('<tool_call>\n{"name": "get_weather", "arguments": "hello"}\n</tool_call>', 3))
+    if stream:
+        with client.messages.stream(**kw) as s:
+            msg = s.get_final_message()
+    else:
+        msg = client.messages.create(**kw)
+    (call,) = [b for b in msg.content if b.type == "tool_use"]
+    assert call.input == {"arguments": "hello"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_thinking_blocks(messages, stream):
     client, _ = messages(reasoning="think")
     kw = dict(model="qwen", max_tokens=300, thinking={"type": "enabled", "budget_tokens": 200},

@@ -218,6 +218,9 @@ def test_refusals_name_the_field(responses):
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model="q", input="x", temperature="hot")  # type: ignore[arg-type]
     assert err.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="q", input=[{"role": "user", "content": [{"type": "input_text"}]}])
+    assert err.value.body["param"] == "input[0].content[0].text" and "needs `text`" in err.value.body["message"]
 
 
 def test_failures_in_the_responses_shape(responses):

@@ -297,9 +297,12 @@ class MessagesCall(FaceCall):
     def _called(self, call: ToolCall) -> None:
         block = {"type": "tool_use", "id": _tool_id(call.id), "name": call.name, "input": {}}
         self._start(block)
+        block["input"] = value = _input(call.arguments)
+        # The object the whole answer carries, not the model's text: the two agree even when the
+        # model wrote a bare value (the SDK builds `input` from these deltas).
+        partial = json.dumps(value, ensure_ascii=False)
         self._emit(b"content_block_delta", {"type": "content_block_delta", "index": self._index,
-                                            "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
-        block["input"] = _input(call.arguments)
+                                            "delta": {"type": "input_json_delta", "partial_json": partial}})
         self._stop()
 
     def _finished(self, ev: Finish) -> None:

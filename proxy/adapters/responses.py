@@ -224,6 +224,9 @@ def _text(content: str | list[Part] | None, at: str) -> str:
         elif p.type in _TEXT_PARTS and p.text is not None:
             parts.append(p.text)
         else:
+            if p.type in _TEXT_PARTS:
+                raise BadRequest(f"{at}[{k}]: a {p.type} part needs `text`", param=f"{at}[{k}].text",
+                                 code="missing_field")
             raise BadRequest(f"{at}[{k}]: {p.type} parts are not supported by this route (a text completions "
                              "upstream); send input_text", param=f"{at}[{k}].type", code="unsupported_content")
     return "\n".join(parts)  # several parts: one per line, as vLLM joins chat text parts
