@@ -38,7 +38,7 @@ class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     defaults: dict[str, Any] = {}  # filled in when the body lacks them (`max_tokens: auto`: the context remainder)
     set: dict[str, Any] = {}  # forced
     remove: tuple[str, ...] = ()  # dropped
-    limit: dict[str, int | float] = {}  # numeric ceilings
+    limit: dict[str, int | float | str] = {}  # numeric ceilings (`max_tokens: auto`: the context remainder)
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -498,8 +498,14 @@ def _check_body(r: RouteConfig, fail: Any) -> None:
     body = r.body or Body()
     translating = r.adapter != "passthrough"
     for key, ceiling in body.limit.items():
-        if isinstance(ceiling, bool) or ceiling <= 0:
-            raise fail(f"body.limit.{key}", f"must be a positive number, got {ceiling!r}")
+        if key == "max_tokens" and ceiling == "auto":
+            if r.dialect not in ("vllm", "sglang"):
+                raise fail("body.limit.max_tokens", f"auto needs a tokenizer endpoint (dialect vllm or sglang); "
+                                                    f"dialect {r.dialect} needs a number")
+            continue
+        if isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)) or ceiling <= 0:
+            allowed = "auto or a positive number" if key == "max_tokens" else "a positive number"
+            raise fail(f"body.limit.{key}", f"must be {allowed}, got {ceiling!r}")
     for where, value in (("defaults", body.defaults.get("max_tokens")), ("set", body.set.get("max_tokens"))):
         if value is None:
             continue

@@ -17,7 +17,9 @@ import openai
 import pydantic
 import pytest
 
+from proxy.errors import ConfigError
 from proxy.mock_upstream import SGLANG_TOKENIZER_LENGTH, mock_tokens
+from proxy.routes import RouteTable
 from servers import MockServer, run_mock
 
 LONG = " ".join(f"w{i}" for i in range(40))  # 40 mock tokens: more than the 16 a completions default allows
@@ -424,6 +426,31 @@ def test_the_messages_face_takes_the_dialects_limit(fake, serve):
     with c.messages.stream(model="m", max_tokens=32000, messages=USER, extra_headers={"x-mock-text": LONG}) as s:
         assert s.get_final_text() == LONG
     assert last_body(up)["max_tokens"] == 1000  # Claude Code's 32 000 capped by the route
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "sglang"])
+def test_limit_auto_lowers_claude_codes_ask_to_what_the_context_leaves(fake, serve, dialect):
+    """`body.limit.max_tokens: auto` (the shipped Messages route): a max_tokens the context cannot hold
+    is lowered to the remainder instead of the server refusing the request; a smaller one is kept."""
+    import anthropic
+
+    up = fake(dialect)
+    base = serve(up, dialect, "body: {limit: {max_tokens: auto}}", adapter="messages-to-completions",
+                 path="/v1/messages")
+    c = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+    with c.messages.stream(model="m", max_tokens=32000, messages=USER, extra_headers={"x-mock-text": LONG}) as s:
+        assert s.get_final_text() == LONG  # the fake refuses prompt + max_tokens over its context
+    room = CONTEXT - mock_tokens(last_body(up)["prompt"]) - (dialect == "sglang")
+    assert last_body(up)["max_tokens"] == room < 32000
+    c.messages.create(model="m", max_tokens=50, messages=USER)
+    assert last_body(up)["max_tokens"] == 50
+
+
+def test_limit_auto_needs_a_tokenizer_endpoint(routes_dir):
+    folder = routes_dir(r="path: /v1/messages\nupstream: http://127.0.0.1:9/v1/completions\n"
+                          "adapter: messages-to-completions\ndialect: llama.cpp\nbody: {limit: {max_tokens: auto}}\n")
+    with pytest.raises(ConfigError, match=r"body.limit.max_tokens: auto needs a tokenizer endpoint"):
+        RouteTable.from_dir(folder)
 
 
 def test_the_responses_face_forces_a_required_tool_call(fake, serve):

@@ -30,8 +30,9 @@ each server's own source (README "Upstream dialects" has the table):
 
 A face never builds an upstream body; the core hands a `Generation` and the
 rendered prompt to `Dialect.build`, which returns a `Plan`. A plan whose
-`max_tokens` is `auto` is finished by `Dialect.finish` just before sending,
-with the upstream the request goes to.
+`max_tokens` is `auto` (or capped by `body.limit.max_tokens: auto`) is
+finished by `Dialect.finish` just before sending, with the upstream the
+request goes to.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 DIALECTS = ("vllm", "llama.cpp", "sglang", "openai")
 AUTO = "auto"
+FILL, CLAMP = "fill", "clamp"  # what `Dialect.finish` does with the context remainder (`Plan.auto`)
 
 # OpenAI's legacy completions request (https://platform.openai.com/docs/api-reference/completions/create).
 OPENAI_FIELDS = frozenset({
@@ -105,16 +107,18 @@ class Plan:
 
     __slots__ = ("doc", "auto", "add_special")
 
-    def __init__(self, doc: dict[str, Any], auto: bool, add_special: bool) -> None:
+    def __init__(self, doc: dict[str, Any], auto: str | None, add_special: bool) -> None:
         self.doc = doc
-        self.auto = auto  # `max_tokens` is to be the context remainder (Dialect.finish)
+        # FILL: `max_tokens` is to be the context remainder; CLAMP: the client's `max_tokens`, at most
+        # the remainder; None: `doc` is final (Dialect.finish).
+        self.auto = auto
         self.add_special = add_special  # what the server does with BOS for this body (tokenize the same way)
 
 
 class BodyPolicy:
     """A route's `body:` (defaults, set, remove, limit), applied to the JSON that goes upstream."""
 
-    __slots__ = ("defaults", "auto", "set", "remove", "limit", "unlimited", "idle")
+    __slots__ = ("defaults", "auto", "set", "remove", "limit", "clamp", "unlimited", "idle")
 
     def __init__(self, body: Body | None, facts: Facts, *, translating: bool) -> None:
         defaults = dict(body.defaults) if body is not None else {}
@@ -129,13 +133,19 @@ class BodyPolicy:
         self.set = dict(body.set) if body is not None else {}
         self.remove = tuple(body.remove) if body is not None else ()
         self.limit = dict(body.limit) if body is not None else {}
+        # `limit: {max_tokens: auto}`: a client's max_tokens larger than what the prompt leaves of the
+        # context is lowered to fit, instead of the server refusing the request (Claude Code asks for
+        # 32 000 whatever the model). Costs the same lookup as `auto`, only for requests with a limit.
+        self.clamp = self.limit.get("max_tokens") == AUTO
+        if self.clamp:
+            del self.limit["max_tokens"]
         self.unlimited = facts.max_tokens == "omit"  # an absent max_tokens means "no limit" (llama.cpp)
         self.idle = not (self.defaults or self.set or self.remove or self.limit)  # the common case
 
-    def apply(self, doc: dict[str, Any]) -> bool:
-        """Fill, force, drop, cap. True when `max_tokens` is still to be the context remainder."""
+    def apply(self, doc: dict[str, Any]) -> str | None:
+        """Fill, force, drop, cap. FILL or CLAMP when `max_tokens` still waits for the context remainder."""
         if self.idle:
-            return self.auto and doc.get("max_tokens") is None
+            return self._pending(doc, self.auto and doc.get("max_tokens") is None)
         for key, value in self.defaults.items():
             if doc.get(key) is None:
                 doc[key] = value
@@ -147,7 +157,16 @@ class BodyPolicy:
         if auto and ("max_tokens" in self.set or "max_tokens" in self.remove):
             auto = False
         self.cap(doc, auto)
-        return auto
+        return self._pending(doc, auto)
+
+    def _pending(self, doc: dict[str, Any], fill: bool) -> str | None:
+        if fill:
+            return FILL
+        if self.clamp:
+            value = doc.get("max_tokens")
+            if isinstance(value, int) and not isinstance(value, bool):
+                return CLAMP
+        return None
 
     def cap(self, doc: dict[str, Any], pending: bool = False) -> None:
         for key, ceiling in self.limit.items():
@@ -341,6 +360,8 @@ class Dialect:
         if plan.auto:
             prompt = doc.get("prompt")
             if not isinstance(prompt, str):
+                if plan.auto == CLAMP:  # a token-id or batch prompt (passthrough): sent as the client asked
+                    return _encode(doc)
                 raise BadRequest("`max_tokens: auto` (the route's body.defaults) needs the prompt as one string",
                                  param="prompt", code="invalid_value")
             count, context = await self._context(session, url, headers or [], prompt, plan.add_special,
@@ -351,7 +372,7 @@ class Dialect:
             if room < 1:
                 raise BadRequest(f"the prompt ({count} tokens) leaves no room in the model's context "
                                  f"({context} tokens)", param="messages", code="context_length_exceeded")
-            doc["max_tokens"] = room
+            doc["max_tokens"] = room if plan.auto == FILL else min(doc["max_tokens"], room)
             self.policy.cap(doc)
         return _encode(doc)
 
