@@ -29,8 +29,9 @@ CHAT = "path: /v1/chat/completions\nupstream: http://127.0.0.1:9/v1/completions\
      r"body\.defaults\.max_tokens: auto needs a tokenizer"),
     ("body: {defaults: {max_tokens: lots}}\n", r"r\.yaml:4: body\.defaults\.max_tokens: must be auto or a positive"),
     ("body: {set: {max_tokens: auto}}\n", r"body\.set\.max_tokens: must be a positive integer"),
-    ("body: {limit: {max_tokens: 0}}\n", r"body\.limit\.max_tokens: must be a positive number"),
-    ("body: {limit: {max_tokens: many}}\n", r"r\.yaml:4: body\.limit\[\.\.\.\]: Expected `int \| float`"),
+    ("body: {limit: {max_tokens: 0}}\n", r"body\.limit\.max_tokens: must be auto or a positive number, got 0"),
+    ("body: {limit: {max_tokens: many}}\n", r"body\.limit\.max_tokens: must be auto or a positive number, got 'many'"),
+    ("body: {limit: {top_p: auto}}\n", r"body\.limit\.top_p: must be a positive number, got 'auto'"),
     ("body: {remove: user}\n", r"r\.yaml:4: body\.remove: Expected `array`"),
     ("body: {default: {}}\n", r"r\.yaml:4: body\.default: unknown field"),
 ])
