@@ -384,15 +384,21 @@ def exposition(routes: set[str] | frozenset[str] | None = None) -> tuple[bytes, 
 
 
 class _OnlyRoutes:
-    """A registry view without the samples of routes no longer in the table."""
+    """A registry view without the samples of routes no longer in the table: those labelled
+    `route`, and a route's limit series (`kind="route"`, `name`)."""
 
     def __init__(self, source: Any, routes: set[str]) -> None:
         self.source = source
         self.routes = routes
 
+    def _kept(self, labels: dict[str, str]) -> bool:
+        if labels.get("kind") == "route":
+            return labels.get("name") in self.routes
+        return labels.get("route", UNMATCHED) in self.routes
+
     def collect(self) -> Any:
         for family in self.source.collect():
-            samples = [s for s in family.samples if s.labels.get("route", UNMATCHED) in self.routes]
+            samples = [s for s in family.samples if self._kept(s.labels)]
             if len(samples) != len(family.samples):
                 family.samples = samples
             yield family

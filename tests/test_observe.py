@@ -537,7 +537,7 @@ def test_a_reload_drops_the_series_of_deleted_routes(upstream, routes_dir):
     kept, gone = unique("kept"), unique("gone")
     folder = routes_dir(
         a=f"name: {kept}\npath: /v1/a\nupstream: {upstream.url}/v1/completions\n",
-        b=f"name: {gone}\npath: /v1/b\nupstream: {upstream.url}/v1/completions\n",
+        b=f"name: {gone}\npath: /v1/b\nupstream: {upstream.url}/v1/completions\nlimits: {{max_concurrent: 1}}\n",
     )
     holder = TableHolder.load(folder)
     with run_app(create_app(holder)) as base:
@@ -549,4 +549,6 @@ def test_a_reload_drops_the_series_of_deleted_routes(upstream, routes_dir):
         after = scrape(base)
     assert val(before, "llmproxy_requests_total", route=gone, model="other", status="200") == 1
     assert not any(("route", gone) in labels for _, labels in after), "a deleted route's series stay"
+    assert any(("name", gone) in labels for _, labels in before)  # its limit's series (kind="route")
+    assert not any(("name", gone) in labels for _, labels in after), "a deleted route's limit series stay"
     assert val(after, "llmproxy_requests_total", route=kept, model="other", status="200") == 1
