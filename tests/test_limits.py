@@ -181,3 +181,33 @@ def test_the_queue_is_first_in_first_out_and_a_raised_limit_admits_waiters_at_on
         return order
 
     asyncio.run(run())
+
+
+def test_the_queue_wait_is_measured(limited, upstream):
+    base = limited("{max_concurrent: 1, queue: 5, queue_timeout: 0.3}")
+    asyncio.run(_post_many(f"{base}/v1/completions", 2, SLOW))
+    metrics = httpx.get(f"{base}/metrics").text
+    m = re.search(r'^llmproxy_limit_queue_wait_seconds_count\{kind="route",name="slow"\} (\S+)$', metrics, re.M)
+    assert m and float(m.group(1)) >= 1  # the one that waited (and was refused after 0.3 s) is counted
+
+
+def test_a_messages_route_answers_its_limit_in_anthropics_shape(routes_dir, upstream, proxy_for):
+    base = proxy_for(routes_dir(msg=f"""
+        path: /v1/messages
+        upstream: {upstream.url}/v1/completions
+        adapter: messages-to-completions
+        limits: {{max_concurrent: 1, queue: 0}}
+    """))
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=2)) as c:
+            return await asyncio.gather(*(c.post(f"{base}/v1/messages", json=body, headers=SLOW) for _ in range(2)))
+
+    responses = asyncio.run(run())
+    assert sorted(r.status_code for r in responses) == [200, 429]
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"]
+    doc = refused.json()
+    assert doc["type"] == "error" and doc["error"]["type"] == "rate_limit_error"
+    assert "route 'msg' is at its limit" in doc["error"]["message"]
