@@ -230,6 +230,8 @@ class Dialect:
             elif facts.bos == "strip":
                 doc["prompt"] = prompt[len(bos_token):]
         self._extras(doc, gen.extras, refused)
+        if facts.name == "llama.cpp":
+            _llama_cpp(doc)
         if refused:
             names = ", ".join(f"`{k}`" for k in refused)
             raise BadRequest(f"this route's upstream (dialect {facts.name}) does not define {names} on its "
@@ -396,6 +398,32 @@ class Dialect:
                 return decode(raw)
             except msgspec.DecodeError as exc:
                 raise context_unknown(self.route, f"{method} {path} answered something unexpected: {exc}") from None
+
+
+def _llama_cpp(doc: dict[str, Any]) -> None:
+    """What llama.cpp would refuse or let escape the route's limits, settled before the body policy.
+
+    - `n` other than 1: `oaicompat_completion_params_parse` (tools/server/server-common.cpp) throws
+      "Only one completion choice is allowed"; answered here, by name, before sending.
+    - `n_predict`: `params_from_json_cmpl` (tools/server/server-task.cpp) reads `n_predict` before
+      `max_tokens`, so a client's `n_predict` would escape `body.limit.max_tokens`. It is folded into
+      `max_tokens` (the smaller positive of the two; a negative `n_predict` is llama.cpp's "unlimited"
+      and adds no limit), which the policy then caps.
+    """
+    n = doc.get("n")
+    if n is not None and n != 1:
+        raise BadRequest("`n` must be 1 on this route: its upstream (dialect llama.cpp) allows only one completion "
+                         "choice", param="n", code="unsupported_parameter")
+    if "n_predict" not in doc:
+        return
+    n_predict = doc.pop("n_predict")
+    if n_predict is None:
+        return
+    if not isinstance(n_predict, int) or isinstance(n_predict, bool):
+        raise BadRequest("`n_predict` must be an integer", param="n_predict", code="invalid_value")
+    if n_predict > 0:
+        current = doc.get("max_tokens")
+        doc["max_tokens"] = n_predict if not isinstance(current, int) or current <= 0 else min(current, n_predict)
 
 
 def server_root(url: str) -> str:
