@@ -44,3 +44,61 @@ def test_llama_cpp_n_predict_is_folded_into_max_tokens_and_capped(fake, serve, n
     body = last_body(up)
     assert "n_predict" not in body and body["max_tokens"] == sent
     assert len(r.choices[0].message.content.split()) == sent and r.choices[0].finish_reason == "length"
+
+
+# --- parallel_tool_calls: false gives one call, on every face ------------------------------------------------
+
+import json  # noqa: E402
+
+from test_dialects import TIME, WEATHER  # noqa: E402
+
+TWO_CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+TWO = {"x-mock-text-json": json.dumps(TWO_CALLS)}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("parallel", "names"), [(False, ["get_weather"]), (None, ["get_weather", "get_time"]),
+                                                 (True, ["get_weather", "get_time"])])
+def test_chat_parallel_tool_calls_false_gives_one_call(fake, serve, stream, parallel, names):
+    up = fake("vllm")
+    c = client(serve(up, "vllm"))
+    kw: dict[str, Any] = dict(model="m", messages=USER, tools=[WEATHER, TIME], extra_headers=TWO)
+    if parallel is not None:
+        kw["parallel_tool_calls"] = parallel
+    if stream:
+        got: dict[int, str] = {}
+        finish = None
+        for ch in c.chat.completions.create(stream=True, **kw):
+            for d in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+                got[d.index] = got.get(d.index, "") + (d.function.name or "")
+            if ch.choices and ch.choices[0].finish_reason:
+                finish = ch.choices[0].finish_reason
+        assert [got[i] for i in sorted(got)] == names
+    else:
+        r = c.chat.completions.create(**kw)
+        finish = r.choices[0].finish_reason
+        assert [t.function.name for t in r.choices[0].message.tool_calls] == names
+    assert finish == "tool_calls"
+    assert "parallel_tool_calls" not in last_body(up)
+
+
+def test_responses_and_messages_faces_honour_one_call_too(fake, serve):
+    import anthropic
+
+    up = fake("vllm")
+    base = serve(up, "vllm", adapter="responses-to-completions", path="/v1/responses")
+    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+             for t in (WEATHER, TIME)]
+    r = client(base).responses.create(model="m", input="Hi", tools=tools, parallel_tool_calls=False,
+                                      extra_headers=TWO)
+    assert [i.name for i in r.output if i.type == "function_call"] == ["get_weather"]
+    assert r.parallel_tool_calls is False
+    base = serve(up, "vllm", adapter="messages-to-completions", path="/v1/messages")
+    c = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+    atools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in (WEATHER, TIME)]
+    for disable, names in ((True, ["get_weather"]), (False, ["get_weather", "get_time"])):
+        m = c.messages.create(model="m", max_tokens=100, messages=USER, tools=atools,
+                              tool_choice={"type": "auto", "disable_parallel_tool_use": disable},
+                              extra_headers=TWO)
+        assert [b.name for b in m.content if b.type == "tool_use"] == names

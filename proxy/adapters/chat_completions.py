@@ -77,6 +77,7 @@ class ChatToCompletions:
             template_kwargs=req.chat_template_kwargs,
             extras=extras,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            parallel_tool_calls=req.parallel_tool_calls is not False,
         )
         return ChatCall(
             self,

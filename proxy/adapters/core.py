@@ -58,6 +58,10 @@ class Generation(msgspec.Struct, kw_only=True):
     template_kwargs: dict[str, Any] | None = None  # chat_template_kwargs, e.g. {"enable_thinking": False}
     extras: dict[str, Any] = {}  # fields the face did not consume: forwarded where the dialect allows
     logprobs: int | None = None  # completions-style top-N (0: the sampled token only)
+    # False: at most one tool call per choice, the first (chat/Responses `parallel_tool_calls: false`,
+    # Messages `disable_parallel_tool_use`), as vLLM's `maybe_filter_parallel_tool_calls` keeps only the
+    # first (vllm/entrypoints/openai/utils.py).
+    parallel_tool_calls: bool = True
 
 
 # --- events: small tuples, made per upstream event on the hot path --------------------------------
@@ -196,7 +200,7 @@ def _tools(gen: Generation) -> tuple[list[dict[str, Any]] | None, bool]:
 class _Choice:
     """One choice's text as it streams in, split into reasoning, content and calls."""
 
-    __slots__ = ("index", "stop", "think", "tools", "calls", "seen", "finished", "client_stops")
+    __slots__ = ("index", "stop", "think", "tools", "calls", "seen", "finished", "client_stops", "max_calls")
 
     def __init__(self, turn: Turn, index: int) -> None:
         self.index = index
@@ -205,6 +209,7 @@ class _Choice:
         self.think = think.ThinkSplitter(turn.prefilled) if turn.core.reasoning else None
         self.tools = ToolCallSplitter(inside=turn.forced) if turn.parse_tools else None
         self.calls = 0
+        self.max_calls = None if turn.gen.parallel_tool_calls else 1
         self.seen = False
         self.finished = False
 
@@ -255,6 +260,8 @@ class _Choice:
             if isinstance(item, str):
                 out.append(Text(self.index, item, lp))
                 lp = NULL
+            elif self.max_calls is not None and self.calls >= self.max_calls:
+                continue  # the client asked for one call: later ones are dropped
             else:
                 out.append(ToolCall(self.index, self.calls, call_id(), item.name, item.arguments))
                 self.calls += 1
