@@ -598,6 +598,8 @@ def _refusal(dialect: str | None, doc: dict[str, Any], context: int) -> tuple[st
         for key in doc:
             if key not in _OPENAI_FIELDS:
                 return f"Unrecognized request argument supplied: {key}", None
+        if isinstance(doc.get("stop"), list) and len(doc["stop"]) > 4:  # the API takes up to 4 sequences
+            return f"{doc['stop']!r} is too long - 'stop'", "stop"
     return None
 
 

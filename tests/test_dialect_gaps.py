@@ -102,3 +102,44 @@ def test_responses_and_messages_faces_honour_one_call_too(fake, serve):
                               tool_choice={"type": "auto", "disable_parallel_tool_use": disable},
                               extra_headers=TWO)
         assert [b.name for b in m.content if b.type == "tool_use"] == names
+
+
+# --- openai: at most 4 stop strings upstream; the template's left out are still cut by the proxy ------------
+
+def test_openai_fake_refuses_more_than_four_stops(fake):
+    up = fake("openai")
+    post = lambda stop: httpx.post(f"{up.url}/v1/completions", json={"prompt": "Hi", "stop": stop})  # noqa: E731
+    assert post(list("abcde")).status_code == 400 and post(list("abcd")).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_dialect_sends_at_most_four_stops_and_still_cuts_at_the_templates(fake, serve, stream):
+    up = fake("openai")
+    c = client(serve(up, "openai"))
+    kw: dict[str, Any] = dict(model="m", messages=USER, stop=["s1", "s2", "s3"],
+                              extra_headers={"x-mock-text": "Hello there<|endoftext|>junk after the turn"})
+    if stream:
+        chunks = list(c.chat.completions.create(stream=True, **kw))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert finish == ["stop"]
+    else:
+        r = c.chat.completions.create(**kw)
+        text = r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+    assert last_body(up)["stop"] == ["s1", "s2", "s3", "<|im_end|>"]  # <|endoftext|> did not fit
+    assert text == "Hello there"
+
+
+def test_openai_dialect_refuses_more_than_four_client_stops_by_name(fake, serve):
+    up = fake("openai")
+    c = client(serve(up, "openai"))
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="m", messages=USER, stop=["1", "2", "3", "4", "5"])
+    assert err.value.body["param"] == "stop" and "at most 4" in err.value.message and not up.requests
+    # Four client stops leave no room for the template's: the server runs on past the end of the turn
+    # (to its limit), the proxy cuts there, and the answer is a finished turn, not a cut one.
+    r = c.chat.completions.create(model="m", messages=USER, stop=["1", "2", "3", "4"],
+                                  extra_headers={"x-mock-text": "Done.<|im_end|>runaway", "x-mock-finish": "length"})
+    assert last_body(up)["stop"] == ["1", "2", "3", "4"]
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Done.", "stop")

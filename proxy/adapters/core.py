@@ -236,6 +236,10 @@ class _Choice:
             self._split(text, end, first, lp, out)
         if end:
             reason = "tool_calls" if self.calls and finish in ("stop", None) else finish
+            if reason == "length" and self.stop.done:
+                # The proxy cut at a template stop the upstream was not sent (a dialect that takes
+                # few stop strings), and the server ran on: the turn itself ended at the stop.
+                reason = "stop"
             stop = matched if isinstance(matched, str) and self.client_stops and matched in self.client_stops else None
             out.append(Finish(self.index, reason or "stop", stop))
 

@@ -76,6 +76,9 @@ _NOT_CHAT = {
     "suffix": "`suffix` is for text insertion, not chat",
 }
 _OBJECT: dict[str, Any] = {"type": "object"}
+# At most this many stop strings: OpenAI's completions API takes "up to 4 sequences"
+# (`stop`, https://platform.openai.com/docs/api-reference/completions/create).
+_MAX_STOPS = {"openai": 4}
 
 
 class Facts(NamedTuple):
@@ -211,7 +214,7 @@ class Dialect:
         if gen.max_tokens is not None:
             doc["max_tokens"] = gen.max_tokens
         if stop:
-            doc["stop"] = stop
+            doc["stop"] = self._stops(stop, gen.stop)
         refused: list[str] = []
         renamed = _RENAMED.get(facts.name, {})
         for key, value in gen.sampling.items():
@@ -243,6 +246,17 @@ class Dialect:
             self._response_format(doc, gen.response_format)
         auto = self.policy.apply(doc)
         return Plan(doc, auto, add_special)
+
+    def _stops(self, stop: list[str], client: list[str] | None) -> list[str]:
+        """The stop strings the server takes: the client's first (`Core.start` puts them first), then
+        the template's that fit. A template stop left out is still cut by the proxy (`StopFilter`)."""
+        most = _MAX_STOPS.get(self.facts.name)
+        if most is None or len(stop) <= most:
+            return stop
+        if client and len(client) > most:
+            raise BadRequest(f"`stop` holds {len(client)} strings: this route's upstream (dialect {self.facts.name}) "
+                             f"takes at most {most}", param="stop", code="invalid_value")
+        return stop[:most]
 
     def _extras(self, doc: dict[str, Any], extras: dict[str, Any], refused: list[str]) -> None:
         """Fields the face did not consume: forwarded where the server takes them, refused by name where not."""
