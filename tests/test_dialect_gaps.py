@@ -4,13 +4,14 @@ raw (or not at all), and fakes that accepted what the real servers refuse. Over 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from test_dialects import LONG, USER, client, fake, last_body, serve  # noqa: F401 (fixtures)
+from test_dialects import TIME, USER, WEATHER, client, fake, last_body, serve  # noqa: F401 (fixtures)
 
 # --- llama.cpp: one choice only; `n_predict` does not escape the route's limit ---------------------------
 
@@ -47,10 +48,6 @@ def test_llama_cpp_n_predict_is_folded_into_max_tokens_and_capped(fake, serve, n
 
 
 # --- parallel_tool_calls: false gives one call, on every face ------------------------------------------------
-
-import json  # noqa: E402
-
-from test_dialects import TIME, WEATHER  # noqa: E402
 
 TWO_CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
              '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
