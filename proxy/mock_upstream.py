@@ -569,6 +569,8 @@ def _refusal(dialect: str | None, doc: dict[str, Any], context: int) -> tuple[st
                     f"{count + max_tokens} tokens ({count} in the messages, {max_tokens} in the completion). "
                     "Please reduce the length of the messages or completion."), "max_tokens"
     elif dialect == "llama.cpp":  # tools/server/server-common.cpp oaicompat_completion_params_parse
+        if doc.get("n", 1) != 1:
+            return "Only one completion choice is allowed", None
         if doc.get("echo"):
             return "Only no echo is supported", None
         for param in ("best_of", "suffix"):
@@ -596,6 +598,8 @@ def _refusal(dialect: str | None, doc: dict[str, Any], context: int) -> tuple[st
         for key in doc:
             if key not in _OPENAI_FIELDS:
                 return f"Unrecognized request argument supplied: {key}", None
+        if isinstance(doc.get("stop"), list) and len(doc["stop"]) > 4:  # the API takes up to 4 sequences
+            return f"{doc['stop']!r} is too long - 'stop'", "stop"
     return None
 
 

@@ -211,7 +211,8 @@ def test_trailing_stop_tokens_never_leak():
     call = adapter().request(body(n=2))
     doc = json.loads(call.response(completion("Hi!<|im_end|>", "Yo<|endoftext|><|im_end|>", finish="length")))
     assert [c["message"]["content"] for c in doc["choices"]] == ["Hi!", "Yo"]
-    assert [c["finish_reason"] for c in doc["choices"]] == ["length", "length"]
+    # The turn ended at the template stop the proxy cut at, whatever the server ran on to.
+    assert [c["finish_reason"] for c in doc["choices"]] == ["stop", "stop"]
 
 
 def test_no_usage_upstream_means_no_usage():

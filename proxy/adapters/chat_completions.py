@@ -49,6 +49,10 @@ _REJECTED = {
     "audio": "audio output is not supported by this route (a text completions upstream)",
     "prediction": "predicted outputs are not supported by this route (a text completions upstream)",
     "web_search_options": "web search is not supported by this route (a text completions upstream)",
+    "chat_template": "a chat template sent by the client is Jinja code the route's operator did not approve: the "
+                     "prompt is rendered with the route's own `template:`",
+    "documents": "`documents` (for retrieval templates) is not supported: the route renders its template without "
+                 "documents; put them in a message",
 }
 
 
@@ -77,6 +81,9 @@ class ChatToCompletions:
             template_kwargs=req.chat_template_kwargs,
             extras=extras,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            parallel_tool_calls=req.parallel_tool_calls is not False,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=bool(req.continue_final_message),
         )
         return ChatCall(
             self,

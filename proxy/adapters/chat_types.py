@@ -75,6 +75,11 @@ class ChatRequest(msgspec.Struct):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # to the template (vLLM's extension), e.g. enable_thinking
+    # vLLM's other chat template controls: consumed here, never forwarded (a completions server ignores them).
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    documents: Any = None  # refused: the route's templates are rendered without documents
+    chat_template: Any = None  # refused: a client's Jinja template is code the operator did not approve
     # Held to the dialect's constraint (structured outputs), or refused by name where it has none.
     response_format: dict[str, Any] | None = None
     # Refused with a reason (modalities: anything but text).

@@ -31,7 +31,7 @@ from .chat_types import Completion, CompletionChoice, CompletionLogprobs, Functi
 from .chat_types import ToolCall as ToolCallMsg
 from .dialects import Dialect, Plan
 from .tags import StopFilter
-from .templates import load_template
+from .templates import load_template, render_prompt
 from .toolcalls import ToolCallSplitter
 
 if TYPE_CHECKING:
@@ -58,6 +58,14 @@ class Generation(msgspec.Struct, kw_only=True):
     template_kwargs: dict[str, Any] | None = None  # chat_template_kwargs, e.g. {"enable_thinking": False}
     extras: dict[str, Any] = {}  # fields the face did not consume: forwarded where the dialect allows
     logprobs: int | None = None  # completions-style top-N (0: the sampled token only)
+    # False: at most one tool call per choice, the first (chat/Responses `parallel_tool_calls: false`,
+    # Messages `disable_parallel_tool_use`), as vLLM's `maybe_filter_parallel_tool_calls` keeps only the
+    # first (vllm/entrypoints/openai/utils.py).
+    parallel_tool_calls: bool = True
+    # vLLM's chat template controls (its `ChatCompletionRequest`): None is "not said" (True, unless the
+    # final message is continued); `continue_final_message` ends the prompt inside the last assistant message.
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False
 
 
 # --- events: small tuples, made per upstream event on the hot path --------------------------------
@@ -131,7 +139,13 @@ class Core:
                              code="invalid_value")
         tools, parse_tools = _tools(gen)
         forced = self.dialect.forced_call(tools, gen.tool_choice, self.tool_open) if parse_tools else None
-        prompt = self.template.render(gen.messages, tools, gen.template_kwargs)
+        add_generation_prompt = _generation_prompt(gen)
+        if forced is not None and not (add_generation_prompt or gen.continue_final_message):
+            raise BadRequest(f"`tool_choice` {gen.tool_choice!r} needs the assistant's turn open: it cannot go with "
+                             "`add_generation_prompt: false`", param="add_generation_prompt", code="invalid_value")
+        prompt = render_prompt(self.template, gen.messages, tools, gen.template_kwargs,
+                               add_generation_prompt=add_generation_prompt,
+                               continue_final_message=gen.continue_final_message)
         if forced is not None:
             # The answer starts inside the call block; the dialect's constraint holds it to the call object.
             prompt += self.tool_open
@@ -143,6 +157,24 @@ class Core:
                                   upstream_stream=upstream_stream, bos_token=self.bos_token, forced=forced)
         return Turn(self, gen, plan, upstream_stream=upstream_stream, parse_tools=parse_tools,
                     prefilled=self.reasoning and think.prefills_think(prompt), forced=forced is not None)
+
+
+def _generation_prompt(gen: Generation) -> bool:
+    """Whether the prompt opens a new assistant turn, checked as vLLM checks it: both controls true is
+    a 400 (`ChatCompletionRequest.check_generation_prompt`, vllm/entrypoints/openai/chat_completion/
+    protocol.py), and transformers refuses the pair too (`apply_chat_template`). Continuing needs an
+    assistant message to continue."""
+    if not gen.continue_final_message:
+        return gen.add_generation_prompt is not False
+    if gen.add_generation_prompt:
+        raise BadRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to true: continue "
+                         "the final message, or open a new assistant turn", param="continue_final_message",
+                         code="invalid_value")
+    if gen.messages[-1].role != "assistant":
+        raise BadRequest("`continue_final_message` needs the last message to be the assistant's (the text to "
+                         f"continue); it is a {gen.messages[-1].role} message", param="continue_final_message",
+                         code="invalid_value")
+    return False
 
 
 def tool_call_open(template: Any) -> str | None:
@@ -196,7 +228,7 @@ def _tools(gen: Generation) -> tuple[list[dict[str, Any]] | None, bool]:
 class _Choice:
     """One choice's text as it streams in, split into reasoning, content and calls."""
 
-    __slots__ = ("index", "stop", "think", "tools", "calls", "seen", "finished", "client_stops")
+    __slots__ = ("index", "stop", "think", "tools", "calls", "seen", "finished", "client_stops", "max_calls")
 
     def __init__(self, turn: Turn, index: int) -> None:
         self.index = index
@@ -205,6 +237,7 @@ class _Choice:
         self.think = think.ThinkSplitter(turn.prefilled) if turn.core.reasoning else None
         self.tools = ToolCallSplitter(inside=turn.forced) if turn.parse_tools else None
         self.calls = 0
+        self.max_calls = None if turn.gen.parallel_tool_calls else 1
         self.seen = False
         self.finished = False
 
@@ -231,6 +264,10 @@ class _Choice:
             self._split(text, end, first, lp, out)
         if end:
             reason = "tool_calls" if self.calls and finish in ("stop", None) else finish
+            if reason == "length" and self.stop.done:
+                # The proxy cut at a template stop the upstream was not sent (a dialect that takes
+                # few stop strings), and the server ran on: the turn itself ended at the stop.
+                reason = "stop"
             stop = matched if isinstance(matched, str) and self.client_stops and matched in self.client_stops else None
             out.append(Finish(self.index, reason or "stop", stop))
 
@@ -255,6 +292,8 @@ class _Choice:
             if isinstance(item, str):
                 out.append(Text(self.index, item, lp))
                 lp = NULL
+            elif self.max_calls is not None and self.calls >= self.max_calls:
+                continue  # the client asked for one call: later ones are dropped
             else:
                 out.append(ToolCall(self.index, self.calls, call_id(), item.name, item.arguments))
                 self.calls += 1

@@ -78,6 +78,9 @@ _NOT_CHAT = {
     "suffix": "`suffix` is for text insertion, not chat",
 }
 _OBJECT: dict[str, Any] = {"type": "object"}
+# At most this many stop strings: OpenAI's completions API takes "up to 4 sequences"
+# (`stop`, https://platform.openai.com/docs/api-reference/completions/create).
+_MAX_STOPS = {"openai": 4}
 
 
 class Facts(NamedTuple):
@@ -230,7 +233,7 @@ class Dialect:
         if gen.max_tokens is not None:
             doc["max_tokens"] = gen.max_tokens
         if stop:
-            doc["stop"] = stop
+            doc["stop"] = self._stops(stop, gen.stop)
         refused: list[str] = []
         renamed = _RENAMED.get(facts.name, {})
         for key, value in gen.sampling.items():
@@ -249,6 +252,8 @@ class Dialect:
             elif facts.bos == "strip":
                 doc["prompt"] = prompt[len(bos_token):]
         self._extras(doc, gen.extras, refused)
+        if facts.name == "llama.cpp":
+            _llama_cpp(doc)
         if refused:
             names = ", ".join(f"`{k}`" for k in refused)
             raise BadRequest(f"this route's upstream (dialect {facts.name}) does not define {names} on its "
@@ -260,6 +265,17 @@ class Dialect:
             self._response_format(doc, gen.response_format)
         auto = self.policy.apply(doc)
         return Plan(doc, auto, add_special)
+
+    def _stops(self, stop: list[str], client: list[str] | None) -> list[str]:
+        """The stop strings the server takes: the client's first (`Core.start` puts them first), then
+        the template's that fit. A template stop left out is still cut by the proxy (`StopFilter`)."""
+        most = _MAX_STOPS.get(self.facts.name)
+        if most is None or len(stop) <= most:
+            return stop
+        if client and len(client) > most:
+            raise BadRequest(f"`stop` holds {len(client)} strings: this route's upstream (dialect {self.facts.name}) "
+                             f"takes at most {most}", param="stop", code="invalid_value")
+        return stop[:most]
 
     def _extras(self, doc: dict[str, Any], extras: dict[str, Any], refused: list[str]) -> None:
         """Fields the face did not consume: forwarded where the server takes them, refused by name where not."""
@@ -417,6 +433,32 @@ class Dialect:
                 return decode(raw)
             except msgspec.DecodeError as exc:
                 raise context_unknown(self.route, f"{method} {path} answered something unexpected: {exc}") from None
+
+
+def _llama_cpp(doc: dict[str, Any]) -> None:
+    """What llama.cpp would refuse or let escape the route's limits, settled before the body policy.
+
+    - `n` other than 1: `oaicompat_completion_params_parse` (tools/server/server-common.cpp) throws
+      "Only one completion choice is allowed"; answered here, by name, before sending.
+    - `n_predict`: `params_from_json_cmpl` (tools/server/server-task.cpp) reads `n_predict` before
+      `max_tokens`, so a client's `n_predict` would escape `body.limit.max_tokens`. It is folded into
+      `max_tokens` (the smaller positive of the two; a negative `n_predict` is llama.cpp's "unlimited"
+      and adds no limit), which the policy then caps.
+    """
+    n = doc.get("n")
+    if n is not None and n != 1:
+        raise BadRequest("`n` must be 1 on this route: its upstream (dialect llama.cpp) allows only one completion "
+                         "choice", param="n", code="unsupported_parameter")
+    if "n_predict" not in doc:
+        return
+    n_predict = doc.pop("n_predict")
+    if n_predict is None:
+        return
+    if not isinstance(n_predict, int) or isinstance(n_predict, bool):
+        raise BadRequest("`n_predict` must be an integer", param="n_predict", code="invalid_value")
+    if n_predict > 0:
+        current = doc.get("max_tokens")
+        doc["max_tokens"] = n_predict if not isinstance(current, int) or current <= 0 else min(current, n_predict)
 
 
 def server_root(url: str) -> str:

@@ -85,7 +85,8 @@ class MessagesToCompletions:
         sampling = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(req, k)) is not None}
         gen = Generation(messages=messages, model=req.model, stream=req.stream, tools=tools,
                          tool_choice=_tool_choice(req, tools), max_tokens=req.max_tokens,
-                         stop=req.stop_sequences or None, sampling=sampling)
+                         stop=req.stop_sequences or None, sampling=sampling,
+                         parallel_tool_calls=not (req.tool_choice and req.tool_choice.disable_parallel_tool_use))
         if req.thinking is not None and req.thinking.type in ("enabled", "disabled"):
             gen.template_kwargs = {"enable_thinking": req.thinking.type == "enabled"}
         fmt = (req.output_config.format if req.output_config else None) or req.output_format

@@ -95,7 +95,8 @@ class ResponsesToCompletions:
         tools, echoed = self._tools(req)
         gen = Generation(messages=_history(req), model=req.model, stream=req.stream, tools=tools,
                          tool_choice=_tool_choice(req.tool_choice), max_tokens=req.max_output_tokens,
-                         sampling={k: v for k in ("temperature", "top_p") if (v := getattr(req, k)) is not None})
+                         sampling={k: v for k in ("temperature", "top_p") if (v := getattr(req, k)) is not None},
+                         parallel_tool_calls=req.parallel_tool_calls is not False)
         fmt = req.text.format if req.text else None
         if fmt is not None and fmt.type != "text":
             if fmt.type == "json_object":

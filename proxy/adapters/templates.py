@@ -24,7 +24,9 @@ them (`tokenization_utils_base.py` `apply_chat_template`,
 `_cached_compile_jinja_template`): the same sandboxed environment and helpers,
 messages with their `None` fields dropped, the tokenizer's special tokens and
 the request's `chat_template_kwargs` as top-level variables, `tools`,
-`documents=None`, `add_generation_prompt=True`.
+`documents=None`, `add_generation_prompt` (True unless the request says
+otherwise), and `continue_final_message` as transformers does it
+(`render_prompt`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
+
+import msgspec
 
 from ..errors import BadRequest, ConfigError, TemplateFailed
 from .chat_types import Message
@@ -66,8 +70,9 @@ class Template(Protocol):
     bos_token: str  # "" when the template writes none; the dialects use it against a double BOS
 
     def render(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None,
-               kwargs: dict[str, Any] | None = None) -> str:
-        """The prompt; `kwargs` are the request's `chat_template_kwargs`."""
+               kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> str:
+        """The prompt; `kwargs` are the request's `chat_template_kwargs`; `add_generation_prompt` False
+        ends it after the last message's turn, without opening the assistant's."""
         ...
 
 
@@ -111,15 +116,17 @@ class ChatML:
         self._default_turn = f"{IM_START}system\n{default_system}{IM_END}\n" if default_system is not None else ""
 
     def render(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None,
-               kwargs: dict[str, Any] | None = None) -> str:
-        """`kwargs` are ignored: the Qwen2.5 template reads no variable but messages and tools."""
+               kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> str:
+        """`kwargs` are ignored: the Qwen2.5 template reads no variable but messages, tools and
+        `add_generation_prompt`."""
+        generation = _GENERATION if add_generation_prompt else ""
         first_system = bool(messages) and messages[0].role == "system"
         if not tools and all(m.role != "tool" and not m.tool_calls for m in messages):
             # The hot path: plain turns.
             parts = _plain_turns(messages)
             if not first_system and self._default_turn:
                 parts.insert(0, self._default_turn)
-            parts.append(_GENERATION)
+            parts.append(generation)
             return "".join(parts)
         out: list[str] = []
         if tools:
@@ -157,7 +164,7 @@ class ChatML:
                 out.append(f"\n<tool_response>\n{text_of(m.content)}\n</tool_response>")
                 if i == last or messages[i + 1].role != "tool":
                     out.append(f"{IM_END}\n")
-        out.append(_GENERATION)
+        out.append(generation)
         return "".join(out)
 
 
@@ -227,7 +234,7 @@ class JinjaTemplate:
         self._check_samples("tool_use" in sources)
 
     def render(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None,
-               kwargs: dict[str, Any] | None = None) -> str:
+               kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> str:
         template = self._tool_use if tools else self._default
         context = self.special
         if kwargs:
@@ -238,7 +245,7 @@ class JinjaTemplate:
             context = {**self.special, **kwargs}  # the request's win over special tokens, as in transformers
         try:
             return template.render(messages=[_as_dict(m) for m in messages], tools=tools or None, documents=None,
-                                   add_generation_prompt=True, **context)
+                                   add_generation_prompt=add_generation_prompt, **context)
         except TemplateRejected as exc:
             raise BadRequest(f"the chat template ({self.origin}) rejected the conversation: {exc}",
                              param="messages", code="template_rejected") from None
@@ -284,9 +291,9 @@ class Qwen3(JinjaTemplate):
         super().__init__({"default": _QWEN3.read_text(encoding="utf-8")}, "qwen3", label=label, route=route)
 
     def render(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None,
-               kwargs: dict[str, Any] | None = None) -> str:
-        if tools or not messages or (kwargs and kwargs.keys() - {"enable_thinking"}):
-            return super().render(messages, tools, kwargs)
+               kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> str:
+        if tools or not messages or (kwargs and kwargs.keys() - {"enable_thinking"}) or not add_generation_prompt:
+            return super().render(messages, tools, kwargs, add_generation_prompt)
         last = messages[-1]
         if last.role != "user" or _is_tool_response(last):
             return super().render(messages, tools, kwargs)
@@ -301,6 +308,41 @@ class Qwen3(JinjaTemplate):
         if kwargs and kwargs.get("enable_thinking") is False:  # the template's `enable_thinking is false`
             parts.append("<think>\n\n</think>\n\n")
         return "".join(parts)
+
+
+# transformers' sentinel for `continue_final_message` (utils/chat_template_utils.py `render_jinja_template`).
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def render_prompt(template: Template, messages: Sequence[Message], tools: list[dict[str, Any]] | None,
+                  kwargs: dict[str, Any] | None = None, *, add_generation_prompt: bool = True,
+                  continue_final_message: bool = False) -> str:
+    """The prompt, with vLLM's chat template controls.
+
+    `continue_final_message` (the last message is the assistant's, already begun): the prompt ends
+    right after that message's content, with no end-of-turn token, so the model goes on writing it.
+    Done as transformers' `render_jinja_template` does it, for any template: a sentinel is appended to
+    the final message's content, the conversation is rendered without a generation prompt, and the
+    text is cut where the sentinel starts (before it, and before any spacing the template trimmed).
+    """
+    if not continue_final_message:
+        return template.render(messages, tools, kwargs, add_generation_prompt)
+    last = messages[-1]
+    if last.content is None:
+        raise BadRequest("`continue_final_message` is set but the final message has no content to continue",
+                         param="continue_final_message", code="invalid_value")
+    final = text_of(last.content)
+    tagged = [*messages[:-1], msgspec.structs.replace(last, content=final + CONTINUE_TAG)]
+    rendered = template.render(tagged, tools, kwargs, False)
+    tag = CONTINUE_TAG.strip()
+    if final.strip() not in rendered or tag not in rendered:
+        raise BadRequest("`continue_final_message` is set but the route's chat template does not write the final "
+                         "message as it is, so it cannot be continued", param="continue_final_message",
+                         code="invalid_value")
+    loc = rendered.rindex(tag)
+    if rendered[loc:loc + len(CONTINUE_TAG)] == CONTINUE_TAG:
+        return rendered[:loc]
+    return rendered[:loc].rstrip()
 
 
 def _is_tool_response(m: Message) -> bool:
