@@ -141,7 +141,9 @@ class TableHolder:
         except ConfigError as exc:
             if last_good is None or not Path(last_good).is_file():
                 raise
-            log.error("routes not loaded, serving the last table that loaded: %s", exc)
+            # A warning: the supervisor that saved `last_good` has already reported the broken file
+            # as an error (on SIGHUP or the folder change), and the file must be reported once.
+            log.warning("routes not loaded, serving the last table that loaded: %s", exc)
             table = RouteTable(msgspec.json.decode(Path(last_good).read_bytes(), type=list[RouteConfig]))
         return cls(table, folder, snapshot)
 

@@ -204,3 +204,7 @@ def test_a_worker_replaced_while_a_file_is_broken_serves_the_last_good_table(ups
         text = err.read_text()
         assert "Traceback" not in text and "failed to start" not in text, text
         assert _all_ok(base, "/v1/a")
+    # The broken file is reported as an error once (by the supervisor), however many workers start on it.
+    assert [line["message"] for line in _log_lines(err) if line["level"] == "error"] == [
+        m for m in _messages(err) if "routes not reloaded" in m]
+    assert len([m for m in _messages(err) if "routes not reloaded" in m]) == 1
