@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -188,7 +189,7 @@ def _lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-def test_start_up_logs_the_table_once_and_warns_about_the_default_upstream(tmp_path):
+def test_start_up_logs_the_table_once_and_warns_about_the_default_upstream(tmp_path, monkeypatch):
     """The shipped routes with QWEN_BASE_URL unset, two workers: the table and the warning are
     logged once (by the main process), and no request is sent anywhere."""
     folder = tmp_path / "routes.d"
@@ -198,6 +199,11 @@ def test_start_up_logs_the_table_once_and_warns_about_the_default_upstream(tmp_p
     # machine (the warning is about the variable being unset, whatever the default says).
     for f in folder.glob("*.yaml"):
         f.write_text(f.read_text().replace(SEED, DEAD_DEFAULT))
+    # Fail closed: if the shipped default ever changes, the swap above misses it and this stops the
+    # test before `serve` starts, instead of letting it reach another machine.
+    monkeypatch.delenv("QWEN_BASE_URL")
+    hosts = {urlsplit(u).hostname for r in load_dir(folder) for u in r.upstreams}
+    assert hosts == {"127.0.0.1"}, f"a copied route would leave loopback: {hosts}"
     port = free_port()
     err = tmp_path / "stderr"
     env = {k: v for k, v in os.environ.items() if k not in ("QWEN_BASE_URL", "PROMETHEUS_MULTIPROC_DIR")}
