@@ -65,7 +65,7 @@ def create_app(
     with a 503 (0: sized from the open-file limit).
     """
     holder = table if isinstance(table, TableHolder) else TableHolder(table)
-    if reload and holder.folder is None:
+    if reload and holder.source is None:
         raise ValueError("reload=True needs a TableHolder that knows its routes folder")
     key_holder = KeysHolder(keys) if isinstance(keys, Keyring) else keys
     monitor = Monitor(holder)
@@ -76,7 +76,7 @@ def create_app(
             app.state.client = session
             if reload:
                 tg.start_soon(holder.watch, poll_interval)
-            if key_holder is not None and key_holder.path is not None:
+            if key_holder is not None and key_holder.source is not None:
                 tg.start_soon(key_holder.watch, poll_interval)
             tg.start_soon(monitor.run, session)
             tg.start_soon(descriptors.watch)

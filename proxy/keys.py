@@ -25,7 +25,7 @@ import anyio
 from . import observe
 from .config import MAX_KEY_LENGTH, KeyConfig, load_keys
 from .errors import BadRequest, Forbidden, Unauthorized
-from .reload import POLL_INTERVAL, rebuild, watch_folder
+from .reload import Reloadable, watch_folder
 
 log = logging.getLogger("llmproxy.keys")
 
@@ -116,15 +116,11 @@ def fingerprint(path: Path) -> bytes:
         return b"unreadable: " + str(exc).encode()
 
 
-class KeysHolder:
-    """`current` is read once per request. The file is watched on its own, with or without
-    `--reload`: a revoked key must stop working without a restart."""
+class KeysHolder(Reloadable[Keyring]):
+    """The keys, from the keys file. It is watched on its own, with or without `--reload`:
+    a revoked key must stop working without a restart."""
 
-    def __init__(self, keyring: Keyring, path: Path | str | None = None, snapshot: bytes | None = None) -> None:
-        self.current = keyring
-        self.path = Path(path) if path is not None else None
-        self.snapshot = snapshot
-        self._stop: anyio.Event | None = None
+    failed = "keys not reloaded, the previous keys stay in service"
 
     @classmethod
     def load(cls, path: Path | str) -> KeysHolder:
@@ -133,30 +129,19 @@ class KeysHolder:
         snapshot = fingerprint(path)
         return cls(Keyring(load_keys(path)), path, snapshot)
 
-    def reload(self) -> bool:
-        """Load the file again if it changed; a broken file keeps the previous keys and says why."""
-        if self.path is None:
-            return False
-        snapshot = fingerprint(self.path)
-        if snapshot == self.snapshot:
-            return False
-        self.snapshot = snapshot  # a broken file is reported once, not on every check
-        keyring = rebuild(lambda p: Keyring(load_keys(p)), self.path,
-                          "keys not reloaded, the previous keys stay in service", observe.keys_reloaded)
-        if keyring is None:
-            return False
-        self.current = keyring
-        log.info("keys reloaded from %s: %d key(s)", self.path, len(keyring.callers))
-        return True
+    def _fingerprint(self, source: Path) -> bytes:
+        return fingerprint(source)
 
-    async def watch(self, poll: float = POLL_INTERVAL) -> None:
-        assert self.path is not None, "watch() needs the keys file"
-        self._stop = stop = anyio.Event()
-        self.reload()
-        name = self.path.name
+    def _build(self, source: Path) -> Keyring:
+        return Keyring(load_keys(source))
+
+    def _counted(self, ok: bool) -> None:
+        observe.keys_reloaded(ok)
+
+    def _loaded(self, keyring: Keyring) -> None:
+        log.info("keys reloaded from %s: %d key(s)", self.source, len(keyring.callers))
+
+    async def _watch(self, source: Path, stop: anyio.Event, poll: float) -> None:
         # The file itself, and the `..data` link a Secret/ConfigMap volume swaps to update it.
-        await watch_folder(self.path.parent, self.reload, stop, poll, only=lambda n: n == name or n.startswith(".."))
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
+        name = source.name
+        await watch_folder(source.parent, self.reload, stop, poll, only=lambda n: n == name or n.startswith(".."))

@@ -15,9 +15,8 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import anyio
 import msgspec
@@ -115,15 +114,73 @@ def save_last_good(table: RouteTable, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class TableHolder:
-    """`current` is read once per request; a request keeps the table it started with."""
+def build_table(folder: Path) -> RouteTable:
+    """The table a reload builds: an empty folder is allowed then (routes removed on purpose)."""
+    return RouteTable.from_dir(folder, allow_empty=True)
 
-    def __init__(self, table: RouteTable, folder: Path | str | None = None, snapshot: bytes | None = None) -> None:
-        self.current = table
-        self.folder = Path(folder) if folder is not None else None
+
+class Reloadable(Generic[T]):
+    """A value built from files (`source`), swapped whole when they change: `current` is read
+    once per request, so a request keeps what it started with. A failed build keeps the
+    previous value and is reported once (the snapshot is taken even then)."""
+
+    failed = ""  # the log message of a failed build
+
+    def __init__(self, current: T, source: Path | str | None = None, snapshot: bytes | None = None) -> None:
+        self.current = current
+        self.source = Path(source) if source is not None else None
         # The fingerprint `current` was built from; None: unknown, so the first check reloads.
         self.snapshot = snapshot
         self._stop: anyio.Event | None = None
+
+    def _fingerprint(self, source: Path) -> bytes:
+        raise NotImplementedError
+
+    def _build(self, source: Path) -> T:
+        raise NotImplementedError
+
+    def _counted(self, ok: bool) -> None:
+        """The reload metric."""
+
+    def _loaded(self, value: T) -> None:
+        """Log what a successful reload brought."""
+
+    async def _watch(self, source: Path, stop: anyio.Event, poll: float) -> None:
+        await watch_folder(source, self.reload, stop, poll)
+
+    def reload(self, force: bool = False) -> bool:
+        """Build again if the files changed (or `force`); keep the old value when they are bad."""
+        if self.source is None:
+            return False
+        snapshot = self._fingerprint(self.source)
+        if snapshot == self.snapshot and not force:
+            return False
+        self.snapshot = snapshot  # a broken file is reported once, not on every check
+        value = rebuild(self._build, self.source, self.failed, self._counted)
+        if value is None:
+            return False
+        self.current = value
+        self._loaded(value)
+        return True
+
+    async def watch(self, poll: float = POLL_INTERVAL) -> None:
+        """Reload on every change until cancelled (or `stop()`)."""
+        assert self.source is not None, "watch() needs the files it reloads"
+        self._stop = stop = anyio.Event()
+        self.reload()  # edits made between `load()` and now
+        await self._watch(self.source, stop, poll)
+
+    def stop(self) -> None:
+        """End `watch()` promptly: the watcher thread checks this event every few ms, while
+        a cancellation would wait for its next timeout."""
+        if self._stop is not None:
+            self._stop.set()
+
+
+class TableHolder(Reloadable[RouteTable]):
+    """The route table, from the routes folder."""
+
+    failed = "routes not reloaded, the previous table stays in service"
 
     @classmethod
     def load(cls, folder: Path | str, last_good: Path | str | None = None) -> TableHolder:
@@ -147,35 +204,17 @@ class TableHolder:
             table = RouteTable(msgspec.json.decode(Path(last_good).read_bytes(), type=list[RouteConfig]))
         return cls(table, folder, snapshot)
 
-    def reload(self, force: bool = False) -> bool:
-        """Build a new table if the files changed (or `force`); keep the old one when a file is bad."""
-        if self.folder is None:
-            return False
-        snapshot = fingerprint(self.folder)
-        if snapshot == self.snapshot and not force:
-            return False
-        # Taken even when the build fails: a broken file is reported once, not on every check.
-        self.snapshot = snapshot
-        table = rebuild(partial(RouteTable.from_dir, allow_empty=True), self.folder,
-                        "routes not reloaded, the previous table stays in service", observe.reloaded)
-        if table is None:
-            return False
-        self.current = table
-        log.info("routes reloaded from %s: %d route(s) on %d path(s)", self.folder, len(table.routes), len(table.paths))
-        return True
+    def _fingerprint(self, source: Path) -> bytes:
+        return fingerprint(source)
 
-    async def watch(self, poll: float = POLL_INTERVAL) -> None:
-        """Reload on every change until cancelled (or `stop()`)."""
-        assert self.folder is not None, "watch() needs the routes folder"
-        self._stop = stop = anyio.Event()
-        self.reload()  # edits made between `load()` and now
-        await watch_folder(self.folder, self.reload, stop, poll)
+    def _build(self, source: Path) -> RouteTable:
+        return build_table(source)
 
-    def stop(self) -> None:
-        """End `watch()` promptly: the watcher thread checks this event every few ms, while
-        a cancellation would wait for its next timeout."""
-        if self._stop is not None:
-            self._stop.set()
+    def _counted(self, ok: bool) -> None:
+        observe.reloaded(ok)
+
+    def _loaded(self, table: RouteTable) -> None:
+        log.info("routes reloaded from %s: %d route(s) on %d path(s)", self.source, len(table.routes), len(table.paths))
 
     @contextmanager
     def reload_on_sighup(self) -> Iterator[None]:
@@ -186,7 +225,7 @@ class TableHolder:
         """
         import asyncio
 
-        if self.folder is None:
+        if self.source is None:
             yield
             return
         loop = asyncio.get_running_loop()

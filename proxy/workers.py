@@ -26,14 +26,13 @@ import shutil
 import signal
 import socket
 import tempfile
-from functools import partial
 from pathlib import Path
 
 from uvicorn import Config
 from uvicorn.supervisors import Multiprocess
 
 from . import observe
-from .reload import LAST_GOOD_ENV, fingerprint, rebuild, save_last_good
+from .reload import LAST_GOOD_ENV, TableHolder, build_table, fingerprint, rebuild, save_last_good
 from .routes import RouteTable
 
 log = logging.getLogger("llmproxy.reload")
@@ -82,8 +81,7 @@ class RouteSupervisor(Multiprocess):
     def reload_workers(self) -> bool:
         """Validate the folder once; if it loads, tell every worker to reload from it."""
         # Only a failure is counted here (once); each worker counts its own successful reload.
-        table = rebuild(partial(RouteTable.from_dir, allow_empty=True), self.folder,
-                        "routes not reloaded, the previous table stays in service",
+        table = rebuild(build_table, self.folder, TableHolder.failed,
                         lambda ok: None if ok else observe.reloaded(False))  # fmt: skip
         if table is None:
             return False
