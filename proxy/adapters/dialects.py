@@ -138,7 +138,10 @@ class BodyPolicy:
         self.limit = dict(body.limit) if body is not None else {}
         # `limit: {max_tokens: auto}`: a client's max_tokens larger than what the prompt leaves of the
         # context is lowered to fit, instead of the server refusing the request (Claude Code asks for
-        # 32 000 whatever the model). Costs the same lookup as `auto`, only for requests with a limit.
+        # 32 000 whatever the model). vLLM refuses prompt + max_tokens > max_model_len ("This model's
+        # maximum context length is ...": `serving_engine._validate_input`; the bound itself in
+        # vllm/tests/v1/e2e/test_context_length.py), SGLang refuses >= (see `finish`). Costs the same
+        # lookup as `auto`, only for requests with a limit.
         self.clamp = self.limit.get("max_tokens") == AUTO
         if self.clamp:
             del self.limit["max_tokens"]

@@ -300,7 +300,9 @@ class MessagesCall(FaceCall):
         self._start(block)
         block["input"] = value = _input(call.arguments)
         # The object the whole answer carries, not the model's text: the two agree even when the
-        # model wrote a bare value (the SDK builds `input` from these deltas).
+        # model wrote a bare value. The SDK builds `input` by parsing the concatenated deltas
+        # (anthropic `lib/streaming/_messages.py`, `accumulate_event`: `json_buf += partial_json`,
+        # `content.input = from_json(json_buf, partial_mode=True)`).
         partial = json.dumps(value, ensure_ascii=False)
         self._emit(b"content_block_delta", {"type": "content_block_delta", "index": self._index,
                                             "delta": {"type": "input_json_delta", "partial_json": partial}})
