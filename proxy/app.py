@@ -24,6 +24,7 @@ from litestar.exceptions import HTTPException
 
 from . import catalog, descriptors, errors, headers, observe, tracing
 from .cors import Cors
+from .engines import Engines
 from .descriptors import UpstreamSlots, default_connections, raise_open_files
 from .errors import Overloaded, ProxyError
 from .forward import Exchange, prepare, send_error
@@ -69,21 +70,25 @@ def create_app(
         raise ValueError("reload=True needs a TableHolder that knows its routes folder")
     key_holder = KeysHolder(keys) if isinstance(keys, Keyring) else keys
     monitor = Monitor(holder)
+    engines = Engines()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with client() as session, anyio.create_task_group() as tg:
             app.state.client = session
+            engines.session = session  # before any request: engine health checks use it
             if reload:
                 tg.start_soon(holder.watch, poll_interval)
             if key_holder is not None and key_holder.source is not None:
                 tg.start_soon(key_holder.watch, poll_interval)
             tg.start_soon(monitor.run, session)
             tg.start_soon(descriptors.watch)
+            tg.start_soon(engines.run, holder, session)
             try:
                 with holder.reload_on_sighup():
                     yield
             finally:
+                await engines.close()  # after uvicorn let running responses finish (--grace-period)
                 holder.stop()
                 if key_holder is not None:
                     key_holder.stop()
@@ -101,6 +106,7 @@ def create_app(
         debug=False,
     )
     app.state.holder = holder
+    app.state.engines = engines
     app.state.max_body_size = max_body_size  # named in the 413 message
     app.state.slots = UpstreamSlots(max_upstream_connections or default_connections())
     return Gateway(app, holder, max_body_size, key_holder, cors)
@@ -270,7 +276,7 @@ async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
     models of routes the caller's key may use."""
     caller: Caller | None = request.scope.get(SCOPE_KEY)  # type: ignore[call-overload]
     body = await catalog.models_json(request.app.state.holder.current, getattr(request.app.state, "client", None),
-                                     None if caller is None else caller.may_use)
+                                     None if caller is None else caller.may_use, request.app.state.engines)
     return Response(body, media_type="application/json")
 
 

@@ -15,12 +15,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
 
 from .routes import Route, RouteTable, _ModelEntry, _ModelList, is_glob
+
+if TYPE_CHECKING:
+    from .engines import Engines
 from .upstreams import models_url
 
 log = logging.getLogger("llmproxy.catalog")
@@ -45,24 +48,52 @@ def learners(table: RouteTable) -> list[Route]:
     return [r for r in table.routes if r.models and all(is_glob(g) for g in r.models) and not r.config.upstream_model]
 
 
+class _EngineEntry(msgspec.Struct):
+    """A model whose route starts its engine on demand: listed whether it runs or not, with
+    `status.value` as llama.cpp's router mode says it (its `GET /models`, tools/server/README.md):
+    `loaded` (running), `loading` (starting), `unloaded`."""
+
+    id: str
+    owned_by: str
+    created: int
+    status: dict[str, str]
+    object: str = "model"
+
+
 async def models_json(table: RouteTable, session: aiohttp.ClientSession | None,
-                      may_use: Callable[[str], bool] | None = None) -> bytes:
+                      may_use: Callable[[str], bool] | None = None, engines: Engines | None = None) -> bytes:
     """The list for one caller (`may_use`: the routes its key may use; None: all)."""
     routes = learners(table)
-    if not routes or session is None:
+    on_demand = engines is not None and any(r.engine is not None for r in table.routes)
+    if (not routes or session is None) and not on_demand:
         return table.models_json if may_use is None else table.models_json_for(may_use)
     now = time.monotonic()
-    if _cache["table"] is not table or now - _cache["at"] >= TTL:
+    if routes and session is not None and (_cache["table"] is not table or now - _cache["at"] >= TTL):
         found = await asyncio.gather(*(_ids(session, r) for r in routes))
         _cache.update(table=table, at=now, found=found)
-    entries = table.model_entries(may_use)
-    for route, ids in zip(routes, _cache["found"]):
+    entries: dict[str, Any] = table.model_entries(may_use)
+    for route, ids in zip(routes, _cache["found"] if _cache["table"] is table else ()):
         if may_use is not None and not may_use(route.name):
             continue
         for name in ids:
             if name not in entries and _routes_to(table, route, name):
                 entries[name] = _ModelEntry(id=name, owned_by=route.name, created=table.created)
+    if on_demand:
+        assert engines is not None
+        return _with_status(table, entries, engines)
     return msgspec.json.encode(_ModelList(data=list(entries.values())))
+
+
+def _with_status(table: RouteTable, entries: dict[str, Any], engines: Engines) -> bytes:
+    """Every name an engine route serves, running or not, with its engine's state."""
+    started = {r.name for r in table.routes if r.engine is not None}
+    data = [
+        _EngineEntry(id=e.id, owned_by=e.owned_by, created=e.created,
+                     status={"value": engines.status(e.owned_by) or "unloaded"})
+        if e.owned_by in started else e
+        for e in entries.values()
+    ]  # fmt: skip
+    return msgspec.json.encode(_ModelList(data=data))
 
 
 def _routes_to(table: RouteTable, route: Route, name: str) -> bool:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import KeyConfig
+    from .config import EngineConfig, KeyConfig
     from .routes import RouteTable
 
 EXIT_CONFIG = 2
@@ -164,6 +164,8 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
         extra = (str(getattr(c, "dialect", "") or "-"),) if dialect else ()
         rows.append((c.path, ",".join(c.methods), models, c.adapter, c.stream, ups[0], *extra, c.name, c.source))
         rows.extend(("", "", "", "", "", u, *("" for _ in extra), "", "") for u in ups[1:])
+        if c.engine is not None:
+            rows.append(("", "", "", "", "", describe_engine(c.engine), *("" for _ in extra), "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     warnings = table.warnings()
@@ -172,6 +174,13 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
     if warnings:
         summary += f", {len(warnings)} warning(s)"
     return "\n".join([*lines, summary])
+
+
+def describe_engine(e: EngineConfig) -> str:
+    """One line for `check` and the start-up log: what runs, and when."""
+    when = f"idle_ttl {e.idle_ttl:g} s" if e.idle_ttl else "never stopped when idle"
+    group = f", group {e.group}" if e.group else ""
+    return f"engine: {' '.join(e.argv)} ({when}{group}; started on the first request)"
 
 
 def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
@@ -254,6 +263,10 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         if problem:
             print(f"llmproxy: --otlp-endpoint: {problem}", file=sys.stderr)
             return EXIT_CONFIG
+    refused = engines_refused(table, args.workers)
+    if refused:
+        print(f"llmproxy: {refused}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.grace_period < 0:
         print("llmproxy: --grace-period must be >= 0", file=sys.stderr)
         return EXIT_CONFIG
@@ -303,6 +316,21 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
     return 0
+
+
+def engines_refused(table: RouteTable, workers: int) -> str | None:
+    """`--workers N` with a route that starts its own engine would start N copies of the model
+    (each worker owns its engines): refused, with what to do instead."""
+    if workers <= 1:
+        return None
+    started = [r for r in table.routes if r.engine is not None]
+    if not started:
+        return None
+    names = ", ".join(f"{r.name!r} ({r.config.source})" for r in started)
+    return (f"--workers {workers}: route(s) {names} start their own engine (engine:), and each worker would start "
+            "its own copy of the model; serve them with --workers 1 (one process relays thousands of streams, "
+            "see README \"Thousands of streams on one process\"), or run the model server yourself and point "
+            "upstream: at it")
 
 
 def _log_capacity(max_upstream: int, workers: int) -> None:

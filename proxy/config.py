@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +68,24 @@ class Health(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     healthy_after: int = 1
 
 
+class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`engine:`: the route starts its own model server on demand (proxy/engines.py, README
+    "Several models on one GPU"). `command` runs without a shell; `${PORT}` is a free loopback
+    port the proxy picks at each start."""
+
+    command: str | list[str]
+    health: str = "/health"  # polled until 200 before the first request goes through
+    start_timeout: float = 120.0  # seconds from spawn to a passing health check
+    idle_ttl: float = 0.0  # seconds without a request (and none in flight) before it is stopped; 0: never
+    group: str | None = None  # at most one engine of a group runs at a time
+    stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL when it is stopped
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """The command split as a POSIX shell would split it (no expansion, no globbing)."""
+        return tuple(shlex.split(self.command)) if isinstance(self.command, str) else tuple(self.command)
+
+
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One route file, validated. See README "Route files" for each field."""
 
@@ -91,6 +110,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # Messages / Responses faces: tools a local model cannot run (web_search, code_interpreter, ...)
     # are left out of the prompt (logged, counted), or the request is refused naming them.
     hosted_tools: Literal["ignore", "reject"] = "ignore"
+    engine: EngineConfig | None = None  # the route starts (and stops) its upstream itself
     source: str = ""  # the file it came from; set by the loader, not by users
     # Variables of `upstream` that were unset (or empty) so their `${VAR:-default}` was used;
     # set by the loader, so start-up and `check` can say the route runs on a built-in address.
@@ -102,13 +122,16 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
 
 def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None,
-               defaulted: list[str] | None = None) -> str:
+               defaulted: list[str] | None = None, keep: frozenset[str] = frozenset()) -> str:
     """`${VAR}` and `${VAR:-default}` from the environment; an unset `${VAR}` is an error.
-    The names whose default was used are appended to `defaulted`."""
+    The names whose default was used are appended to `defaulted`; names in `keep` stay as
+    written (`${PORT}` in a route with `engine:` is filled in at each start)."""
     env = os.environ if env is None else env
 
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
+        if name in keep:
+            return m.group(0)
         val = env.get(name)
         if val is None or (val == "" and default is not None):
             if default is None:
@@ -142,7 +165,10 @@ def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
             raise fail(internal, "unknown field")
     data["source"] = label
     defaulted: list[str] = []
-    data = _expand(data, "", env, fail, defaulted)
+    keep = ENGINE_RESERVED if isinstance(data.get("engine"), dict) else frozenset()
+    data = _expand(data, "", env, fail, defaulted, keep)
+    if keep:
+        _check_port_placement(data, fail)
     _check_header_values(data.get("default_headers"), fail)
     if isinstance(data.get("retry"), dict) and True in data["retry"]:
         raise fail("retry.on", "write `when:` (YAML 1.1 reads a bare `on` as true)")
@@ -213,17 +239,18 @@ def load_dir(folder: Path | str, env: dict[str, str] | None = None, *, allow_emp
     return routes
 
 
-def _expand(value: Any, field: str, env: Any, fail: Any, defaulted: list[str]) -> Any:
+def _expand(value: Any, field: str, env: Any, fail: Any, defaulted: list[str],
+            keep: frozenset[str] = frozenset()) -> Any:  # fmt: skip
     if isinstance(value, str):
         try:
             # Only the upstream's defaults are worth a warning (a blank API key is normal).
-            return expand_env(value, env, defaulted if field.startswith("upstream") else None)
+            return expand_env(value, env, defaulted if field.startswith("upstream") else None, keep)
         except KeyError as exc:
             raise fail(field or "file", f"environment variable {exc.args[0]} is not set and has no default") from None
     if isinstance(value, dict):
-        return {k: _expand(v, f"{field}.{k}" if field else str(k), env, fail, defaulted) for k, v in value.items()}
+        return {k: _expand(v, f"{field}.{k}" if field else str(k), env, fail, defaulted, keep) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, f"{field}[{i}]", env, fail, defaulted) for i, v in enumerate(value)]
+        return [_expand(v, f"{field}[{i}]", env, fail, defaulted, keep) for i, v in enumerate(value)]
     return value
 
 
@@ -299,8 +326,11 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
     if not r.upstreams:
         raise fail("upstream", "must name at least one URL")
     upstreams: list[str] = []
+    if r.engine is not None:
+        _check_engine(r, folder, fail)
     for i, url in enumerate(r.upstreams):
         field = "upstream" if isinstance(r.upstream, str) else f"upstream[{i}]"
+        url = url.replace(PORT, _PORT_PROBE)  # validated with a port in its place, kept as written below
         bad = _URL_BAD.search(url)
         if bad:
             what = "a space" if bad.group() == " " else f"the character {bad.group()!r}"
@@ -320,6 +350,8 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
                               "(e.g. Authorization: Basic ...), where they stay out of logs")
         if parts.query or parts.fragment:
             raise fail(field, f"must not carry a query or fragment, got {url!r}")
+        if PORT in r.upstreams[i]:
+            upstreams[-1] = normalize_url(r.upstreams[i])
     headers: dict[str, str] = {}
     seen: set[str] = set()
     for name, value in r.default_headers.items():
@@ -350,7 +382,9 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
             raise fail("template", f"neither {builtin} nor an existing file: {tpath}")
         template = str(tpath)
     upstream: str | list[str] = upstreams[0] if isinstance(r.upstream, str) else upstreams
-    return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template, upstream=upstream)
+    engine = r.engine if r.engine is None else _resolve_program(r.engine, folder)
+    return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template, upstream=upstream,
+                                   engine=engine)  # fmt: skip
 
 
 # Anything outside RFC 3986's characters (white space, controls, quotes, <>{}|\^`, non-ASCII),
@@ -528,3 +562,87 @@ def _key_lines(node: Any) -> dict[str, int]:
     if not isinstance(node, yaml.MappingNode):
         return {}
     return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+
+
+# --- `engine:` (the route starts its own model server; proxy/engines.py) ---------------------
+
+PORT = "${PORT}"  # the engine's port, chosen by the proxy at each start
+ENGINE_RESERVED = frozenset({"PORT"})  # never read from the environment in a route with `engine:`
+_PORT_PROBE = "65535"  # stands in for `${PORT}` while a URL is validated (never sent anywhere)
+
+
+def _check_port_placement(data: dict[str, Any], fail: Any) -> None:
+    """`${PORT}` means something only in `engine.command` and `upstream`; anywhere else it
+    would be sent as written, so say so."""
+
+    def walk(value: Any, field: str) -> None:
+        if isinstance(value, str):
+            if PORT in value and not (field.startswith("upstream") or field.startswith("engine.command")):
+                raise fail(field, "${PORT} is only filled in in engine.command and upstream (it is the engine's port)")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{field}.{k}" if field else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{field}[{i}]")
+
+    walk(data, "")
+
+
+def _check_engine(r: RouteConfig, folder: Path, fail: Any) -> None:
+    """What `llmproxy check` can know offline about an `engine:` before anything runs."""
+    e = r.engine
+    assert e is not None
+    try:
+        argv = e.argv
+    except ValueError as exc:  # shlex: "No closing quotation"
+        raise fail("engine.command", f"cannot be split as a shell would: {exc}") from None
+    if not argv or not argv[0]:
+        raise fail("engine.command", "is empty; name the program that serves the model, e.g. llama-server ...")
+    program = _program_path(argv[0], folder)
+    if program is None:
+        where = "on PATH" if "/" not in argv[0] else "(relative paths are read from the routes folder)"
+        raise fail("engine.command", f"program {argv[0]!r} not found {where}")
+    if not os.access(program, os.X_OK) or not program.is_file():
+        raise fail("engine.command", f"program {str(program)!r} is not an executable file")
+    if not e.health.startswith("/"):
+        raise fail("engine.health", f"must be a path starting with '/', got {e.health!r}")
+    if e.start_timeout <= 0:
+        raise fail("engine.start_timeout", "must be a positive number of seconds")
+    if e.idle_ttl < 0:
+        raise fail("engine.idle_ttl", "must be >= 0 seconds (0: never stop)")
+    if e.stop_timeout < 0:
+        raise fail("engine.stop_timeout", "must be >= 0 seconds")
+    if e.group is not None and not e.group.strip():
+        raise fail("engine.group", "must not be empty (leave it out for no group)")
+    if not isinstance(r.upstream, str):
+        raise fail("upstream", "a route with engine: has one upstream, the engine's: write it as one URL "
+                               "(http://127.0.0.1:${PORT}/v1/completions)")
+    in_command = any(PORT in a for a in argv)
+    if in_command and PORT not in r.upstream:
+        raise fail("upstream", "engine.command listens on ${PORT}, so the upstream must name it: "
+                               "http://127.0.0.1:${PORT}/v1/completions")
+    if PORT in r.upstream and not in_command:
+        raise fail("engine.command", "the upstream names ${PORT}, but the command never passes it to the "
+                                     "server (e.g. --port ${PORT})")
+    if r.health is not None:
+        raise fail("health", "a route with engine: checks its engine itself (engine.health); remove health:")
+
+
+def _program_path(name: str, folder: Path) -> Path | None:
+    """A bare name from PATH (as execvp finds it); a path, relative to the routes folder."""
+    import shutil
+
+    if "/" not in name:
+        found = shutil.which(name)
+        return Path(found) if found else None
+    path = Path(name) if Path(name).is_absolute() else folder / name
+    return path if path.exists() else None
+
+
+def _resolve_program(e: EngineConfig, folder: Path) -> EngineConfig:
+    """The command with its program as an absolute path, so the engine runs what `check` saw
+    whatever the working directory (a reload, or `check` and `serve` started elsewhere)."""
+    argv = e.argv
+    program = _program_path(argv[0], folder)
+    return msgspec.structs.replace(e, command=[str(program.resolve() if program else argv[0]), *argv[1:]])
