@@ -79,6 +79,7 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     idle_ttl: float = 0.0  # seconds without a request (and none in flight) before it is stopped; 0: never
     group: str | None = None  # at most one engine of a group runs at a time
     stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL when it is stopped
+    env: dict[str, str] = {}  # added to the proxy's environment for the engine (CUDA_VISIBLE_DEVICES: "0")
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -613,6 +614,9 @@ def _check_engine(r: RouteConfig, folder: Path, fail: Any) -> None:
         raise fail("engine.idle_ttl", "must be >= 0 seconds (0: never stop)")
     if e.stop_timeout < 0:
         raise fail("engine.stop_timeout", "must be >= 0 seconds")
+    for name in e.env:
+        if not name or "=" in name or "\0" in name:
+            raise fail(f"engine.env.{name}", "is not an environment variable name")
     if e.group is not None and not e.group.strip():
         raise fail("engine.group", "must not be empty (leave it out for no group)")
     if not isinstance(r.upstream, str):

@@ -308,7 +308,7 @@ class Engine:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True, limit=1 << 20,
-                preexec_fn=_die_with_parent(os.getpid()),
+                env={**os.environ, **cfg.env} if cfg.env else None, preexec_fn=_die_with_parent(os.getpid()),
             )  # fmt: skip
         except OSError as exc:
             raise EngineStartFailed(f"engine of route {self.name!r} could not run {argv[0]}: {exc}") from None

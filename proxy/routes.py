@@ -58,7 +58,8 @@ class Route:
         # `engine:` (proxy/engines.py): None, or the process the route starts itself; the forwarder
         # waits for it before sending (one attribute test per request on every other route).
         self.engine = config.engine
-        self.engine_key = (config.name, config.engine.argv, config.engine.group) if config.engine else None
+        e = config.engine
+        self.engine_key = (config.name, e.argv, e.group, tuple(sorted(e.env.items()))) if e else None
         # An engine's `${PORT}` is known once it starts: until then the URL names port 0 (nothing is
         # sent before the engine runs; `Engine` moves the upstream to its port at each start).
         self.upstreams = tuple(u.replace(PORT, "0") for u in config.upstreams) if config.engine else config.upstreams

@@ -91,7 +91,7 @@ def main() -> None:
 
         def do_POST(self) -> None:  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-            text = f"{a.name} pid {pid}"
+            text = f"{a.name} pid {pid}" + (f" {os.environ['ENGINE_GREETING']}" if "ENGINE_GREETING" in os.environ else "")
             if body.get("stream"):
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")

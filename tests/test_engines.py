@@ -137,18 +137,20 @@ def models(base: str) -> dict[str, str]:
 def test_the_first_request_starts_the_engine_and_the_next_go_straight_through(routes_dir, serve_holder, log_dir,
                                                                              access_lines):  # fmt: skip
     name = unique("first")
-    base = serve_holder(routes_dir(a=engine_route(name, log_dir, "--load-seconds", "0.3")))
+    base = serve_holder(routes_dir(a=engine_route(name, log_dir, "--load-seconds", "0.3",
+                                                  engine="env: {ENGINE_GREETING: hello}\n")))  # fmt: skip
     assert models(base) == {name: "unloaded"}, "listed before it ever ran"
     assert starts(log_dir) == [], "nothing starts before a request"
 
     first = complete(base)
     assert first.status_code == 200, first.text
     pid = int(first.headers["x-engine-pid"])
+    assert first.json()["choices"][0]["text"] == f"{name} pid {pid} hello", "engine.env reached the engine"
     assert starts(log_dir) == [pid]
     assert models(base) == {name: "loaded"}
     second = complete(base, stream=True)
     assert second.status_code == 200 and int(second.headers["x-engine-pid"]) == pid
-    assert f"pid {pid} #2" in second.text
+    assert f"pid {pid} hello #2" in second.text
 
     wait_for(lambda: len(access_lines()) == 2, what="two access lines")
     waited, straight = access_lines()
