@@ -15,9 +15,14 @@ install:
     @if [ ! -f {{venv}}/.stamp ] || [ pyproject.toml -nt {{venv}}/.stamp ]; then \
         {{py}} -m pip install -q --disable-pip-version-check -e '.[dev]' && touch {{venv}}/.stamp; fi
 
-# Run the test suite (unit + loopback integration).
+# Run the test suite (unit + loopback integration; the real-engine tests are `just test-engine`).
 test *ARGS: install
-    {{py}} -m pytest {{ARGS}}
+    {{py}} -m pytest --ignore=tests/engine {{ARGS}}
+
+# Test against llama.cpp's own llama-server: builds it once (~10-15 min on 2 cores, cached in ~/.cache/llmproxy/engine).
+test-engine *ARGS: install
+    tests/engine/build.sh >/dev/null
+    {{py}} -m pytest tests/engine {{ARGS}}
 
 # Start the mock upstream and the proxy on loopback, send one chat request, stream the answer.
 demo: install
