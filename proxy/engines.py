@@ -535,8 +535,9 @@ class Engines:
                 return engine.status
         return None
 
-    def routes_running(self) -> int:
-        return sum(1 for e in self._by_key.values() if e.state == RUNNING)
+    def processes(self) -> dict[str, int]:
+        """Route name -> pid of every engine process alive now (draining ones included)."""
+        return {e.name: e.proc.pid for e in (*self._by_key.values(), *self._retired.values()) if e.proc is not None}
 
     def adopt(self, table: RouteTable) -> None:
         """A new table: engines whose route is gone or whose command or group changed are
