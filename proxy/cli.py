@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
     s.add_argument("--reload", action="store_true", help="watch the routes folder and swap in a new table on change")
-    s.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default: 1)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the port (default: 1; routes with engine: need 1, or each worker "
+                   "would start its own copy of the model)")
     s.add_argument("--max-body-size", type=int, default=10 * 2**20, help="largest request body in bytes (default: 10 MiB)")
     s.add_argument("--max-upstream-connections", type=int, default=0, metavar="N",
                    help="upstream requests in flight per process; past it a request is refused at once with a 503 "
@@ -263,7 +265,9 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         if problem:
             print(f"llmproxy: --otlp-endpoint: {problem}", file=sys.stderr)
             return EXIT_CONFIG
-    refused = engines_refused(table, args.workers)
+    from .engines import workers_refused
+
+    refused = workers_refused(table, args.workers)
     if refused:
         print(f"llmproxy: {refused}", file=sys.stderr)
         return EXIT_CONFIG
@@ -316,21 +320,6 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
     return 0
-
-
-def engines_refused(table: RouteTable, workers: int) -> str | None:
-    """`--workers N` with a route that starts its own engine would start N copies of the model
-    (each worker owns its engines): refused, with what to do instead."""
-    if workers <= 1:
-        return None
-    started = [r for r in table.routes if r.engine is not None]
-    if not started:
-        return None
-    names = ", ".join(f"{r.name!r} ({r.config.source})" for r in started)
-    return (f"--workers {workers}: route(s) {names} start their own engine (engine:), and each worker would start "
-            "its own copy of the model; serve them with --workers 1 (one process relays thousands of streams, "
-            "see README \"Thousands of streams on one process\"), or run the model server yourself and point "
-            "upstream: at it")
 
 
 def _log_capacity(max_upstream: int, workers: int) -> None:

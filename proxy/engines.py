@@ -124,6 +124,8 @@ class Group:
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.queue.append((engine, turn))
+        if self.holder is None:
+            self._grant()
         self.evict()
         try:
             await turn
@@ -138,6 +140,10 @@ class Group:
         if self.holder is not engine:
             return
         self.holder = None
+        self._grant()
+
+    def _grant(self) -> None:
+        """The group is free: the first in line that still waits holds it."""
         while self.queue:
             nxt, turn = self.queue.popleft()
             if not turn.done():
@@ -577,6 +583,21 @@ class Engines:
         self._by_key.clear()
         self._retired.clear()
         await asyncio.gather(*(e.close() for e in engines), return_exceptions=True)
+
+
+def workers_refused(table: RouteTable, workers: int) -> str | None:
+    """`--workers N` with a route that starts its own engine would start N copies of the model
+    (each worker owns its engines): refused, with what to do instead."""
+    if workers <= 1:
+        return None
+    started = [r for r in table.routes if r.engine is not None]
+    if not started:
+        return None
+    names = ", ".join(f"{r.name!r} ({r.config.source})" for r in started)
+    return (f"--workers {workers}: route(s) {names} start their own engine (engine:), and each worker would start "
+            "its own copy of the model; serve them with --workers 1 (one process relays thousands of streams, "
+            "see README \"Thousands of streams on one process\"), or run the model server yourself and point "
+            "upstream: at it")
 
 
 def _quiet(task: asyncio.Task[Any]) -> None:

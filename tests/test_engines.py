@@ -433,3 +433,25 @@ def test_no_engine_outlives_the_proxy(routes_dir, log_dir, tmp_path, how):
         text = err.read_text()
         assert "did not exit within stop_timeout (0.5 s) of SIGTERM; killing it" in text
         assert "engine of route 'orphan' stopped (shutdown)" in text
+
+
+def test_workers_refuse_a_reload_that_adds_an_engine(routes_dir, upstream, log_dir, tmp_path):
+    """With `--workers 2` running, a route file with `engine:` dropped in is refused as a broken
+    file is: reported once, the table stays, no worker starts a copy of the model."""
+    folder = routes_dir(plain=f"path: /v1/completions\nupstream: {upstream.url}/v1/completions\n")
+    port, err = free_port(), tmp_path / "stderr"
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with err.open("wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--routes", str(folder), "--port", str(port),
+                                 "--workers", "2", "--reload"], stdout=subprocess.DEVNULL, stderr=stderr, env=env)  # fmt: skip
+    try:
+        wait_ready(proc, base, err)
+        (folder / "eng.yaml").write_text(engine_route("eng", log_dir, models="eng"))
+        wait_for(lambda: "each worker would start its own copy" in err.read_text(), what="the refusal logged")
+        r = complete(base, "eng")
+        assert r.status_code == 200 and "x-engine-pid" not in r.headers, "the plain route still answers"
+        assert starts(log_dir) == []
+    finally:
+        assert stop(proc) == 0
+    assert err.read_text().count("each worker would start its own copy") == 1
