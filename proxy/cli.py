@@ -265,9 +265,9 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         if problem:
             print(f"llmproxy: --otlp-endpoint: {problem}", file=sys.stderr)
             return EXIT_CONFIG
-    from .engines import workers_refused
+    from .config import workers_refused
 
-    refused = workers_refused(table, args.workers)
+    refused = workers_refused([r.config for r in table.routes], args.workers)
     if refused:
         print(f"llmproxy: {refused}", file=sys.stderr)
         return EXIT_CONFIG

@@ -585,21 +585,6 @@ class Engines:
         await asyncio.gather(*(e.close() for e in engines), return_exceptions=True)
 
 
-def workers_refused(table: RouteTable, workers: int) -> str | None:
-    """`--workers N` with a route that starts its own engine would start N copies of the model
-    (each worker owns its engines): refused, with what to do instead."""
-    if workers <= 1:
-        return None
-    started = [r for r in table.routes if r.engine is not None]
-    if not started:
-        return None
-    names = ", ".join(f"{r.name!r} ({r.config.source})" for r in started)
-    return (f"--workers {workers}: route(s) {names} start their own engine (engine:), and each worker would start "
-            "its own copy of the model; serve them with --workers 1 (one process relays thousands of streams, "
-            "see README \"Thousands of streams on one process\"), or run the model server yourself and point "
-            "upstream: at it")
-
-
 def _quiet(task: asyncio.Task[Any]) -> None:
     """A start nobody waits for (after a reload) reports its own failure in the log."""
     if not task.cancelled():

@@ -32,7 +32,7 @@ from uvicorn import Config
 from uvicorn.supervisors import Multiprocess
 
 from . import observe
-from .engines import workers_refused
+from .config import workers_refused
 from .reload import LAST_GOOD_ENV, TableHolder, build_table, fingerprint, rebuild, save_last_good
 from .routes import RouteTable
 
@@ -86,7 +86,7 @@ class RouteSupervisor(Multiprocess):
                         lambda ok: None if ok else observe.reloaded(False))  # fmt: skip
         if table is None:
             return False
-        refused = workers_refused(table, len(self.processes) or 2)
+        refused = workers_refused([r.config for r in table.routes], len(self.processes) or 2)
         if refused:  # each worker would start its own copy of the model
             log.error("%s: %s", TableHolder.failed, refused)
             observe.reloaded(False)
