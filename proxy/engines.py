@@ -183,6 +183,7 @@ class Engine:
         self.not_before = 0.0  # monotonic: no start before this (backoff)
         self.last_failure = ""
         self.started_at = 0.0
+        self.last_used = 0.0  # monotonic: when the last request ended (the idle clock)
         self._start: asyncio.Task[None] | None = None
         self._current: _Start | None = None
         self._stop: asyncio.Task[None] | None = None
@@ -207,9 +208,6 @@ class Engine:
         """The hot path: the engine runs and takes requests; count this one in."""
         if self.state == RUNNING and not self.closing:
             self.inflight += 1
-            if self._idle is not None:
-                self._idle.cancel()
-                self._idle = None
             return True
         return False
 
@@ -248,6 +246,13 @@ class Engine:
         if self.closing:
             self._begin_stop(self.cause)
         elif self.config.idle_ttl > 0:
+            self._idle_from_now()
+
+    def _idle_from_now(self) -> None:
+        """The idle clock starts now. One timer at a time, which looks again when it fires: a
+        request costs a clock reading, not a timer made and cancelled (3 us -> 0.3 us)."""
+        self.last_used = time.monotonic()
+        if self._idle is None:
             self._idle = asyncio.get_running_loop().call_later(self.config.idle_ttl, self._idle_over)
 
     def _backoff_error(self, now: float) -> EngineStartFailed:
@@ -301,7 +306,7 @@ class Engine:
         if self.closing and self.inflight == 0:
             self._begin_stop(self.cause)
         elif self.inflight == 0 and self.config.idle_ttl > 0:
-            self._idle = asyncio.get_running_loop().call_later(self.config.idle_ttl, self._idle_over)
+            self._idle_from_now()
 
     async def _launch(self) -> None:
         """Spawn the command on a fresh port and poll its health until it passes."""
@@ -424,9 +429,15 @@ class Engine:
 
     def _idle_over(self) -> None:
         self._idle = None
-        if self.state == RUNNING and self.inflight == 0 and not self.closing:
-            log.info("engine of route %r: no request for %g s (idle_ttl); stopping it", self.name, self.config.idle_ttl)
-            self._begin_stop("idle")
+        ttl = self.config.idle_ttl
+        if self.state != RUNNING or self.inflight or self.closing or ttl <= 0:
+            return  # busy: the last request to end starts the clock again
+        left = self.last_used + ttl - time.monotonic()
+        if left > 0:  # a request came and went since the timer was set
+            self._idle = asyncio.get_running_loop().call_later(left, self._idle_over)
+            return
+        log.info("engine of route %r: no request for %g s (idle_ttl); stopping it", self.name, ttl)
+        self._begin_stop("idle")
 
     def _begin_stop(self, cause: str) -> None:
         if self.state != RUNNING:

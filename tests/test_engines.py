@@ -244,6 +244,16 @@ def test_idle_stop_never_cuts_a_stream_and_the_next_request_starts_it_again(rout
     assert len(starts(log_dir)) == 2
 
 
+def test_each_request_starts_the_idle_clock_again(routes_dir, serve_holder, log_dir):
+    base = serve_holder(routes_dir(a=engine_route(unique("busy"), log_dir, engine="idle_ttl: 1\n")))
+    pid = int(complete(base).headers["x-engine-pid"])
+    for _ in range(6):  # 2.4 s of traffic, never 1 s apart
+        time.sleep(0.4)
+        assert int(complete(base).headers["x-engine-pid"]) == pid
+    assert starts(log_dir) == [pid], "never stopped while requests kept coming"
+    wait_for(lambda: not alive(pid), within=5, what="the idle stop once they stopped")
+
+
 # --- groups ----------------------------------------------------------------------------------------
 
 
