@@ -107,7 +107,7 @@ def _routes_to(table: RouteTable, route: Route, name: str) -> bool:
 
 
 async def _ids(session: aiohttp.ClientSession, route: Route) -> list[str]:
-    url = models_url(route.upstreams[0])
+    url = models_url(route.pool.members[0].url)  # an engine's, on the port of its current run
     hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in route.defaults}
     try:
         async with session.get(url, headers=hdrs, allow_redirects=False,

@@ -162,7 +162,8 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
         models = ",".join(c.models) or "* (fallback)"
         if c.upstream_model:
             models += f" -> {c.upstream_model}"
-        ups = [f"{u} [{health.get(u, '?')}]" if health is not None else u for u in c.upstreams]
+        unknown = "not probed: its engine starts on demand" if c.engine is not None else "?"
+        ups = [f"{u} [{health.get(u, unknown)}]" if health is not None else u for u in c.upstreams]
         extra = (str(getattr(c, "dialect", "") or "-"),) if dialect else ()
         rows.append((c.path, ",".join(c.methods), models, c.adapter, c.stream, ups[0], *extra, c.name, c.source))
         rows.extend(("", "", "", "", "", u, *("" for _ in extra), "", "") for u in ups[1:])
@@ -223,7 +224,7 @@ def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
     async def run() -> dict[str, str]:
         checks: dict[str, tuple[str, dict[str, str]]] = {}
         for r in table.routes:
-            for u in r.upstreams:
+            for u in r.upstreams if r.engine is None else ():  # an engine is not up until a request starts it
                 checks.setdefault(u, (models_url(u), dict(r.config.default_headers)))
         bases = {url: hdrs for url, hdrs in checks.values()}
         t = aiohttp.ClientTimeout(total=timeout)

@@ -465,3 +465,12 @@ def test_workers_refuse_a_reload_that_adds_an_engine(routes_dir, upstream, log_d
     finally:
         assert stop(proc) == 0
     assert err.read_text().count("each worker would start its own copy") == 1
+
+
+def test_check_probe_leaves_engines_alone(routes_dir, log_dir):
+    folder = routes_dir(a=engine_route("lazy", log_dir))
+    done = subprocess.run([sys.executable, "-m", "proxy", "check", "--probe", "--routes", str(folder)],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[not probed: its engine starts on demand]" in done.stdout
+    assert starts(log_dir) == []
