@@ -168,7 +168,7 @@ class Engine:
         self.owner = owner
         self.name = route.name
         self.config: EngineConfig = route.engine
-        self.template = route.config.upstreams[0]  # with `${PORT}`
+        self.template = route.config.upstreams[0]
         self.group = group
         self.predecessor = predecessor  # the engine a reload replaced: it must be gone before this starts
         self.state = STOPPED
@@ -198,6 +198,7 @@ class Engine:
         """A table's route uses this engine: its upstream follows the engine's port, and the
         route file's latest timings apply (a reload that changes only those restarts nothing)."""
         self.config = route.engine or self.config
+        self.template = route.config.upstreams[0]  # with `${PORT}`; its path may change on a reload
         pool = route.pool
         if not any(p is pool for p in self._pools):
             self._pools = [*self._pools[-7:], pool]  # the tables in use; older ones are gone
