@@ -28,10 +28,11 @@ from .descriptors import UpstreamSlots, default_connections, raise_open_files
 from .errors import Overloaded, ProxyError
 from .forward import Exchange, prepare, send_error
 from .health import Monitor
-from .keys import CREDENTIAL_HEADERS, SCOPE_KEY, Caller, Keyring, KeysHolder
+from .keys import CREDENTIAL_HEADERS, Caller, Keyring, KeysHolder
 from .limits import Limiter, Limiters
 from .reload import LAST_GOOD_ENV, POLL_INTERVAL, TableHolder
 from .routes import Route, RouteTable
+from .scope_keys import CALLER_KEY
 from .transport import ClientFactory, make_client
 
 DEFAULT_MAX_BODY = 10 * 2**20
@@ -146,7 +147,7 @@ class Gateway:
             return
         if self.keys is not None and path not in OPEN_PATHS:
             try:
-                scope[SCOPE_KEY] = self.keys.current.authenticate(scope["headers"])
+                scope[CALLER_KEY] = self.keys.current.authenticate(scope["headers"])
             except ProxyError as exc:
                 observe.Meter(scope)
                 await reject(scope, send, exc, table.face(path))
@@ -159,7 +160,7 @@ class Gateway:
         route: Route | None = None
         try:
             if self.keys is not None:  # before the body: an unknown client costs no read
-                caller = scope[SCOPE_KEY] = self.keys.current.authenticate(scope["headers"], scope["query_string"])
+                caller = scope[CALLER_KEY] = self.keys.current.authenticate(scope["headers"], scope["query_string"])
             body = await read_body(scope, receive, self.max_body_size)
             if body is None:
                 return  # the client left while sending
@@ -268,7 +269,7 @@ async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
     """OpenAI's model list, from the route table (built with it, so usually one attribute read;
     glob-only routes add what their upstreams list: proxy/catalog.py); with keys on, only the
     models of routes the caller's key may use."""
-    caller: Caller | None = request.scope.get(SCOPE_KEY)  # type: ignore[call-overload]
+    caller: Caller | None = request.scope.get(CALLER_KEY)  # type: ignore[call-overload]
     body = await catalog.models_json(request.app.state.holder.current, getattr(request.app.state, "client", None),
                                      None if caller is None else caller.may_use)
     return Response(body, media_type="application/json")
@@ -279,7 +280,7 @@ def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
     """OpenAI's retrieve-model: a name some route serves, else 404 `model_not_found`.
     A path parameter: model ids carry slashes (`Qwen/Qwen2.5-7B-Instruct`)."""
     name = model_id.lstrip("/")
-    caller: Caller | None = request.scope.get(SCOPE_KEY)  # type: ignore[call-overload]
+    caller: Caller | None = request.scope.get(CALLER_KEY)  # type: ignore[call-overload]
     entry = request.app.state.holder.current.model(name, None if caller is None else caller.may_use)
     if entry is None:
         raise errors.ModelNotFound(f"model {name!r} is not served by any route", param="model")

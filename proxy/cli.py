@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .version import version
 
 if TYPE_CHECKING:
     from .config import KeyConfig
@@ -28,22 +29,13 @@ EXIT_DOWN = 4  # `check --probe`: an upstream did not answer
 log = logging.getLogger("llmproxy")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llmproxy")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmproxy",
         description="A declarative proxy for local LLM servers. Routes come from YAML files in a folder "
         "(one route per file); the shipped default turns OpenAI chat requests into legacy completions.",
     )
-    p.add_argument("--version", action="version", version=f"llmproxy {_version()}")
+    p.add_argument("--version", action="version", version=f"llmproxy {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     routes_help = "folder of route files (default: $LLMPROXY_ROUTES or ./routes.d)"
     default_routes = os.environ.get("LLMPROXY_ROUTES", "routes.d")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import re
+import resource
 import traceback
 from urllib.parse import urlsplit
 from collections.abc import Iterable, Sequence
@@ -394,8 +395,6 @@ def from_upstream(exc: Exception, route: Route, url: str) -> ProxyError:
         reason = _scrub(_os_reason(exc.os_error), route)
         return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: TLS with {where} failed: {reason}")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        from .descriptors import from_exhaustion
-
         os_error = exc.os_error
         if (ours := from_exhaustion(exc, name)) is not None:
             return ours  # the proxy's own shortage, not the upstream's fault
@@ -410,6 +409,22 @@ def from_upstream(exc: Exception, route: Route, url: str) -> ProxyError:
     if isinstance(exc, (aiohttp.InvalidURL, aiohttp.ClientResponseError)):
         return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: {type(exc).__name__}")
     return UpstreamBroken(f"upstream of route {name!r} ({where}) failed: {type(exc).__name__}")
+
+
+def from_exhaustion(exc: BaseException, route: str) -> ProcessLimit | None:
+    """The 503 for an upstream connect that failed for want of descriptors, else None: the
+    proxy's own shortage (descriptors.py sizes the limit to avoid it), not the upstream's fault."""
+    os_error = getattr(exc, "os_error", exc)
+    if not isinstance(os_error, OSError) or os_error.errno not in (errno.EMFILE, errno.ENFILE):
+        return None
+    which = "this process's open-file limit" if os_error.errno == errno.EMFILE else "the system's file table"
+    return ProcessLimit(
+        f"the proxy ran out of file descriptors ({which}, soft RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}) connecting upstream "
+        f"for route {route!r}: raise the limit (ulimit -n, LimitNOFILE=, the container's nofile) or lower "
+        "--max-upstream-connections",
+        code="out_of_file_descriptors",
+        headers={"retry-after": "1"},
+    )
 
 
 def context_unknown(route: str, why: str | BaseException) -> ContextUnknown:

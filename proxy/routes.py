@@ -19,17 +19,10 @@ from .adapters import Adapter, make_adapter
 from .config import RouteConfig, load_dir
 from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body, face_of
 from .headers import Headers, normalize
+from .request_model import UNREAD, Unread, model_of
 from .retry import RetryPolicy
 from .transport import route_timeout
 from .upstreams import Pool
-
-
-class _Model(msgspec.Struct):
-    model: str | None = None
-
-
-# Decodes only `model`; msgspec skips the rest (messages, prompt) without building objects.
-_decode_model = msgspec.json.Decoder(_Model).decode
 
 
 class _ModelEntry(msgspec.Struct):
@@ -79,18 +72,6 @@ class Route:
             sub.adapter = adapter
             out[self.config.path.rstrip("/") + suffix] = sub
         return out
-
-
-class Unread:
-    """The type of `UNREAD`: routing did not need the body's `model`."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "UNREAD"
-
-
-UNREAD = Unread()
 
 
 class _Choice:
@@ -162,7 +143,7 @@ class RouteTable:
             raise MethodNotAllowed(f"method {method} is not allowed on {path}; allowed: {allowed}", headers={"allow": allowed})
         if choice.direct is not None:
             return choice.direct, UNREAD
-        model = _model_of(body)
+        model = model_of(body)
         for r in choice.by_model:
             if r.serves(model):
                 return r, model
@@ -298,14 +279,3 @@ def _require_json(body: bytes) -> None:
         msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise bad_body(exc) from None
-
-
-def _model_of(body: bytes) -> str | None:
-    """The body's `model`; None when the body is not JSON (the fallback route, or 404, decides).
-    JSON whose `model` is not a string is the client's mistake: 400 naming the field."""
-    try:
-        return _decode_model(body).model
-    except msgspec.ValidationError as exc:
-        raise bad_body(exc) from None
-    except msgspec.DecodeError:
-        return None

@@ -31,6 +31,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from .request_model import model_or_none
+from .version import version
+
 if TYPE_CHECKING:
     from .forward import Exchange
     from .observe import Meter
@@ -70,9 +73,7 @@ def setup(endpoint: str | None = None, *, content: bool = False, exporter: Any =
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    from .cli import _version
-
-    provider = TracerProvider(resource=Resource.create({"service.name": "llmproxy", "service.version": _version()}))
+    provider = TracerProvider(resource=Resource.create({"service.name": "llmproxy", "service.version": version()}))
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
@@ -81,7 +82,7 @@ def setup(endpoint: str | None = None, *, content: bool = False, exporter: Any =
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     shutdown()
     _provider = provider
-    TRACER = provider.get_tracer("llmproxy", _version())
+    TRACER = provider.get_tracer("llmproxy", version())
     CONTENT = content
     return provider
 
@@ -242,8 +243,7 @@ def _request_model(meter: Meter) -> str | None:
     model = meter.model
     if isinstance(model, str):
         return model
-    body = _body(meter.body)
-    return body.model if body is not None and isinstance(body.model, str) else None
+    return model_or_none(meter.body)
 
 
 def _body(data: bytes | None) -> _Body | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from .. import observe
 from ..errors import BadRequest
 from .core import Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, TurnCall, Usage
 from .dialects import server_root
@@ -39,8 +40,6 @@ def left_out(route: str, policy: str, kinds: list[str], field: str, hint: str) -
         raise BadRequest(f"this route cannot run the tools {', '.join(sorted(set(kinds)))} (a local model behind a "
                          f"completions upstream; the route has `hosted_tools: reject`){hint}", param=field,
                          code="unsupported_tool")
-    from .. import observe
-
     observe.left_out_tools(route, kinds)
 
 

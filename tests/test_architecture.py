@@ -1,0 +1,95 @@
+"""The package's shape: imports run one way, and the wheel holds every module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PROXY = Path(__file__).resolve().parent.parent / "proxy"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PROXY.rglob("*.py"):
+        parts = path.relative_to(PROXY.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _runtime_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules `name` imports when it runs: module level and inside functions
+    (a lazy import that dodges a cycle is still a cycle), not under `if TYPE_CHECKING:`."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def owner(dotted: str) -> str | None:
+        while dotted and dotted not in modules:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", getattr(child.test, "attr", "")) == "TYPE_CHECKING":
+                for c in child.orelse:
+                    visit_one(c)
+            else:
+                visit_one(child)
+
+    def visit_one(node: ast.AST) -> None:
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level > 1:
+                base = base[: len(base) - node.level + 1]
+            prefix = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+            subs = [f"{prefix}.{a.name}" for a in node.names]
+            # `from pkg import submodule` needs the submodule; the package itself only for its own names
+            targets = [s for s in subs if s in modules] + ([prefix] if any(s not in modules for s in subs) else [])
+        else:
+            visit(node)
+            return
+        for t in targets:
+            m = owner(t)
+            if m is not None and m != name:
+                found.add(m)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path (`a -> b -> a`), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def dfs(v: str) -> list[str] | None:
+        state[v] = 1
+        path.append(v)
+        for w in sorted(graph[v]):
+            if state.get(w) == 1:
+                return path[path.index(w):] + [w]
+            if w not in state and (found := dfs(w)):
+                return found
+        path.pop()
+        state[v] = 2
+        return None
+
+    for v in sorted(graph):
+        if v not in state and (found := dfs(v)):
+            return found
+    return None
+
+
+def test_no_runtime_import_cycle():
+    """Every runtime import in proxy/ points down: a module never needs, even lazily, one that needs it."""
+    modules = _modules()
+    graph = {name: _runtime_imports(name, path, modules) for name, path in modules.items()}
+    assert "proxy.routes" in graph["proxy.catalog"]  # the parser sees the imports at all
+    cycle = _cycle(graph)
+    assert cycle is None, "runtime import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_lazy_imports():
+    graph = {"a": {"b"}, "b": {"a"}}
+    assert _cycle(graph) == ["a", "b", "a"]
