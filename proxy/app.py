@@ -1,10 +1,15 @@
 """The app factory: a thin ASGI gate in front of a Litestar app.
 
-Litestar's runtime routes are add-only and cannot share a path+method, while
-route files can be replaced at runtime and share a path by model; so routing
-asks our immutable `RouteTable` (shared/LITESTAR.md B1). Paths in the table go
-straight from the gate to the forwarder (LITESTAR.md B7, hatch 3: measured
-~65 µs CPU less per request than a Litestar catch-all handler); Litestar serves
+Litestar's runtime routes are add-only and cannot share a path+method
+(`Litestar.register` in litestar/app.py rebuilds the routing trie and never
+removes a handler, https://docs.litestar.dev/2/usage/routing/overview.html "Registering
+routes dynamically"; a second handler for one path+method raises
+`ImproperlyConfiguredException` in litestar/routes/http.py), while route
+files can be replaced at runtime and share a path by model; so routing asks our
+immutable `RouteTable`. Paths in the table go straight from the gate to the
+forwarder, an outer ASGI callable in front of Litestar (measured ~65 µs CPU less
+per request than a Litestar catch-all handler, which builds a `Request` and
+runs `to_kwargs` and `to_response`: litestar/routes/http.py); Litestar serves
 everything else: its lifespan, the proxy's own endpoints, and 404/405 in the
 OpenAI shape.
 """
@@ -22,9 +27,9 @@ from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
-from . import catalog, descriptors, errors, headers, observe, tracing
+from . import capacity, catalog, errors, headers, observe, tracing
 from .cors import Cors
-from .descriptors import UpstreamSlots, default_connections, raise_open_files
+from .capacity import UpstreamSlots, default_connections, raise_open_files
 from .errors import Overloaded, ProxyError
 from .forward import Exchange, prepare, send_error
 from .health import Monitor
@@ -80,7 +85,7 @@ def create_app(
             if key_holder is not None and key_holder.source is not None:
                 tg.start_soon(key_holder.watch, poll_interval)
             tg.start_soon(monitor.run, session)
-            tg.start_soon(descriptors.watch)
+            tg.start_soon(capacity.watch)
             try:
                 with holder.reload_on_sighup():
                     yield

@@ -301,10 +301,10 @@ def _log_capacity(max_upstream: int, workers: int) -> None:
     """Raise the open-file limit (workers inherit it) and say what one process can hold."""
     import logging
 
-    from . import descriptors
+    from . import capacity
 
-    before, after, hard = descriptors.raise_open_files()
-    limit = max_upstream or descriptors.default_connections(after)
+    before, after, hard = capacity.raise_open_files()
+    limit = max_upstream or capacity.default_connections(after)
     how = "--max-upstream-connections" if max_upstream else "sized from the open-file limit"
     raised = f"raised from {before} to {after}" if after != before else f"{after}"
     logging.getLogger("llmproxy").info(

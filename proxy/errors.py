@@ -1,6 +1,8 @@
-"""Every error the proxy reports, and the one place they become OpenAI-shaped bytes.
+"""Every error the proxy reports, and the one place they become bytes in the client's shape.
 
-The client always gets `{"error": {"message", "type", "param", "code"}}`;
+An OpenAI client (chat, Responses, passthrough) gets `{"error": {"message", "type",
+"param", "code"}}`, an Anthropic one (Messages) `{"type": "error", "error": {"type",
+"message"}}` (`render`, `sse_event`);
 the upstream client's (aiohttp) exceptions are mapped here and nowhere else. Messages name the route and the upstream host, never a
 header value: default headers carry secrets, and upstream error bodies are
 scrubbed of them before they are passed on.
@@ -128,7 +130,7 @@ class ShuttingDown(ProxyError):
 
 
 class ProcessLimit(ProxyError):
-    """This process is at one of its own limits (descriptors.py): `--max-upstream-connections`
+    """This process is at one of its own limits (capacity.py): `--max-upstream-connections`
     (`upstream_connections_exhausted`) or its open files (`out_of_file_descriptors`)."""
 
     status = 503
@@ -413,7 +415,7 @@ def from_upstream(exc: Exception, route: Route, url: str) -> ProxyError:
 
 def from_exhaustion(exc: BaseException, route: str) -> ProcessLimit | None:
     """The 503 for an upstream connect that failed for want of descriptors, else None: the
-    proxy's own shortage (descriptors.py sizes the limit to avoid it), not the upstream's fault."""
+    proxy's own shortage (capacity.py sizes the limit to avoid it), not the upstream's fault."""
     os_error = getattr(exc, "os_error", exc)
     if not isinstance(os_error, OSError) or os_error.errno not in (errno.EMFILE, errno.ENFILE):
         return None

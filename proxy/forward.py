@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from . import errors, headers, observe, tracing
-from .descriptors import UNLIMITED, UpstreamSlots
+from .capacity import UNLIMITED, UpstreamSlots
 from .errors import ProxyError, UpstreamStatus
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ import msgspec
 
 from .. import sse
 from ..errors import BadRequest, invalid_field
-from .chat_types import ChatCompletion, ChatRequest, OutChoice, OutFunction, OutMessage, OutToolCall, StrictChatRequest
-from .chat_types import Usage as ChatUsage
+from .core_types import ChatCompletion, ChatRequest, OutChoice, OutFunction, OutMessage, OutToolCall, StrictChatRequest
+from .core_types import Usage as ChatUsage
 from .core import NULL, Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, TurnCall, Usage, \
     decode_logprobs
 

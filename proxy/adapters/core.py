@@ -27,8 +27,8 @@ import msgspec
 from .. import sse
 from ..errors import BadRequest, UpstreamBroken
 from . import reasoning as think
-from .chat_types import Completion, CompletionChoice, CompletionLogprobs, FunctionCall, Message
-from .chat_types import ToolCall as ToolCallMsg
+from .core_types import Completion, CompletionChoice, CompletionLogprobs, FunctionCall, Message
+from .core_types import ToolCall as ToolCallMsg
 from .dialects import Dialect, Plan
 from .tags import StopFilter
 from .templates import load_template, render_prompt

@@ -29,9 +29,9 @@ import msgspec
 
 from .. import sse
 from ..errors import BadRequest, bad_body
-from .chat_types import FunctionCall, Message, ToolCall as ChatToolCall
+from .core_types import FunctionCall, Message, ToolCall as ChatToolCall
 from .core import Core, Finish, Generation, Start, ToolCall, Turn, Usage
-from .faces import FaceCall, TokenCounter, json_schema_format, left_out
+from .agent_base import FaceCall, TokenCounter, json_schema_format, left_out
 from .messages_types import Block, MessagesRequest
 
 if TYPE_CHECKING:

@@ -39,9 +39,9 @@ import msgspec
 
 from .. import sse
 from ..errors import BadRequest, ProxyError, bad_body
-from .chat_types import FunctionCall, Message, ToolCall as ChatToolCall
+from .core_types import FunctionCall, Message, ToolCall as ChatToolCall
 from .core import Core, Finish, Generation, Start, ToolCall, Turn
-from .faces import FaceCall, TokenCounter, json_schema_format, left_out
+from .agent_base import FaceCall, TokenCounter, json_schema_format, left_out
 from .responses_types import Part, ResponsesRequest
 
 if TYPE_CHECKING:
