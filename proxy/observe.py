@@ -261,7 +261,7 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
     if status is None:  # nothing was answered: the client left, or the exchange crashed (the app answers 500)
         status = CLIENT_CLOSED if m.disconnected else 500
         name = name or (None if m.disconnected else "internal_error")
-    usage = getattr(exchange.call, "usage", None)
+    usage = exchange.call.usage
     model = _model_of(m)
     record(
         _record(

@@ -67,7 +67,7 @@ class Route:
         """The paths a face answers beside its own (`/v1/messages/count_tokens`), as routes that
         share this one's upstreams, health, headers and models but not its adapter."""
         out: dict[str, Route] = {}
-        for suffix, adapter in getattr(self.adapter, "subpaths", {}).items():
+        for suffix, adapter in self.adapter.subpaths.items():
             sub = copy.copy(self)
             sub.adapter = adapter
             out[self.config.path.rstrip("/") + suffix] = sub

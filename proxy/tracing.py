@@ -193,7 +193,7 @@ class Span:
 
         span = self.span
         route = exchange.route
-        usage = getattr(exchange.call, "usage", None)
+        usage = exchange.call.usage
         inp, out = usage if usage else (self.input_tokens, self.output_tokens)
         request_model = _request_model(meter)
         response_model = route.config.upstream_model or request_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PROXY = Path(__file__).resolve().parent.parent / "proxy"
@@ -93,3 +94,22 @@ def test_no_runtime_import_cycle():
 def test_the_cycle_check_sees_lazy_imports():
     graph = {"a": {"b"}, "b": {"a"}}
     assert _cycle(graph) == ["a", "b", "a"]
+
+
+def test_every_call_hook_is_declared_with_a_default():
+    """The forwarder, metrics, tracer and route table ask a call or adapter only what the
+    protocol declares, and every optional member has its default on the base a face subclasses."""
+    from proxy.adapters.call import Adapter, AdapterBase, Call, CallBase
+
+    def members(proto: type) -> set[str]:
+        return {n for n in (*proto.__annotations__, *vars(proto)) if not n.startswith("_")}
+
+    assert members(Call) - {"body", "translates", "stream", "response", "events"} <= set(dir(CallBase))
+    assert members(Adapter) - {"request"} <= set(dir(AdapterBase))
+    lookups = [
+        f"{path.name}: {line.strip()}"
+        for path in PROXY.rglob("*.py")
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if re.search(r"getattr\((self\.)?(exchange\.)?(call|adapter)\b", line)
+    ]
+    assert lookups == []

@@ -20,6 +20,7 @@ import msgspec
 
 from .. import sse
 from ..errors import BadRequest, invalid_field
+from .call import AdapterBase
 from .core_types import ChatCompletion, ChatRequest, OutChoice, OutFunction, OutMessage, OutToolCall, StrictChatRequest
 from .core_types import Usage as ChatUsage
 from .core import NULL, Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, TurnCall, Usage, \
@@ -56,7 +57,7 @@ _REJECTED = {
 }
 
 
-class ChatToCompletions:
+class ChatToCompletions(AdapterBase):
     """The adapter of `adapter: chat-to-completions` routes (built once per route)."""
 
     def __init__(self, config: RouteConfig) -> None:
@@ -166,11 +167,6 @@ class ChatCall(TurnCall):
         self.logprobs = logprobs
         self.prefix = b""
         self._outs: dict[int, _Out] = {}
-
-    @property
-    def usage(self) -> tuple[int, int] | None:
-        """(prompt_tokens, completion_tokens) the upstream reported, for metrics."""
-        return self.turn.usage
 
     # --- whole answers --------------------------------------------------------------------
 
