@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .adapters.dialects import FACTS
 from .errors import ConfigError
 from .version import version
 
@@ -86,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="A deterministic OpenAI legacy /v1/completions server (stream and non-stream) for demos and tests.")
     m.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
     m.add_argument("--port", type=int, default=8019, help="default: 8019")
-    m.add_argument("--dialect", choices=["vllm", "llama.cpp", "sglang", "openai"], default=None,
+    m.add_argument("--dialect", choices=list(FACTS), default=None,
                    help="behave as that server's completions endpoint does (defaults, refusals, /tokenize); "
                    "default: accept anything")
     m.add_argument("--context", type=int, default=32768, help="context length the mock serves, in words (default: 32768)")

@@ -225,15 +225,8 @@ class _Envelope(msgspec.Struct):
 
 # --- faces: each API's clients read errors in their own shape ------------------------------
 # `face` is the error shape of the route's adapter: "openai" (chat, Responses, passthrough) or
-# "anthropic" (Messages). The gate and the forwarder pass it here; nothing else renders.
-# (Same names and semantics as on the `faces` branch, which brings the Messages adapter.)
-
-ANTHROPIC_ADAPTERS = frozenset({"messages-to-completions"})
-
-
-def face_of(adapter: str) -> str:
-    """The error shape of a route with this `adapter:`: the one small place that decides it."""
-    return "anthropic" if adapter in ANTHROPIC_ADAPTERS else "openai"
+# "anthropic" (Messages), as the adapter table says (adapters.ADAPTERS). The gate and the
+# forwarder pass it here; nothing else renders.
 
 
 # Anthropic's error types by status (docs.anthropic.com/en/api/errors; the `anthropic` SDK's

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import msgspec
 
-from .adapters import Adapter, make_adapter
+from .adapters import ADAPTERS, Adapter, make_adapter
 from .config import RouteConfig, load_dir
-from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body, face_of
+from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body
 from .headers import Headers, normalize
 from .request_model import UNREAD, Unread, model_of
 from .retry import RetryPolicy
@@ -47,7 +47,7 @@ class Route:
         self.config = config
         self.name = config.name
         self.adapter: Adapter = make_adapter(config)
-        self.face = face_of(config.adapter)  # the error shape its clients read
+        self.face = ADAPTERS[config.adapter].face  # the error shape its clients read
         self.upstreams = config.upstreams
         self.pool = Pool(config.name, config.upstreams, config.health)
         self.limits = config.limits  # None: the gate takes no slot (one attribute test per request)

@@ -54,6 +54,12 @@ def _runtime_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str
             m = owner(t)
             if m is not None and m != name:
                 found.add(m)
+                # Importing `proxy.adapters.x` runs `proxy/adapters/__init__.py` first, unless the
+                # importer is inside that package already (then it is loaded, or loading it).
+                parent = m.rpartition(".")[0]
+                while parent in modules and not name.startswith(parent + ".") and parent != name:
+                    found.add(parent)
+                    parent = parent.rpartition(".")[0]
 
     visit(ast.parse(path.read_text(encoding="utf-8")))
     return found
@@ -113,3 +119,22 @@ def test_every_call_hook_is_declared_with_a_default():
         if re.search(r"getattr\((self\.)?(exchange\.)?(call|adapter)\b", line)
     ]
     assert lookups == []
+
+
+def _readme() -> str:
+    return (PROXY.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_readme_dialect_table_lists_exactly_the_dialect_table():
+    from proxy.adapters.dialects import FACTS
+
+    header = next(line for line in _readme().splitlines() if line.startswith("| | `vllm`"))
+    assert re.findall(r"`([^`]+)`", header) == list(FACTS)
+
+
+def test_the_readme_route_file_table_lists_exactly_the_adapter_table():
+    from proxy.adapters import ADAPTERS
+
+    row = next(line for line in _readme().splitlines() if line.startswith("| `adapter` |"))
+    named = re.findall(r"`([a-z-]+)`", row.split("|")[3])
+    assert sorted(set(named)) == sorted(ADAPTERS)

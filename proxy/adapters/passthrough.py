@@ -11,15 +11,17 @@ never decode a byte.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..config import RouteConfig
 from ..errors import BadRequest
 from ..sse import DONE, DONE_EVENT, SSEDecoder, event
 from .call import AdapterBase, CallBase
 from .dialects import Dialect, Plan
+
+if TYPE_CHECKING:
+    from ..config import RouteConfig
 
 _decode_object = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
