@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,9 +39,9 @@ from .limits import Limiter, Limiters
 from .reload import LAST_GOOD_ENV, POLL_INTERVAL, TableHolder
 from .routes import Route, RouteTable
 from .scope_keys import CALLER_KEY
+from .settings import DEFAULT_MAX_BODY, WorkerSettings
 from .transport import ClientFactory, make_client
 
-DEFAULT_MAX_BODY = 10 * 2**20
 GC_YOUNG = 100_000  # allocations between young-generation collections (CPython's default: 700)
 # Open without a key when keys are on: probes and scrapers carry none. Everything else,
 # unknown paths and path variants included, answers 401 first.
@@ -334,22 +335,17 @@ def _openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[b
 
 
 def app_from_env() -> Gateway:
-    """uvicorn factory (`--workers N` needs an import string): settings come from `LLMPROXY_*`."""
-    import os
-
+    """uvicorn factory (`--workers N` needs an import string): settings come from `LLMPROXY_*`
+    (proxy/settings.py)."""
+    settings = WorkerSettings.from_env()
     observe.lean_log_records()
-    tracing.from_env()
-    folder = os.environ.get("LLMPROXY_ROUTES", "routes.d")
-    holder = TableHolder.load(folder, last_good=os.environ.get(LAST_GOOD_ENV))
-    max_body = int(os.environ.get("LLMPROXY_MAX_BODY", DEFAULT_MAX_BODY))
-    reload = os.environ.get("LLMPROXY_RELOAD", "") not in ("", "0")
-    keys_file = os.environ.get("LLMPROXY_KEYS")
-    keys = KeysHolder.load(keys_file) if keys_file else None
-    cors = Cors.parse(os.environ.get("LLMPROXY_CORS_ORIGINS"))
+    if settings.otlp_endpoint:
+        tracing.setup(settings.otlp_endpoint, content=settings.otlp_content)
+    holder = TableHolder.load(settings.routes, last_good=os.environ.get(LAST_GOOD_ENV))
+    keys = KeysHolder.load(settings.keys) if settings.keys else None
     raise_open_files()  # the CLI did it already (and logged it); not so under a bare `uvicorn --factory`
-    max_upstream = int(os.environ.get("LLMPROXY_MAX_UPSTREAM_CONNECTIONS", "0"))
-    app = create_app(holder, max_body_size=max_body, reload=reload, keys=keys, cors=cors,
-                     max_upstream_connections=max_upstream)
+    app = create_app(holder, max_body_size=settings.max_body, reload=settings.reload, keys=keys,
+                     cors=Cors.parse(settings.cors_origins), max_upstream_connections=settings.max_upstream_connections)
     # Move the start-up heap (Litestar, aiohttp, the route table) out of the collector's
     # reach: it is never garbage, and scanning it cost ~30 µs per request (`just bench`).
     gc.collect()

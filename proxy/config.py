@@ -14,7 +14,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-from .adapters import ADAPTERS
+from .adapters.registry import ADAPTERS
 from .adapters.dialects import FACTS
 from .adapters.templates import BUILTIN
 from .errors import ConfigError, invalid_field

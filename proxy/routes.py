@@ -15,7 +15,8 @@ from pathlib import Path
 
 import msgspec
 
-from .adapters import ADAPTERS, Adapter, make_adapter
+from .adapters import Adapter
+from .adapters.registry import ADAPTERS, make_adapter
 from .config import RouteConfig, load_dir
 from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body
 from .headers import Headers, normalize

@@ -38,9 +38,6 @@ if TYPE_CHECKING:
     from .forward import Exchange
     from .observe import Meter
 
-ENDPOINT_ENV = "LLMPROXY_OTLP_ENDPOINT"
-CONTENT_ENV = "LLMPROXY_OTLP_CONTENT"
-
 TRACER: Any = None  # an opentelemetry Tracer while tracing is on; the forwarder tests this
 CONTENT = False  # record prompts and completions
 _provider: Any = None
@@ -85,15 +82,6 @@ def setup(endpoint: str | None = None, *, content: bool = False, exporter: Any =
     TRACER = provider.get_tracer("llmproxy", version())
     CONTENT = content
     return provider
-
-
-def from_env() -> None:
-    """`serve --otlp-endpoint` reaches each worker through the environment."""
-    import os
-
-    endpoint = os.environ.get(ENDPOINT_ENV)
-    if endpoint:
-        setup(endpoint, content=os.environ.get(CONTENT_ENV, "") not in ("", "0"))
 
 
 def flush() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 PROXY = Path(__file__).resolve().parent.parent / "proxy"
@@ -133,8 +135,16 @@ def test_the_readme_dialect_table_lists_exactly_the_dialect_table():
 
 
 def test_the_readme_route_file_table_lists_exactly_the_adapter_table():
-    from proxy.adapters import ADAPTERS
+    from proxy.adapters.registry import ADAPTERS
 
     row = next(line for line in _readme().splitlines() if line.startswith("| `adapter` |"))
     named = re.findall(r"`([a-z-]+)`", row.split("|")[3])
     assert sorted(set(named)) == sorted(ADAPTERS)
+
+
+def test_the_cli_loads_without_the_metrics():
+    """`serve` must choose prometheus-client's mode (PROMETHEUS_MULTIPROC_DIR with workers) before
+    `observe` is imported; the CLI module and its parser (dialect names included) must not import it."""
+    code = "import sys, proxy.cli; proxy.cli._parser(); print('proxy.observe' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from proxy import cli
-from proxy.adapters import ADAPTERS
+from proxy.adapters.registry import ADAPTERS
 from proxy.app import create_app
 from proxy.config import load_keys
 from proxy.errors import ConfigError
