@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 PROXY = Path(__file__).resolve().parent.parent / "proxy"
@@ -148,3 +150,36 @@ def test_the_cli_loads_without_the_metrics():
     code = "import sys, proxy.cli; proxy.cli._parser(); print('proxy.observe' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_wheel_holds_every_module(tmp_path):
+    """Built offline from this tree, the wheel has every module of proxy/ (and the built-in
+    templates), and each imports from the wheel alone: a folder missing from pyproject.toml's
+    package list fails here."""
+    src = tmp_path / "src"  # a clean copy: setuptools builds in the tree and would reuse a stale build/
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROXY.parent / name, src / name)
+    shutil.copytree(PROXY, src / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+         "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("llmproxy-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert (site / "proxy" / "adapters" / "qwen3.jinja").is_file()
+    names = sorted(n for n in _modules() if n != "proxy.__main__")  # __main__ runs the CLI
+    code = (
+        "import importlib, sys; sys.path.insert(0, sys.argv[1]); names = sys.argv[2:]\n"
+        "for n in names:\n"
+        "    m = importlib.import_module(n)\n"
+        "    assert m.__file__.startswith(sys.argv[1]), (n, m.__file__)\n"
+        "print(len(names))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(site), *names], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(len(names))
