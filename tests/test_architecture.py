@@ -183,3 +183,18 @@ def test_the_wheel_holds_every_module(tmp_path):
                          cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(len(names))
+
+
+def test_the_readme_layout_names_every_module_and_only_those():
+    section = _readme().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    named: set[str] = set()
+    for row in section.splitlines():
+        if not row.startswith("| `proxy/"):
+            continue
+        cell = row.split(" | ")[0].lstrip("| ")
+        first, *rest = re.findall(r"`([^`]+)`", cell)
+        folder = first.rpartition("/")[0]
+        named |= {first, *(f"{folder}/{name}" for name in rest)}
+    on_disk = {str(p.relative_to(PROXY.parent)) for p in PROXY.rglob("*") if p.suffix in (".py", ".jinja")}
+    on_disk -= {"proxy/__init__.py", "proxy/__main__.py", "proxy/adapters/__init__.py"}
+    assert named == on_disk
