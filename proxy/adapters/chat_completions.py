@@ -226,6 +226,8 @@ class ChatCall(TurnCall):
 
     def _encode_batch(self, batch: list[Event]) -> bytes:
         """One read's events -> chunk bytes: one chunk per lone event, a run's chunks per run."""
+        if len(batch) == 1 and type(batch[0]) is Text:  # the usual read: one text delta
+            return self._text_chunk(batch[0])  # type: ignore[arg-type]
         out = []
         for item in _runs(batch):
             if type(item) is list:
