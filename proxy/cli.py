@@ -187,7 +187,7 @@ def describe_engine(e: EngineConfig) -> str:
     """One line for `check` and the start-up log: what runs, and when."""
     when = f"idle_ttl {e.idle_ttl:g} s" if e.idle_ttl else "never stopped when idle"
     group = f", group {e.group}" if e.group else ""
-    return f"engine: {' '.join(e.argv)} ({when}{group}; started on the first request)"
+    return f"engine: {e.shown()} ({when}{group}; started on the first request)"
 
 
 def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:

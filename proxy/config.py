@@ -93,6 +93,25 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """The command split as a POSIX shell would split it (no expansion, no globbing)."""
         return tuple(shlex.split(self.command)) if isinstance(self.command, str) else tuple(self.command)
 
+    def shown(self, argv: tuple[str, ...] | list[str] | None = None) -> str:
+        """The command for logs and `check`, with the value of any option named like a secret
+        (`--api-key K`, `--hf-token=T`, which llama-server and vLLM take) as `***`."""
+        out: list[str] = []
+        hide_next = False
+        for arg in self.argv if argv is None else argv:
+            if hide_next:
+                out.append("***")
+                hide_next = False
+                continue
+            flag, eq, _ = arg.partition("=")
+            secret = flag.startswith("-") and _SECRET_FLAG.search(flag) is not None
+            if secret and eq:
+                out.append(f"{flag}=***")
+            else:
+                out.append(arg)
+                hide_next = secret
+        return " ".join(out)
+
 
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One route file, validated. See README "Route files" for each field."""
@@ -573,6 +592,7 @@ def _key_lines(node: Any) -> dict[str, int]:
 
 # --- `engine:` (the route starts its own model server; proxy/engines.py) ---------------------
 
+_SECRET_FLAG = re.compile(r"key|token|secret|passw", re.IGNORECASE)
 PORT = "${PORT}"  # the engine's port, chosen by the proxy at each start
 ENGINE_RESERVED = frozenset({"PORT"})  # never read from the environment in a route with `engine:`
 _PORT_PROBE = "65535"  # stands in for `${PORT}` while a URL is validated (never sent anywhere)

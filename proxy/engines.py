@@ -315,7 +315,7 @@ class Engine:
         self.port = port = free_port()
         argv = [a.replace(PORT, str(port)) for a in cfg.argv]
         self.tail.clear()
-        log.info("starting the engine of route %r: %s", self.name, " ".join(argv))
+        log.info("starting the engine of route %r: %s", self.name, cfg.shown(argv))
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,

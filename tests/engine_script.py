@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--events", type=int, default=3)
     p.add_argument("--interval", type=float, default=0.0)
     p.add_argument("--log", default=None)
+    p.add_argument("--api-key", default=None)  # accepted, as llama-server and vLLM do (the secret-hiding test)
+    p.add_argument("--hf-token", default=None)
     a = p.parse_args()
     pid = os.getpid()
     log = Path(a.log) if a.log else None

@@ -474,3 +474,22 @@ def test_check_probe_leaves_engines_alone(routes_dir, log_dir):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[not probed: its engine starts on demand]" in done.stdout
     assert starts(log_dir) == []
+
+
+def test_a_secret_on_the_command_line_is_never_shown(routes_dir, serve_holder, log_dir, caplog):
+    """llama-server and vLLM take `--api-key KEY`: `check` and the start-up log show `***`."""
+    import logging
+
+    folder = routes_dir(a=engine_route("secretive", log_dir, "--name", "s") .replace(
+        '"--name", "secretive"', '"--name", "secretive", "--api-key", "sk-hunter2", "--hf-token=hf_abc"'))
+    from proxy.cli import describe_engine
+
+    (route,) = load_dir(folder)
+    assert route.engine is not None
+    shown = describe_engine(route.engine)
+    assert "--api-key *** --hf-token=***" in shown and "hunter2" not in shown and "hf_abc" not in shown
+    caplog.set_level(logging.INFO, logger="llmproxy.engine")
+    base = serve_holder(folder)
+    assert complete(base).status_code == 200
+    started = [r.getMessage() for r in caplog.records if "starting the engine" in r.getMessage()]
+    assert started and "--api-key ***" in started[0] and "hunter2" not in " ".join(started)
