@@ -217,8 +217,7 @@ class Engine:
         `EngineStartFailed`. A caller that is cancelled (the client left) leaves cleanly."""
         while not self.admit():
             if self.retired:  # a request that matched a table a reload replaced while it waited
-                raise EngineStartFailed(f"route {self.name!r} was reloaded while the request waited for its engine; "
-                                        "send it again", headers={"retry-after": "1"})
+                raise self._retired_error()
             now = time.monotonic()
             if self.not_before > now:
                 raise self._backoff_error(now)
@@ -256,6 +255,10 @@ class Engine:
         if self._idle is None:
             self._idle = asyncio.get_running_loop().call_later(self.config.idle_ttl, self._idle_over)
 
+    def _retired_error(self) -> EngineStartFailed:
+        return EngineStartFailed(f"the engine of route {self.name!r} is being replaced (the route file changed) or "
+                                 "the proxy is stopping; send the request again", headers={"retry-after": "1"})
+
     def _backoff_error(self, now: float) -> EngineStartFailed:
         wait = self.not_before - now
         return EngineStartFailed(
@@ -278,8 +281,7 @@ class Engine:
         if self.retired:
             if self.group is not None:
                 self.group.release(self)
-            raise EngineStartFailed(f"route {self.name!r} was reloaded while the request waited for its engine; "
-                                    "send it again", headers={"retry-after": "1"})
+            raise self._retired_error()
         self.state = STARTING
         self.closing = False
         began = time.monotonic()
@@ -523,6 +525,7 @@ class Engines:
         self._retired: dict[tuple[Any, ...], Engine] = {}
         self._groups: dict[str, Group] = {}
         self._table: RouteTable | None = None
+        self._closed = False
 
     def get(self, route: Route) -> Engine:
         """The engine of an engine route (made on first use; nothing starts until `wait`)."""
@@ -544,6 +547,7 @@ class Engines:
         name = route.engine.group
         group = None if name is None else self._groups.setdefault(name, Group(name))
         engine = self._by_key[route.engine_key] = Engine(self, route, group, predecessor)
+        engine.retired = self._closed  # a request that slipped in after shutdown began starts nothing
         return engine
 
     def status(self, route_name: str) -> str | None:
@@ -591,6 +595,7 @@ class Engines:
             await asyncio.sleep(TICK)
 
     async def close(self) -> None:
+        self._closed = True
         engines = [*self._by_key.values(), *self._retired.values()]
         self._by_key.clear()
         self._retired.clear()
