@@ -40,7 +40,7 @@ import msgspec
 from .. import sse
 from ..errors import BadRequest, ProxyError, bad_body
 from .chat_types import FunctionCall, Message, ToolCall as ChatToolCall
-from .core import Core, Finish, Generation, Start, ToolCall, Turn
+from .core import Core, Finish, Generation, Start, ToolCall, Turn, id_tail
 from .faces import FaceCall, TokenCounter, json_schema_format, left_out
 from .responses_types import Part, ResponsesRequest
 
@@ -330,7 +330,7 @@ class ResponsesCall(FaceCall):
 
     def _started(self, ev: Start) -> None:
         self._begun = True
-        self._id = "resp_" + (ev.id.removeprefix("cmpl-") if ev.id else os.urandom(12).hex())
+        self._id = "resp_" + id_tail(ev.id)
         self._created = ev.created
         self._emit("response.created", {"response": self._response("in_progress")})
         self._emit("response.in_progress", {"response": self._response("in_progress")})
