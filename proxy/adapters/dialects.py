@@ -51,7 +51,6 @@ from .logprobs import Shape
 if TYPE_CHECKING:
     from ..config import Body, RouteConfig
 
-DIALECTS = ("vllm", "llama.cpp", "sglang", "openai")
 AUTO = "auto"
 FILL, CLAMP = "fill", "clamp"  # what `Dialect.finish` does with the context remainder (`Plan.auto`)
 
@@ -97,6 +96,9 @@ class Facts(NamedTuple):
     logprobs: Shape  # how its completions answer logprobs (logprobs.py)
 
 
+# The one list of dialect names (the first is the default): route-file validation
+# (config.RouteConfig.dialect), `mock-upstream --dialect` and the README's dialect table
+# (tests/test_architecture.py) read it; `context` says which can size `max_tokens: auto`.
 FACTS = {
     "vllm": Facts("vllm", "auto", True, frozenset(), "structured_outputs", "flag", "tokenize", "completions"),
     "llama.cpp": Facts("llama.cpp", "omit", True, frozenset(), "json_schema_object", "strip", None, "chat"),
