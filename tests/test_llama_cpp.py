@@ -88,6 +88,15 @@ def test_logprobs_without_alternatives_still_give_each_tokens_logprob(base, llam
     assert json.loads(llama.requests[-1].body)["logprobs"] == 1
 
 
+def test_the_responses_face_says_it_gives_no_logprobs_rather_than_an_empty_list(base):
+    with pytest.raises(openai.BadRequestError) as err:
+        client(base).responses.create(model="m", input="Hi", include=["message.output_text.logprobs"])
+    assert err.value.code == "unsupported_parameter" and "logprobs" in err.value.message
+    with pytest.raises(openai.BadRequestError):
+        client(base).responses.create(model="m", input="Hi", top_logprobs=2)
+    assert client(base).responses.create(model="m", input="Hi", include=["reasoning.encrypted_content"]).output_text
+
+
 def test_no_logprobs_unless_asked(base):
     assert client(base).chat.completions.create(model="m", messages=USER).choices[0].logprobs is None
 
