@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from . import errors, headers, observe, tracing
+from . import errors, headers, observe, tracing, transport
 from .capacity import UNLIMITED, UpstreamSlots
 from .errors import ProxyError, UpstreamStatus
 
@@ -251,11 +251,32 @@ class Exchange:
 
     async def _attempt(self, client: aiohttp.ClientSession) -> aiohttp.ClientResponse:
         """One try at the current upstream, after the call's last word with it (`Call.ready`:
-        the context lookup of a request that set no max_tokens goes to the same server)."""
+        the context lookup of a request that set no max_tokens goes to the same server).
+
+        A request that a pooled connection swallowed (closed by the server as it went out, not
+        one byte answered) is sent once more on a new connection (`transport.unanswered_on_reused`)
+        and counted in `llmproxy_retries_total{reason="reused_connection"}`."""
         ready = self.call.ready
         if ready is not None:
             await ready(client, self.url, self.headers)
-        return await client.request(
+        attempt = transport.Attempt()
+        token = transport.ATTEMPT.set(attempt)
+        try:
+            try:
+                return await self._request(client)
+            except UPSTREAM_ERRORS as exc:
+                if not transport.unanswered_on_reused(attempt, exc):
+                    raise
+                log.info("route %r: %s closed a reused connection without answering (%s); sending again on a "
+                         "new connection", self.route.name, self.upstream.label, type(exc).__name__)
+            observe.retried(self.route.name, "reused_connection")
+            attempt.fresh, attempt.pooled = True, None
+            return await self._request(client)
+        finally:
+            transport.ATTEMPT.reset(token)
+
+    def _request(self, client: aiohttp.ClientSession) -> Any:
+        return client.request(
             self.method, self.url, headers=self.headers, data=self.call.body or None,
             allow_redirects=False, timeout=self.route.client_timeout,
         )  # fmt: skip

@@ -41,8 +41,13 @@ behaves on `/v1/completions` as that server does where the proxy depends on it (
 what it refuses and in which error shape, its `POST /tokenize` and `GET /v1/models` context
 (`context` tokens; a token is a whitespace-separated word, BOS one more when added). A completion
 is cut at `max_tokens` words (`finish_reason: "length"`). `x-mock-unconstrained: TEXT` is answered
-instead of the text when the request carries no constraint that dialect honours. Without a
-dialect the mock accepts any body and answers the whole text (`/tokenize` as vLLM's).
+instead of the text when the request carries no constraint that dialect honours. Asked for
+logprobs (`logprobs: N`; llama.cpp's `n_probs`, and none for 0), it gives one token per stream
+event (per word when whole) in the dialect's shape. As llama-server does (checked against it by
+`just test-engine`), the llama.cpp dialect answers `chatcmpl-` ids and chat-shaped logprobs, puts
+usage on its last stream event, says `keep-alive: timeout=5, max=100` and yet closes the connection
+after every streamed answer and after every error. Without a dialect the mock accepts any body and
+answers the whole text (`/tokenize` as vLLM's).
 
 `GET /_mock/stats` answers `{"open_connections", "busy_connections", "connections"}`: the
 connections open now, those of them in the middle of a request (received, not yet fully

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from proxy.adapters import make_adapter
+from proxy.adapters.registry import make_adapter
 from proxy.config import RouteConfig
 
 FACES = {

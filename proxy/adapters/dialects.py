@@ -46,6 +46,7 @@ import msgspec
 
 from ..errors import BadRequest, connect_failure, context_unknown
 from ..transport import route_timeout
+from .logprobs import Shape
 
 if TYPE_CHECKING:
     from ..config import Body, RouteConfig
@@ -92,16 +93,18 @@ class Facts(NamedTuple):
     constraint: Literal["structured_outputs", "json_schema_object", "json_schema_string"] | None
     bos: Literal["flag", "strip", "keep"]  # prompt starts with BOS: add_special_tokens false / strip it / keep it
     context: Literal["tokenize", "tokenize+models"] | None  # how `auto` learns the context remainder
+    logprobs: Shape  # how its completions answer logprobs (logprobs.py)
 
 
 # The one list of dialect names (the first is the default): route-file validation
 # (config.RouteConfig.dialect), `mock-upstream --dialect` and the README's dialect table
 # (tests/test_architecture.py) read it; `context` says which can size `max_tokens: auto`.
 FACTS = {
-    "vllm": Facts("vllm", "auto", True, frozenset(), "structured_outputs", "flag", "tokenize"),
-    "llama.cpp": Facts("llama.cpp", "omit", True, frozenset(), "json_schema_object", "strip", None),
-    "sglang": Facts("sglang", "auto", False, SGLANG_FIELDS, "json_schema_string", "strip", "tokenize+models"),
-    "openai": Facts("openai", "required", False, OPENAI_FIELDS, None, "keep", None),
+    "vllm": Facts("vllm", "auto", True, frozenset(), "structured_outputs", "flag", "tokenize", "completions"),
+    "llama.cpp": Facts("llama.cpp", "omit", True, frozenset(), "json_schema_object", "strip", None, "chat"),
+    "sglang": Facts("sglang", "auto", False, SGLANG_FIELDS, "json_schema_string", "strip", "tokenize+models",
+                    "completions"),
+    "openai": Facts("openai", "required", False, OPENAI_FIELDS, None, "keep", None, "completions"),
 }
 # llama.cpp names vLLM's `repetition_penalty` `repeat_penalty` (server-task.cpp).
 _RENAMED = {"llama.cpp": {"repetition_penalty": "repeat_penalty"}}
@@ -247,7 +250,9 @@ class Dialect:
                 refused.append(key)
             doc[key] = value
         if gen.logprobs is not None:
-            doc["logprobs"] = gen.logprobs
+            # llama.cpp reads `logprobs` as `n_probs`, and 0 gives no logprobs at all (not even the
+            # sampled token's): ask for one alternative; the turn trims to what the client asked.
+            doc["logprobs"] = max(gen.logprobs, 1) if facts.logprobs == "chat" else gen.logprobs
         add_special = True
         if bos_token and prompt.startswith(bos_token):
             # The template wrote BOS, and the server adds its own: one must go.

@@ -41,7 +41,7 @@ from .. import sse
 from ..errors import BadRequest, ProxyError, bad_body
 from .call import AdapterBase
 from .core_types import FunctionCall, Message, ToolCall as ChatToolCall
-from .core import Core, Finish, Generation, Start, ToolCall, Turn
+from .core import Core, Finish, Generation, Start, ToolCall, Turn, id_tail
 from .agent_base import FaceCall, TokenCounter, json_schema_format, left_out
 from .responses_types import Part, ResponsesRequest
 
@@ -93,6 +93,10 @@ class ResponsesToCompletions(AdapterBase):
                              param="background", code="unsupported_parameter")
         if req.input is None or req.input == []:
             raise BadRequest("input: required (a string or a list of items)", param="input", code="missing_field")
+        if req.top_logprobs or "message.output_text.logprobs" in (req.include or ()):
+            # Said, rather than answered with the empty `logprobs` lists every output_text carries.
+            raise BadRequest("logprobs are not offered on this face: use the chat completions route",
+                             param="include" if req.include else "top_logprobs", code="unsupported_parameter")
         tools, echoed = self._tools(req)
         gen = Generation(messages=_history(req), model=req.model, stream=req.stream, tools=tools,
                          tool_choice=_tool_choice(req.tool_choice), max_tokens=req.max_output_tokens,
@@ -331,7 +335,7 @@ class ResponsesCall(FaceCall):
 
     def _started(self, ev: Start) -> None:
         self._begun = True
-        self._id = "resp_" + (ev.id.removeprefix("cmpl-") if ev.id else os.urandom(12).hex())
+        self._id = "resp_" + id_tail(ev.id)
         self._created = ev.created
         self._emit("response.created", {"response": self._response("in_progress")})
         self._emit("response.in_progress", {"response": self._response("in_progress")})

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import textwrap
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +31,10 @@ from servers import free_port  # noqa: E402
 # Small enough to be quick on 2 shared cores, big enough for every conversation the tests send.
 CTX_PER_SLOT = 2048
 SLOTS = 4
+# The three faces, each a route to the same upstream.
+FACES = {"chat": ("/v1/chat/completions", "chat-to-completions"),
+         "messages": ("/v1/messages", "messages-to-completions"),
+         "responses": ("/v1/responses", "responses-to-completions")}
 
 
 class Engine:
@@ -89,7 +94,7 @@ def start_engine(binary: Path, model: Path, log_dir: Path, *, slots: int = SLOTS
     log = log_dir / f"llama-server-{port}.log"
     args = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
             "-c", str(ctx_per_slot * slots), "-np", str(slots), "-t", "2", "--no-webui",
-            "--slots", *extra]  # fmt: skip
+            "--slots", "--metrics", *extra]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     engine = Engine(f"http://127.0.0.1:{port}", proc, log, ctx_per_slot)
@@ -121,3 +126,17 @@ def engine(engine_bin: Path, engine_model: Path, tmp_path_factory: pytest.TempPa
     """One llama-server shared by the session's tests."""
     with start_engine(engine_bin, engine_model, tmp_path_factory.mktemp("engine")) as running:
         yield running
+
+
+@pytest.fixture
+def through(routes_dir: Callable[..., Path], proxy_for: Callable[..., str]) -> Callable[..., str]:
+    """`through(upstream_url, extra="reasoning: think")` -> base URL of a proxy whose three faces
+    route to that upstream with `dialect: llama.cpp` and the built-in `qwen2.5` template."""
+
+    def start(upstream: str, extra: str = "") -> str:
+        files = {name: f"path: {path}\nupstream: {upstream}/v1/completions\nadapter: {adapter}\n"
+                       f"dialect: llama.cpp\ntemplate: qwen2.5\n{textwrap.dedent(extra)}"
+                 for name, (path, adapter) in FACES.items()}
+        return proxy_for(routes_dir(**files))
+
+    return start
