@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cors-origins", default=os.environ.get("LLMPROXY_CORS_ORIGINS") or None, metavar="ORIGINS",
                    help='answer browsers from these origins: "https://a.example,https://b.example" or "*" '
                    "(default: $LLMPROXY_CORS_ORIGINS; off)")
+    _state_options(s)
     s.add_argument("--otlp-endpoint", metavar="URL", default=os.environ.get("LLMPROXY_OTLP_ENDPOINT"),
                    help="send OpenTelemetry traces over OTLP/HTTP to URL (e.g. http://127.0.0.1:4318/v1/traces); "
                    "needs the `otel` extra (default: off, or $LLMPROXY_OTLP_ENDPOINT)")
@@ -99,6 +100,54 @@ def _parser() -> argparse.ArgumentParser:
                    "default: accept anything")
     m.add_argument("--context", type=int, default=32768, help="context length the mock serves, in words (default: 32768)")
     return p
+
+
+def _state_options(s: argparse.ArgumentParser) -> None:
+    """`serve`'s shared-state options (proxy/state.py; README "Shared state (Redis)")."""
+    from .state import (DEFAULT_LEASE_TTL, DEFAULT_RESPONSES_MAX, DEFAULT_RESPONSES_TTL, FAILURE_POLICIES)
+
+    env = os.environ.get
+    g = s.add_argument_group("shared state (limits, quotas, usage and stored responses across processes and replicas)")
+    g.add_argument("--state", metavar="URL", default=env("LLMPROXY_STATE") or None,
+                   help="a Redis or Valkey: redis://[:PASSWORD@]HOST:PORT/DB, rediss://… for TLS (default: "
+                   "$LLMPROXY_STATE; unset: every limit, quota and stored response is per process)")
+    g.add_argument("--state-failure", choices=FAILURE_POLICIES, default=env("LLMPROXY_STATE_FAILURE") or "open",
+                   help="when the store does not answer: open serves with in-process limits (a warning each minute), "
+                   "closed answers 503 (default: $LLMPROXY_STATE_FAILURE or open)")
+    g.add_argument("--state-lease-ttl", type=float, metavar="SECONDS",
+                   default=float(env("LLMPROXY_STATE_LEASE_TTL") or DEFAULT_LEASE_TTL),
+                   help=f"a shared slot's lease, renewed while its request runs: a killed process's slots come back "
+                   f"within it (default: {DEFAULT_LEASE_TTL:g})")
+    g.add_argument("--responses-ttl", type=float, metavar="SECONDS",
+                   default=float(env("LLMPROXY_RESPONSES_TTL") or DEFAULT_RESPONSES_TTL),
+                   help=f"how long a Responses answer can be continued with previous_response_id "
+                   f"(default: {DEFAULT_RESPONSES_TTL:g})")
+    g.add_argument("--responses-max", type=int, metavar="N",
+                   default=int(env("LLMPROXY_RESPONSES_MAX") or DEFAULT_RESPONSES_MAX),
+                   help=f"responses kept in memory per process without --state (default: {DEFAULT_RESPONSES_MAX})")
+
+
+def _state_env(args: argparse.Namespace) -> str | None:
+    """Hand the shared-state options to the workers; an error message (exit 2) if one is wrong."""
+    from .state import check_url, redact
+
+    if args.state_lease_ttl < 1 or args.state_lease_ttl > 300:
+        return "--state-lease-ttl must be between 1 and 300 seconds"
+    if args.responses_ttl <= 0 or args.responses_max < 1:
+        return "--responses-ttl must be > 0 and --responses-max at least 1"
+    if args.state:
+        try:
+            check_url(args.state)
+        except ConfigError as exc:
+            return str(exc)
+        os.environ["LLMPROXY_STATE"] = args.state  # the environment, never a command line or a log
+        log.info("shared state: %s (--state-failure %s, slot leases %g s)", redact(args.state), args.state_failure,
+                 args.state_lease_ttl)
+    os.environ["LLMPROXY_STATE_FAILURE"] = args.state_failure
+    os.environ["LLMPROXY_STATE_LEASE_TTL"] = str(args.state_lease_ttl)
+    os.environ["LLMPROXY_RESPONSES_TTL"] = str(args.responses_ttl)
+    os.environ["LLMPROXY_RESPONSES_MAX"] = str(args.responses_max)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,12 +189,20 @@ def format_keys(path: str, keys: tuple[KeyConfig, ...], table: RouteTable) -> st
     for k in keys:
         routes = "all routes" if k.routes == ("*",) else ", ".join(k.routes)
         limit = f", max_concurrent {k.max_concurrent}" if k.max_concurrent is not None else ""
+        limit += _quotas(k)
         lines.append(f"key {k.name}: {routes}{limit}")
         for g in k.routes:
             if not any(fnmatchcase(r.name, g) for r in table.routes):
                 lines.append(f"warning: {path}: key {k.name!r}: routes: {g!r} matches no route of the table")
     lines.append(f"{len(keys)} key(s) OK in {path}")
     return "\n".join(lines)
+
+
+def _quotas(k: KeyConfig) -> str:
+    from .config import QUOTAS
+
+    return "".join(f", {q} {getattr(k, q)}" for q in QUOTAS if getattr(k, q) is not None) + (
+        ", admin" if k.admin else "")
 
 
 def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str:
@@ -272,6 +329,10 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
             "metrics of %d worker(s) are summed through %s", args.workers, os.environ[observe.MULTIPROC_ENV]
         )
     _log_capacity(args.max_upstream_connections, args.workers)
+    problem = _state_env(args)
+    if problem:
+        print(f"llmproxy: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     if not args.keys and not is_loopback(args.host):
         logging.getLogger("llmproxy").warning(
             "serving on %s without --keys: anyone who reaches this address uses the upstreams with the routes' "
