@@ -109,7 +109,7 @@ def create_app(
     app.state.max_body_size = max_body_size  # named in the 413 message
     app.state.slots = UpstreamSlots(max_upstream_connections or default_connections())
     app.state.shared = state
-    app.state.keys = key_holder
+    app.state.key_holder = key_holder  # not `keys`: State is a mapping, and that is its method
     return Gateway(app, holder, max_body_size, key_holder, cors, state)
 
 
@@ -348,7 +348,7 @@ def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
 async def usage(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """A key's usage (current minute and day, totals); every key's for a key with `admin: true`."""
     caller: Caller | None = request.scope.get(SCOPE_KEY)  # type: ignore[call-overload]
-    holder: KeysHolder | None = request.app.state.keys
+    holder: KeysHolder | None = request.app.state.key_holder
     if caller is None or holder is None:
         raise errors.NotFound("usage is counted per API key: serve with --keys to see it")
     keys = [c.config for c in holder.current.callers] if caller.config.admin else [caller.config]
