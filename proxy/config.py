@@ -20,7 +20,7 @@ from .errors import ConfigError, invalid_field
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
-RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models"})
+RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models", "/v1/usage"})
 
 
 class Timeout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
