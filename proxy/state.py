@@ -510,15 +510,3 @@ class State:
                 await asyncio.wait_for(self.redis.aclose(), 1)
             except Exception:  # closing a dead store's pool: nothing to report
                 pass
-
-
-def from_env() -> State:
-    """The workers' `State`, from the `LLMPROXY_STATE*` variables the CLI sets."""
-    env = os.environ
-    return State(
-        env.get("LLMPROXY_STATE") or None,
-        failure=env.get("LLMPROXY_STATE_FAILURE") or "open",
-        lease_ttl=float(env.get("LLMPROXY_STATE_LEASE_TTL") or DEFAULT_LEASE_TTL),
-        responses_ttl=float(env.get("LLMPROXY_RESPONSES_TTL") or DEFAULT_RESPONSES_TTL),
-        responses_max=int(env.get("LLMPROXY_RESPONSES_MAX") or DEFAULT_RESPONSES_MAX),
-    )

@@ -44,9 +44,10 @@ import msgspec
 
 from .. import sse
 from ..errors import BadRequest, ProxyError, ResponseNotFound, bad_body
-from .chat_types import FunctionCall, Message, ToolCall as ChatToolCall
+from .call import AdapterBase
+from .core_types import FunctionCall, Message, ToolCall as ChatToolCall
 from .core import Core, Finish, Generation, Start, ToolCall, Turn
-from .faces import FaceCall, TokenCounter, json_schema_format, left_out
+from .agent_base import FaceCall, TokenCounter, json_schema_format, left_out
 from .responses_types import Part, ResponsesRequest
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ _STATEFUL = {
 }
 
 
-class ResponsesToCompletions:
+class ResponsesToCompletions(AdapterBase):
     """The adapter of `adapter: responses-to-completions` routes (built once per route)."""
 
     face = "openai"  # Responses errors are OpenAI-shaped; mid-stream ones are `ResponsesCall.stream_error`
@@ -74,7 +75,7 @@ class ResponsesToCompletions:
         self.hosted_tools = config.hosted_tools
         self.model = config.upstream_model or config.name
         counter = TokenCounter(self.core, self.face, lambda b: self.generation(b)[0], _count_answer)
-        counter.previous, counter.continued = self.previous, self.continued  # type: ignore[attr-defined]
+        counter.previous, counter.continued = self.previous, self.continued  # type: ignore[method-assign]
         self.subpaths = {"/input_tokens": counter}
 
     @staticmethod
