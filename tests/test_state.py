@@ -127,6 +127,11 @@ def folder(routes_dir, upstream) -> Path:
             upstream: {upstream.url}/v1/completions
             adapter: responses-to-completions
         """,
+        limited=f"""
+            path: /v1/limited
+            upstream: {upstream.url}/v1/completions
+            limits: {{max_concurrent: 2, queue: 100, queue_timeout: 30}}
+        """,
     )
 
 
@@ -189,6 +194,18 @@ def test_max_concurrent_3_holds_across_processes_under_100_concurrent_requests(s
     assert upstream.mock.peak_busy == 3
     assert time.monotonic() - started < 40
     assert store.client().zcard("llmproxy:slots:key:alice") == 0  # every lease given back
+
+    # A route's `limits` are shared the same way (bob's key has no limit of its own).
+    upstream.mock.peak_busy = 0
+
+    async def route() -> list[int]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=30)) as c:
+            return [r.status_code for r in await asyncio.gather(*(
+                c.post(f"{(a, b)[i % 2].base}/v1/limited", json=COMPLETION, headers={**auth(BOB), "x-mock-stall-ms": "60"})
+                for i in range(30)))]  # fmt: skip
+
+    assert asyncio.run(route()) == [200] * 30
+    assert upstream.mock.peak_busy == 2
     for p in (a, b):
         assert PASSWORD not in p.log()
 
@@ -359,3 +376,27 @@ def test_serve_refuses_a_bad_state_url_naming_it_without_the_password(folder: Pa
                         "--state", f"redis://:{PASSWORD}@127.0.0.1:notaport/0"],
                        capture_output=True, text=True, timeout=30)  # fmt: skip
     assert r.returncode == 2 and "--state" in r.stderr and PASSWORD not in r.stderr + r.stdout
+
+
+def test_without_a_store_a_messages_route_refuses_over_quota_in_anthropics_shape(routes_dir, upstream, proxy_for,
+                                                                                 tmp_path: Path):
+    """No --state: the quota is this process's; the 429 is Anthropic's rate_limit_error naming the quota."""
+    from proxy.keys import KeysHolder
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"keys:\n  - name: alice\n    key: {ALICE}\n    requests_per_minute: 1\n")
+    base = proxy_for(routes_dir(msg=f"""
+        path: /v1/messages
+        upstream: {upstream.url}/v1/completions
+        adapter: messages-to-completions
+    """), keys=KeysHolder.load(keys))
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=10, headers={"x-api-key": ALICE}) as c:
+        assert c.post(f"{base}/v1/messages", json=body).status_code == 200
+        refused = c.post(f"{base}/v1/messages", json=body)
+        assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+        err = refused.json()
+        assert err["type"] == "error" and err["error"]["type"] == "rate_limit_error"
+        assert "requests_per_minute quota (1 of 1 used in this minute)" in err["error"]["message"]
+        (usage,) = c.get(f"{base}/v1/usage").json()["data"]
+        assert usage["shared"] is False and usage["minute"]["requests"] == 1 and usage["total"]["tokens"] > 0
