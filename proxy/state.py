@@ -13,7 +13,9 @@ redis/asyncio/connection.py). Its defaults do not fit a proxy: a 5 s socket time
 three retries with back-off (`redis/_defaults.py`, `Redis.__init__`): a dead store would
 hold every request for seconds. Here each call has `CALL_TIMEOUT` in all, one quick retry
 (a pooled connection the server dropped), and after a failure the store is skipped for
-`RETRY_DOWN` seconds: requests meanwhile are served by the failure policy at once.
+`RETRY_DOWN` seconds: requests meanwhile are served by the failure policy at once. A call cut
+by that timeout closes its connection rather than leave an answer unread on it
+(`Connection.read_response`, `except BaseException` -> `disconnect`, redis/asyncio/connection.py).
 
 `--state-failure open` (the default) serves with in-process limits while the store is down,
 with a warning at most once a minute and `llmproxy_state_unavailable_total`; `closed`
