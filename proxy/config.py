@@ -694,7 +694,7 @@ def _resolve_program(e: EngineConfig, folder: Path) -> EngineConfig:
     return msgspec.structs.replace(e, command=[str(program.resolve() if program else argv[0]), *argv[1:]])
 
 
-def workers_refused(routes: list[RouteConfig], workers: int) -> str | None:
+def workers_refused(routes: list[RouteConfig], workers: int, flag: str | None = None) -> str | None:
     """`--workers N` with a route that starts its own engine would start N copies of the model
     (each worker owns its engines): refused, with what to do instead. Here, not in engines.py:
     the CLI asks before prometheus-client may be imported (it picks its mode on import)."""
@@ -704,7 +704,8 @@ def workers_refused(routes: list[RouteConfig], workers: int) -> str | None:
     if not started:
         return None
     names = ", ".join(f"{r.name!r} ({r.source})" for r in started)
-    return (f"--workers {workers}: route(s) {names} start their own engine (engine:), and each worker would start "
+    flag = flag or f"--workers {workers}"
+    return (f"{flag}: route(s) {names} start their own engine (engine:), and each worker would start "
             "its own copy of the model; serve them with --workers 1 (one process relays thousands of streams, "
             "see README \"Thousands of streams on one process\"), or run the model server yourself and point "
             "upstream: at it")

@@ -86,7 +86,7 @@ class RouteSupervisor(Multiprocess):
                         lambda ok: None if ok else observe.reloaded(False))  # fmt: skip
         if table is None:
             return False
-        refused = workers_refused([r.config for r in table.routes], len(self.processes) or 2)
+        refused = workers_refused([r.config for r in table.routes], self.config.workers)
         if refused:  # each worker would start its own copy of the model
             log.error("%s: %s", TableHolder.failed, refused)
             observe.reloaded(False)

@@ -201,6 +201,20 @@ def test_an_engine_that_never_gets_healthy_fails_after_start_timeout(routes_dir,
     wait_for(lambda: not alive(pid), within=5, what="the timed-out engine stopped")
 
 
+def test_a_timed_out_start_is_answered_before_the_engine_is_made_to_exit(routes_dir, serve_holder, log_dir):
+    """The 503 goes out when start_timeout runs out, not after the stop of a process deaf to
+    SIGTERM (stop_timeout); the group stays held until that process has really gone."""
+    base = serve_holder(routes_dir(a=engine_route(unique("deaf"), log_dir, "--load-seconds", "60", "--ignore-term",
+                                                  engine="start_timeout: 1\nstop_timeout: 6\n")))  # fmt: skip
+    began = time.monotonic()
+    r = complete(base)
+    took = time.monotonic() - began
+    assert r.status_code == 503 and "not ready within start_timeout" in r.json()["error"]["message"]
+    assert took < 5, f"answered after {took:.1f} s: it waited for the engine's stop"
+    (pid,) = starts(log_dir)
+    wait_for(lambda: not alive(pid), within=15, what="the deaf engine killed after stop_timeout")
+
+
 def test_a_crash_is_noticed_restarted_and_repeated_crashes_back_off(routes_dir, serve_holder, log_dir):
     name = unique("crashy")
     base = serve_holder(routes_dir(a=engine_route(name, log_dir, "--exit-after", "1")))
@@ -493,3 +507,21 @@ def test_a_secret_on_the_command_line_is_never_shown(routes_dir, serve_holder, l
     assert complete(base).status_code == 200
     started = [r.getMessage() for r in caplog.records if "starting the engine" in r.getMessage()]
     assert started and "--api-key ***" in started[0] and "hunter2" not in " ".join(started)
+
+
+def test_a_replaced_worker_never_loads_an_engine_route(routes_dir, upstream, log_dir, tmp_path, monkeypatch):
+    """uvicorn replaces a worker that stops answering its pings; the new one reads the folder
+    again. With an engine route there (refused by the supervisor), it serves the last table
+    that loaded instead, as it does for a broken file; a SIGHUP sent to one worker alike."""
+    from proxy.reload import LAST_GOOD_ENV, save_last_good
+    from proxy.routes import RouteTable
+
+    folder = routes_dir(plain=f"path: /v1/completions\nupstream: {upstream.url}/v1/completions\n")
+    last_good = tmp_path / "last-good.json"
+    save_last_good(RouteTable.from_dir(folder), last_good)
+    (folder / "eng.yaml").write_text(engine_route("eng", log_dir, models="eng"))
+    holder = TableHolder.load(folder, last_good=last_good)
+    assert [r.name for r in holder.current.routes] == ["plain"]
+    monkeypatch.setenv(LAST_GOOD_ENV, str(last_good))
+    assert holder.reload(force=True) is False, "a worker's own reload refuses it too"
+    assert [r.name for r in holder.current.routes] == ["plain"]
