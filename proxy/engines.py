@@ -103,11 +103,19 @@ class _Start:
     """One start under way and the requests waiting for it: admitted together when it succeeds
     (before anything else can run), so a group switch or a reload cannot strand them."""
 
-    __slots__ = ("waiters", "ok")
+    __slots__ = ("waiters", "ok", "outcome")
 
     def __init__(self) -> None:
         self.waiters = 0
         self.ok = False
+        # What the waiters await: settled as soon as the start succeeds or fails, before a failed
+        # process has been made to exit (that may take `stop_timeout`; the group waits for it).
+        self.outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.outcome.add_done_callback(_retrieved)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.outcome.done():
+            self.outcome.set_exception(exc)
 
 
 class Group:
@@ -222,13 +230,12 @@ class Engine:
             if self.not_before > now:
                 raise self._backoff_error(now)
             if self._start is None or self._start.done():
-                self._current = _Start()
-                self._start = self._spawn_task(self._run_start(self._current))
+                self._begin_start()
             start = self._current
             assert start is not None
             start.waiters += 1
             try:
-                await asyncio.shield(self._start)
+                await asyncio.shield(start.outcome)
             except BaseException:
                 if start.ok:  # admitted at the start's success, then cancelled: give the slot back
                     self.leave()
@@ -269,7 +276,20 @@ class Engine:
 
     # --- starting -----------------------------------------------------------------------------
 
+    def _begin_start(self) -> None:
+        self._current = start = _Start()
+        self._start = self._spawn_task(self._run_start(start))
+        self._start.add_done_callback(_retrieved)  # its waiters learn the outcome from `start.outcome`
+
     async def _run_start(self, start: _Start) -> None:
+        try:
+            await self._starting(start)
+        except BaseException as exc:
+            start.fail(exc if isinstance(exc, EngineStartFailed) else self._retired_error())
+            raise
+        start.outcome.set_result(None)
+
+    async def _starting(self, start: _Start) -> None:
         if self._stop is not None and not self._stop.done():
             await asyncio.shield(self._stop)  # an idle stop still under way: let it finish first
         prev = self.predecessor
@@ -288,14 +308,15 @@ class Engine:
         try:
             await self._launch()
         except BaseException as exc:
-            await self._kill()
-            self.state = STOPPED
-            if self.group is not None:
-                self.group.release(self)
             if isinstance(exc, EngineStartFailed):
                 self._failed(exc.message)
                 observe.engine_started(self.name, None)
                 log.error("%s", exc.message)
+                start.fail(exc)  # the waiting requests get their 503 now, not after the kill below
+            await self._kill()
+            self.state = STOPPED
+            if self.group is not None:
+                self.group.release(self)
             raise
         self.state = RUNNING
         self.started_at = time.monotonic()
@@ -581,9 +602,7 @@ class Engines:
             if successor is not None:
                 new = self._make(successor, predecessor=engine)
                 if was_up:
-                    new._current = _Start()
-                    new._start = new._spawn_task(new._run_start(new._current))
-                    new._start.add_done_callback(_quiet)
+                    new._begin_start()  # nobody waits: a failure is in the log
 
     async def run(self, holder: TableHolder, session: aiohttp.ClientSession) -> None:
         """Follow the holder's table until cancelled."""
@@ -602,7 +621,8 @@ class Engines:
         await asyncio.gather(*(e.close() for e in engines), return_exceptions=True)
 
 
-def _quiet(task: asyncio.Task[Any]) -> None:
-    """A start nobody waits for (after a reload) reports its own failure in the log."""
-    if not task.cancelled():
-        task.exception()
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    """A start's failure reaches its waiters through `_Start.outcome` (and the log); mark the
+    task's and the outcome's own exception as seen, so asyncio does not report it again."""
+    if not done.cancelled():
+        done.exception()
