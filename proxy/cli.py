@@ -238,7 +238,10 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
     os.environ["LLMPROXY_ROUTES"] = args.routes
     os.environ["LLMPROXY_MAX_BODY"] = str(args.max_body_size)
     if args.keys:
-        os.environ["LLMPROXY_KEYS"] = str(Path(args.keys).resolve())  # workers may not share the cwd's view
+        # Absolute (workers may not share the cwd's view) but not resolved: on a Kubernetes Secret
+        # volume `keys.yaml -> ..data/keys.yaml` and `..data` is swapped on update; the resolved
+        # path names the first timestamped folder, which the kubelet deletes (tests/test_secret_rotation.py).
+        os.environ["LLMPROXY_KEYS"] = str(Path(args.keys).absolute())
     if args.cors_origins:
         os.environ["LLMPROXY_CORS_ORIGINS"] = args.cors_origins
     # With workers the supervisor watches the folder and signals them (proxy/workers.py).
