@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cors-origins", default=os.environ.get("LLMPROXY_CORS_ORIGINS") or None, metavar="ORIGINS",
                    help='answer browsers from these origins: "https://a.example,https://b.example" or "*" '
                    "(default: $LLMPROXY_CORS_ORIGINS; off)")
+    s.add_argument("--ready-needs-upstreams", action="store_true",
+                   help="/readyz answers 503 also while health checks have every upstream of some route out "
+                   "(default off: readiness says whether this process can serve; one dead model must not "
+                   "take every replica out of a Service)")
     s.add_argument("--otlp-endpoint", metavar="URL", default=os.environ.get("LLMPROXY_OTLP_ENDPOINT"),
                    help="send OpenTelemetry traces over OTLP/HTTP to URL (e.g. http://127.0.0.1:4318/v1/traces); "
                    "needs the `otel` extra (default: off, or $LLMPROXY_OTLP_ENDPOINT)")
@@ -244,6 +248,8 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         os.environ["LLMPROXY_KEYS"] = str(Path(args.keys).absolute())
     if args.cors_origins:
         os.environ["LLMPROXY_CORS_ORIGINS"] = args.cors_origins
+    if args.ready_needs_upstreams:
+        os.environ["LLMPROXY_READY_NEEDS_UPSTREAMS"] = "1"  # proxy.app.READY_NEEDS_UPSTREAMS_ENV
     # With workers the supervisor watches the folder and signals them (proxy/workers.py).
     if args.reload and args.workers <= 1:
         os.environ["LLMPROXY_RELOAD"] = "1"
