@@ -37,6 +37,28 @@ def _version() -> str:
         return "unknown"
 
 
+def ranged(kind: type[int] | type[float], low: float, high: float) -> Any:
+    """An argparse `type=` that refuses values outside [low, high]: argparse then exits 2 with
+    `argument --port: must be an integer from 1 to 65535, got 99999`, naming the option."""
+    what = "an integer" if kind is int else "a number"
+    span = " to ".join(str(int(x)) if float(x).is_integer() else str(x) for x in (low, high))
+
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} from {span}, got {text!r}") from None
+        if not low <= value <= high:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"must be {what} from {span}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its own messages
+    return convert
+
+
+PORT = ranged(int, 1, 65535)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmproxy",
@@ -51,17 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the routes", description="Validate the routes, then serve them with uvicorn.")
     s.add_argument("--routes", default=default_routes, help=routes_help)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    s.add_argument("--port", type=PORT, default=8080, help="port to listen on (default: 8080)")
     s.add_argument("--reload", action="store_true", help="watch the routes folder and swap in a new table on change")
-    s.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default: 1)")
-    s.add_argument("--max-body-size", type=int, default=10 * 2**20, help="largest request body in bytes (default: 10 MiB)")
-    s.add_argument("--max-upstream-connections", type=int, default=0, metavar="N",
+    s.add_argument("--workers", type=ranged(int, 1, 256), default=1, help="worker processes sharing the port, 1-256 (default: 1)")
+    s.add_argument("--max-body-size", type=ranged(int, 1, 2**31 - 1), default=10 * 2**20, metavar="BYTES",
+                   help="largest request body in bytes, 1 to 2^31-1 (default: 10 MiB)")
+    s.add_argument("--max-upstream-connections", type=ranged(int, 0, 10**7), default=0, metavar="N",
                    help="upstream requests in flight per process; past it a request is refused at once with a 503 "
                    "(default 0: as many as the open-file limit leaves room for, two descriptors per stream)")
-    s.add_argument("--backlog", type=int, default=4096,
+    s.add_argument("--backlog", type=ranged(int, 1, 2**31 - 1), default=4096,
                    help="pending connections the listening socket queues (default 4096; the kernel caps it at "
                    "net.core.somaxconn)")
-    s.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
+    s.add_argument("--grace-period", type=ranged(float, 0, 86400), default=30.0, metavar="SECONDS",
                    help="on SIGTERM, stop accepting and let running responses finish for this long, "
                    "then cut them (default: 30)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -97,11 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mock-upstream", help="run a development legacy-completions server",
                        description="A deterministic OpenAI legacy /v1/completions server (stream and non-stream) for demos and tests.")
     m.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
-    m.add_argument("--port", type=int, default=8019, help="default: 8019")
+    m.add_argument("--port", type=PORT, default=8019, help="default: 8019")
     m.add_argument("--dialect", choices=["vllm", "llama.cpp", "sglang", "openai"], default=None,
                    help="behave as that server's completions endpoint does (defaults, refusals, /tokenize); "
                    "default: accept anything")
-    m.add_argument("--context", type=int, default=32768, help="context length the mock serves, in words (default: 32768)")
+    m.add_argument("--context", type=ranged(int, 1, 10**8), default=32768, help="context length the mock serves, in words (default: 32768)")
     return p
 
 
@@ -263,12 +286,6 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         if problem:
             print(f"llmproxy: --otlp-endpoint: {problem}", file=sys.stderr)
             return EXIT_CONFIG
-    if args.grace_period < 0:
-        print("llmproxy: --grace-period must be >= 0", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.max_upstream_connections < 0:
-        print("llmproxy: --max-upstream-connections must be >= 0 (0: sized from the open-file limit)", file=sys.stderr)
-        return EXIT_CONFIG
     os.environ["LLMPROXY_MAX_UPSTREAM_CONNECTIONS"] = str(args.max_upstream_connections)
     # Before `observe` is imported anywhere: prometheus-client picks its mode on import.
     own_dir = metrics_dir(args.workers)
