@@ -15,7 +15,7 @@ import msgspec
 import yaml
 
 from .adapters.templates import BUILTIN
-from .errors import ConfigError, invalid_field
+from .errors import AUTH_SCHEMES, ConfigError, invalid_field
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
@@ -396,14 +396,10 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
     return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template, upstream=upstream)
 
 
-# An Authorization value that is only one of these scheme words carries no credential.
-_BARE_SCHEMES = frozenset({"bearer", "basic", "token", "digest"})
-
-
 def meaningful(name: str, value: str) -> bool:
     """Whether a default header is worth sending once expanded: not empty, and not an
     `Authorization` scheme without its credential (`Bearer ` from an unset key)."""
-    return bool(value) and not (name.lower() == "authorization" and value.lower() in _BARE_SCHEMES)
+    return bool(value) and not (name.lower() == "authorization" and value.lower() in AUTH_SCHEMES)
 
 
 # Anything outside RFC 3986's characters (white space, controls, quotes, <>{}|\^`, non-ASCII),
