@@ -259,6 +259,7 @@ class RouteTable:
                     f"{c.source}: upstream: {var} is not set (or empty), so route {r.name!r} sends to the default in the file: "
                     f"{', '.join(c.upstreams)}; set {var} to your model server's address"
                 )
+        out.extend(w for r in self.routes if (w := _template_family(r.config)))
         for r in self.routes:
             for url in sorted({u for u in r.upstreams if r.upstreams.count(u) > 1}):
                 out.append(f"{r.config.source}: upstream: {url} is listed more than once (it gets a larger share)")
@@ -281,6 +282,37 @@ ADAPTER_ONLY = ("template", "reasoning", "dialect")
 def _adapter_only(c: RouteConfig) -> list[str]:
     defaults = {f.name: f.default for f in msgspec.structs.fields(c)}
     return [f for f in ADAPTER_ONLY if f in defaults and getattr(c, f) != defaults[f]]
+
+
+# Model families whose chat format is not Qwen's ChatML (the built-in templates are Qwen's), by
+# what their names carry: a route that names one and keeps a built-in template prompts it wrongly.
+FAMILIES = (
+    ("Llama", re.compile(r"llama", re.I)),
+    ("Mistral", re.compile(r"mistral|mixtral|codestral|ministral", re.I)),
+    ("Gemma", re.compile(r"gemma", re.I)),
+    ("Phi", re.compile(r"(?<![a-z])phi(?![a-z])|phi-?\d", re.I)),
+    ("DeepSeek", re.compile(r"deepseek", re.I)),
+    ("Command R", re.compile(r"command-?r", re.I)),
+    ("Granite", re.compile(r"granite", re.I)),
+)
+
+
+def _template_family(c: RouteConfig) -> str:
+    """The warning for a chat route that renders a built-in (Qwen) template while its model
+    names (`models`, `upstream_model`, `name`) say another family; "" when none."""
+    from .adapters.templates import BUILTIN
+
+    if c.adapter == "passthrough" or c.template not in BUILTIN:
+        return ""
+    names = [*c.models, *([c.upstream_model] if c.upstream_model and c.upstream_model != "auto" else []), c.name]
+    for family, pattern in FAMILIES:
+        said = next((n for n in names if pattern.search(n)), None)
+        if said is not None:
+            return (f"{c.source}: template: route {c.name!r} names a {family} model ({said!r}) but renders its "
+                    f"prompts with the built-in {c.template!r} template (Qwen's ChatML format; `chatml` is the "
+                    "default): set `template:` to the model's tokenizer_config.json (its chat_template) or a Jinja "
+                    "chat_template file, and `dialect:` to the server it runs on")
+    return ""
 
 
 def _overlap(a: str, b: str) -> bool:

@@ -39,3 +39,41 @@ def test_a_number_out_of_range_exits_2_naming_the_option_and_the_range(argv, mes
         cli.main(argv)
     assert exit_.value.code == cli.EXIT_CONFIG
     assert message in capsys.readouterr().err
+
+
+def _check(tmp_path, capsys, **files: str) -> str:
+    folder = tmp_path / "routes.d"
+    folder.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (folder / f"{name}.yaml").write_text(text)
+    assert cli.main(["check", "--routes", str(folder)]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("names, family", [
+    ("models: [llama, 'llama-3*']", "Llama"),
+    ("upstream_model: mistralai/Mistral-7B-Instruct-v0.3", "Mistral"),
+    ("models: [gemma-2-9b-it]", "Gemma"),
+    ("models: [Phi-3-mini-4k-instruct]", "Phi"),
+    ("models: [deepseek-coder]", "DeepSeek"),
+])
+def test_a_chat_route_for_another_family_on_the_default_template_is_warned_about(names, family, tmp_path, capsys):
+    """README's old "add a second model" example: a Llama model silently prompted in ChatML."""
+    out = _check(tmp_path, capsys, second=f"""
+path: /v1/chat/completions
+{names}
+upstream: http://127.0.0.1:9/v1/completions
+adapter: chat-to-completions
+""")
+    line = next(line for line in out.splitlines() if "template:" in line and line.startswith("warning:"))
+    assert f"names a {family} model" in line and "'chatml'" in line and "set `template:`" in line
+
+
+def test_no_family_warning_for_qwen_its_own_template_or_passthrough(tmp_path, capsys):
+    (tmp_path / "llama.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = _check(tmp_path, capsys,
+                 a="path: /a\nmodels: [qwen2.5-7b]\nupstream: http://127.0.0.1:9/v1/completions\nadapter: chat-to-completions\n",
+                 b=f"path: /b\nmodels: [llama-3]\nupstream: http://127.0.0.1:9/v1/completions\nadapter: chat-to-completions\n"
+                   f"template: {tmp_path / 'llama.jinja'}\n",
+                 c="path: /c\nmodels: [llama-3]\nupstream: http://127.0.0.1:9/v1/completions\n")
+    assert "template:" not in "\n".join(line for line in out.splitlines() if line.startswith("warning:"))
