@@ -77,3 +77,30 @@ def test_no_family_warning_for_qwen_its_own_template_or_passthrough(tmp_path, ca
                    f"template: {tmp_path / 'llama.jinja'}\n",
                  c="path: /c\nmodels: [llama-3]\nupstream: http://127.0.0.1:9/v1/completions\n")
     assert "template:" not in "\n".join(line for line in out.splitlines() if line.startswith("warning:"))
+
+
+def test_serving_installs_only_the_runtime_and_the_demo_only_its_clients():
+    """`just serve` / `check` install `pip install -e .`; `just demo` adds the `demo` extra, which
+    holds every package proxy/demo.py imports beyond the runtime; `just test` keeps `dev`."""
+    import ast
+    import re
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    just = (root / "Justfile").read_text()
+    recipe = lambda name: re.search(rf"^{name}\b[^:\n]*:([^\n]*)", just, re.M).group(1).split()  # noqa: E731
+    assert recipe("serve")[0] == recipe("check")[0] == "install-runtime"
+    assert recipe("demo")[0] == "install-demo" and recipe("test")[0] == "install"
+    assert '(_venv "." ' in just and '(_venv ".[demo]" ' in just and '(_venv ".[dev]" ' in just
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.split(r"[\[<>=~! ]", req, maxsplit=1)[0].lower()  # noqa: E731
+    runtime = {name(r) for r in project["dependencies"]}
+    demo = {name(r) for r in project["optional-dependencies"]["demo"]}
+    assert demo <= {name(r) for r in project["optional-dependencies"]["dev"]}
+    tree = ast.parse((root / "proxy" / "demo.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    third_party = imported - set(sys.stdlib_module_names) - {"proxy"}
+    assert third_party <= runtime | demo, third_party - runtime - demo
