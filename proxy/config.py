@@ -475,6 +475,7 @@ class KeysFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 MAX_KEY_LENGTH = 512  # longer presented keys are refused before any comparison
+MIN_KEY_LENGTH = 16  # shorter keys in the keys file are refused: guessable
 
 
 def load_keys(path: Path | str, env: dict[str, str] | None = None) -> tuple[KeyConfig, ...]:
@@ -512,6 +513,9 @@ def load_keys(path: Path | str, env: dict[str, str] | None = None) -> tuple[KeyC
             raise fail(f"{where}.key", "must not be empty (an unset variable expands to nothing)")
         if k.key != k.key.strip() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in k.key):
             raise fail(f"{where}.key", "must not contain white space or control characters")
+        if len(k.key) < MIN_KEY_LENGTH:  # the message never quotes the key itself
+            raise fail(f"{where}.key", f"key {k.name!r} is shorter than {MIN_KEY_LENGTH} characters; use a random one, "
+                                       "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
         if len(k.key.encode()) > MAX_KEY_LENGTH:
             raise fail(f"{where}.key", f"longer than {MAX_KEY_LENGTH} bytes")
         if k.key in secrets:  # the message never quotes the key itself
