@@ -196,6 +196,9 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
     warnings = table.warnings()
     lines.extend(f"warning: {w}" for w in warnings)
     summary = f"{len(table.routes)} route(s) OK on {len(table.paths)} path(s)"
+    beside = sorted(table.paths - {r.config.path for r in table.routes})
+    if beside:  # a face's own extra paths (count_tokens, input_tokens) are not rows of the table
+        summary += f" ({len(beside)} answered beside their route: {', '.join(beside)})"
     if warnings:
         summary += f", {len(warnings)} warning(s)"
     return "\n".join([*lines, summary])

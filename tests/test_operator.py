@@ -104,3 +104,23 @@ def test_serving_installs_only_the_runtime_and_the_demo_only_its_clients():
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
     third_party = imported - set(sys.stdlib_module_names) - {"proxy"}
     assert third_party <= runtime | demo, third_party - runtime - demo
+
+
+def test_checks_path_count_names_the_paths_the_table_does_not_show(capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("QWEN_BASE_URL", "http://127.0.0.1:9")
+    assert cli.main(["check", "--routes", str(Path(__file__).resolve().parent.parent / "routes.d")]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("4 route(s) OK on 6 path(s) (2 answered beside their route: "
+                              "/v1/messages/count_tokens, /v1/responses/input_tokens)"), summary
+
+
+def test_the_shipped_template_comment_lists_every_built_in_template():
+    from pathlib import Path
+
+    from proxy.adapters.templates import BUILTIN
+
+    text = (Path(__file__).resolve().parent.parent / "routes.d" / "chat-completions.yaml").read_text()
+    (comment,) = [line.split("#", 1)[1] for line in text.splitlines() if line.startswith("template:")]
+    assert all(name in comment for name in BUILTIN), comment
