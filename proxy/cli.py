@@ -205,22 +205,25 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
 
 
 def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
-    """`GET /v1/models` on every distinct upstream base URL at once, with the route's default
-    headers (servers started with an API key want it): "up: STATUS in N ms" when the server
-    answers below 500, else "down: reason". A real HTTP request, not a TCP connect: a port
-    that accepts but is not the model server (a proxy's 502 page, say) shows as such.
+    """Ask every distinct upstream server at once, with the route's default headers (servers
+    started with an API key want them), what the proxy itself would ask: `GET <origin><path>`
+    of the route's `health:` when it has one (up on a 2xx, as the health checks count it),
+    else `GET /v1/models` (up below 500, but a 404 is "not an OpenAI-compatible server").
+    "up: GET PATH STATUS in N ms", else "down: reason". A real HTTP request, not a TCP
+    connect: a port that accepts but is not the model server (a proxy's 502 page) shows as such.
 
-    `/v1/models` is served by vLLM (`vllm/entrypoints/openai/api_server.py`), llama.cpp's
-    server (`tools/server/server.cpp`) and SGLang (`python/sglang/srt/entrypoints/http_server.py`).
+    `/v1/models` is served by vLLM (`vllm/entrypoints/openai/api_server.py`), llama.cpp's server
+    (`tools/server/server.cpp`) and SGLang (`python/sglang/srt/entrypoints/http_server.py`).
     """
     import asyncio
     from time import perf_counter
+    from urllib.parse import urlsplit
 
     import aiohttp
 
     from .upstreams import models_url
 
-    async def get(session: aiohttp.ClientSession, url: str, hdrs: dict[str, str]) -> str:
+    async def get(session: aiohttp.ClientSession, url: str, hdrs: dict[str, str], health: bool) -> str:
         started = perf_counter()
         try:
             async with session.get(url, headers=hdrs, allow_redirects=False) as response:
@@ -236,19 +239,28 @@ def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
         except aiohttp.ClientError as exc:  # connected, then no usable HTTP answer
             return f"down: {type(exc).__name__}"
         ms = (perf_counter() - started) * 1000
-        state = "up" if status < 500 else "down"
-        return f"{state}: GET {_path_of(url)} {status} in {ms:.0f} ms"
+        said = f"GET {_path_of(url)} {status} in {ms:.0f} ms"
+        if health:
+            return f"{'up' if 200 <= status < 300 else 'down'}: {said} (health.path)"
+        if status == 404:
+            return f"down: {said}: not an OpenAI-compatible server (no /v1/models)"
+        return f"{'up' if status < 500 else 'down'}: {said}"
 
     async def run() -> dict[str, str]:
-        checks: dict[str, tuple[str, dict[str, str]]] = {}
+        checks: dict[str, tuple[str, dict[str, str], bool]] = {}
         for r in table.routes:
+            h = r.config.health
             for u in r.upstreams:
-                checks.setdefault(u, (models_url(u), dict(r.config.default_headers)))
-        bases = {url: hdrs for url, hdrs in checks.values()}
+                if h is not None:
+                    parts = urlsplit(u)
+                    checks.setdefault(u, (f"{parts.scheme}://{parts.netloc}{h.path}", dict(r.config.default_headers), True))
+                else:
+                    checks.setdefault(u, (models_url(u), dict(r.config.default_headers), False))
+        asks = {url: (hdrs, health) for url, hdrs, health in checks.values()}
         t = aiohttp.ClientTimeout(total=timeout)
         async with aiohttp.ClientSession(timeout=t, trust_env=False) as session:
-            results = dict(zip(bases, await asyncio.gather(*(get(session, b, h) for b, h in bases.items()))))
-        return {u: results[b] for u, (b, _) in checks.items()}
+            results = dict(zip(asks, await asyncio.gather(*(get(session, b, h, hl) for b, (h, hl) in asks.items()))))
+        return {u: results[b] for u, (b, _, _) in checks.items()}
 
     return asyncio.run(run())
 
