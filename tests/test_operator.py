@@ -124,3 +124,20 @@ def test_the_shipped_template_comment_lists_every_built_in_template():
     text = (Path(__file__).resolve().parent.parent / "routes.d" / "chat-completions.yaml").read_text()
     (comment,) = [line.split("#", 1)[1] for line in text.splitlines() if line.startswith("template:")]
     assert all(name in comment for name in BUILTIN), comment
+
+
+def test_ready_needs_upstreams_reaches_the_workers(tmp_path, monkeypatch):
+    """`serve --ready-needs-upstreams` travels to each worker as a WorkerSettings field."""
+    from proxy.app import app_from_env
+    from proxy.settings import WorkerSettings
+
+    (tmp_path / "r.yaml").write_text("path: /v1/completions\nupstream: http://127.0.0.1:9/v1/completions\n")
+    env: dict[str, str] = {}
+    WorkerSettings(routes=str(tmp_path), ready_needs_upstreams=True).export(env)
+    assert env["LLMPROXY_READY_NEEDS_UPSTREAMS"] == "1"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert app_from_env().state.ready_needs_upstreams is True
+    monkeypatch.delenv("LLMPROXY_READY_NEEDS_UPSTREAMS")
+    assert app_from_env().state.ready_needs_upstreams is False
+    assert cli._parser().parse_args(["serve", "--ready-needs-upstreams"]).ready_needs_upstreams is True
