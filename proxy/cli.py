@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="/readyz answers 503 also while health checks have every upstream of some route out "
                    "(default off: readiness says whether this process can serve; one dead model must not "
                    "take every replica out of a Service)")
+    _state_options(s)
     s.add_argument("--otlp-endpoint", metavar="URL", default=env_default("otlp_endpoint"),
                    help="send OpenTelemetry traces over OTLP/HTTP to URL (e.g. http://127.0.0.1:4318/v1/traces); "
                    "needs the `otel` extra (default: off, or $LLMPROXY_OTLP_ENDPOINT)")
@@ -120,6 +121,43 @@ def _parser() -> argparse.ArgumentParser:
                    "default: accept anything")
     m.add_argument("--context", type=ranged(int, 1, 10**8), default=32768, help="context length the mock serves, in words (default: 32768)")
     return p
+
+
+def _state_options(s: argparse.ArgumentParser) -> None:
+    """`serve`'s shared-state options (proxy/state.py; README "Shared state (Redis)")."""
+    from .state import FAILURE_POLICIES
+
+    d = WorkerSettings()
+    g = s.add_argument_group("shared state (limits, quotas, usage and stored responses across processes and replicas)")
+    g.add_argument("--state", metavar="URL", default=env_default("state"),
+                   help="a Redis or Valkey: redis://[:PASSWORD@]HOST:PORT/DB, rediss://… for TLS (default: "
+                   "$LLMPROXY_STATE; unset: every limit, quota and stored response is per process)")
+    g.add_argument("--state-failure", choices=FAILURE_POLICIES, default=env_default("state_failure") or d.state_failure,
+                   help="when the store does not answer: open serves with in-process limits (a warning each minute), "
+                   "closed answers 503 (default: $LLMPROXY_STATE_FAILURE or open)")
+    g.add_argument("--state-lease-ttl", type=ranged(float, 1, 300), metavar="SECONDS",
+                   default=float(env_default("state_lease_ttl") or d.state_lease_ttl),
+                   help=f"a shared slot's lease, renewed while its request runs: a killed process's slots come back "
+                   f"within it (default: {d.state_lease_ttl:g})")
+    g.add_argument("--responses-ttl", type=ranged(float, 0.001, 10**8), metavar="SECONDS",
+                   default=float(env_default("responses_ttl") or d.responses_ttl),
+                   help=f"how long a Responses answer can be continued with previous_response_id "
+                   f"(default: {d.responses_ttl:g})")
+    g.add_argument("--responses-max", type=ranged(int, 1, 10**8), metavar="N",
+                   default=int(env_default("responses_max") or d.responses_max),
+                   help=f"responses kept in memory per process without --state (default: {d.responses_max})")
+
+
+def _state_invalid(args: argparse.Namespace) -> str | None:
+    """What is wrong with the shared-state flags, or None (never quoting the store's password)."""
+    from .state import check_url
+
+    if args.state:  # the numbers are range-checked by argparse (`ranged`)
+        try:
+            check_url(args.state)
+        except ConfigError as exc:
+            return str(exc)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,12 +209,20 @@ def format_keys(path: str, keys: tuple[KeyConfig, ...], table: RouteTable) -> st
     for k in keys:
         routes = "all routes" if k.routes == ("*",) else ", ".join(k.routes)
         limit = f", max_concurrent {k.max_concurrent}" if k.max_concurrent is not None else ""
+        limit += _quotas(k)
         lines.append(f"key {k.name}: {routes}{limit}")
         for g in k.routes:
             if not any(fnmatchcase(r.name, g) for r in table.routes):
                 lines.append(f"warning: {path}: key {k.name!r}: routes: {g!r} matches no route of the table")
     lines.append(f"{len(keys)} key(s) OK in {path}")
     return "\n".join(lines)
+
+
+def _quotas(k: KeyConfig) -> str:
+    from .config import QUOTAS
+
+    return "".join(f", {q} {getattr(k, q)}" for q in QUOTAS if getattr(k, q) is not None) + (
+        ", admin" if k.admin else "")
 
 
 def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str:
@@ -293,7 +339,7 @@ def _invalid(args: argparse.Namespace) -> str | None:
         problem = tracing.missing()
         if problem:
             return f"--otlp-endpoint: {problem}"
-    return None  # numbers are range-checked by argparse (`ranged`)
+    return _state_invalid(args)  # numbers are range-checked by argparse (`ranged`)
 
 
 def _export(args: argparse.Namespace) -> WorkerSettings:
@@ -312,6 +358,11 @@ def _export(args: argparse.Namespace) -> WorkerSettings:
         otlp_content=bool(args.otlp_endpoint and args.otlp_content),
         max_upstream_connections=args.max_upstream_connections,
         ready_needs_upstreams=args.ready_needs_upstreams,
+        state=args.state or None,  # the environment, never a command line or a log
+        state_failure=args.state_failure,
+        state_lease_ttl=args.state_lease_ttl,
+        responses_ttl=args.responses_ttl,
+        responses_max=args.responses_max,
     )
     settings.export()
     return settings
@@ -333,6 +384,11 @@ def _run(args: argparse.Namespace, table: RouteTable) -> int:
             "metrics of %d worker(s) are summed through %s", args.workers, os.environ[observe.MULTIPROC_ENV]
         )
     _log_capacity(args.max_upstream_connections, args.workers)
+    if args.state:
+        from .state import redact
+
+        log.info("shared state: %s (--state-failure %s, slot leases %g s)", redact(args.state), args.state_failure,
+                 args.state_lease_ttl)
     if not args.keys and not is_loopback(args.host):
         logging.getLogger("llmproxy").warning(
             "serving on %s without --keys: anyone who reaches this address uses the upstreams with the routes' "

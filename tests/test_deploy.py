@@ -233,3 +233,19 @@ def test_the_shipped_manifests_carry_no_private_default_address():
     """The seed deployment's private server stays out of deploy/: a pod without QWEN_BASE_URL fails."""
     for path in [*K8S.glob("*.yaml"), DEPLOY / "README.md", DEPLOY / "Dockerfile"]:
         assert "10.103.232.66" not in path.read_text(), path
+
+
+def test_a_shared_state_store_runs_beside_the_replicas_with_its_url_from_a_secret(docs):
+    """Issue 23: the replicas share limits through a Valkey (redis.yaml), its URL and password from a Secret."""
+    store = {d["kind"]: d for d in yaml.safe_load_all((K8S / "redis.yaml").read_text())}
+    assert "redis.yaml" in (K8S / "kustomization.yaml").read_text()
+    env = {e["name"]: e for e in _container(docs)["env"]}
+    ref = env["LLMPROXY_STATE"]["valueFrom"]["secretKeyRef"]
+    (valkey,) = store["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    password = valkey["env"][0]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == password["name"] == "llmproxy-state" and "optional" not in ref
+    assert "$(VALKEY_PASSWORD)" in valkey["args"]  # the password is the Secret's, never in a manifest
+    service = store["Service"]
+    assert service["spec"]["selector"] == store["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
+    url = f"redis://:$PASSWORD@{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
+    assert url in (DEPLOY / "README.md").read_text()  # the README's command makes the URL the Service serves
