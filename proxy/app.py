@@ -366,7 +366,8 @@ def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
     A path parameter: model ids carry slashes (`Qwen/Qwen2.5-7B-Instruct`)."""
     name = model_id.lstrip("/")
     caller: Caller | None = request.scope.get(CALLER_KEY)  # type: ignore[call-overload]
-    entry = request.app.state.holder.current.model(name, None if caller is None else caller.may_use)
+    entry = catalog.model_json(request.app.state.holder.current, name, None if caller is None else caller.may_use,
+                               request.app.state.engines)  # fmt: skip
     if entry is None:
         raise errors.ModelNotFound(f"model {name!r} is not served by any route", param="model")
     return Response(entry, media_type="application/json")

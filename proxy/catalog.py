@@ -83,6 +83,18 @@ async def models_json(table: RouteTable, session: aiohttp.ClientSession | None,
     return msgspec.json.encode(_ModelList(data=list(entries.values())))
 
 
+def model_json(table: RouteTable, name: str, may_use: Callable[[str], bool] | None, engines: Engines) -> bytes | None:
+    """`GET /v1/models/{name}`: the table's entry, with its engine's state when its route has one."""
+    entry = table.model(name, may_use)
+    if entry is None or not any(r.engine is not None for r in table.routes):
+        return entry
+    doc = msgspec.json.decode(entry, type=_ModelEntry)
+    if not any(r.name == doc.owned_by and r.engine is not None for r in table.routes):
+        return entry
+    return msgspec.json.encode(_EngineEntry(id=doc.id, owned_by=doc.owned_by, created=doc.created,
+                                            status={"value": engines.status(doc.owned_by) or "unloaded"}))
+
+
 def _with_status(table: RouteTable, entries: dict[str, Any], engines: Engines) -> bytes:
     """Every name an engine route serves, running or not, with its engine's state."""
     started = {r.name for r in table.routes if r.engine is not None}

@@ -148,6 +148,7 @@ def test_the_first_request_starts_the_engine_and_the_next_go_straight_through(ro
     assert first.json()["choices"][0]["text"] == f"{name} pid {pid} hello", "engine.env reached the engine"
     assert starts(log_dir) == [pid]
     assert models(base) == {name: "loaded"}
+    assert httpx.get(f"{base}/v1/models/{name}", timeout=5).json()["status"] == {"value": "loaded"}
     second = complete(base, stream=True)
     assert second.status_code == 200 and int(second.headers["x-engine-pid"]) == pid
     assert f"pid {pid} hello #2" in second.text
