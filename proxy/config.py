@@ -675,6 +675,9 @@ def _check_port_placement(data: dict[str, Any], fail: Any) -> None:
 
     def walk(value: Any, field: str) -> None:
         if isinstance(value, str):
+            if "${PORT:" in value:
+                raise fail(field, "write ${PORT}: in a route with engine: it is always set (the engine's port), "
+                                  "so a default or alternative means nothing")
             if PORT in value and not (field.startswith("upstream") or field.startswith("engine.command")):
                 raise fail(field, "${PORT} is only filled in in engine.command and upstream (it is the engine's port)")
         elif isinstance(value, dict):

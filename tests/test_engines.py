@@ -382,6 +382,7 @@ def test_reload_restarts_a_changed_engine_stops_a_removed_one_and_a_broken_file_
     ("command: ''", "http://127.0.0.1:${PORT}/v1", "engine.command: is empty"),
     ("command: sh --port ${PORT}\n  start_timeout: 0", "http://127.0.0.1:${PORT}/v1", "engine.start_timeout"),
     ("command: sh --port ${PORT}", '["http://127.0.0.1:${PORT}/v1", "http://127.0.0.1:${PORT}/v2"]', "has one upstream"),
+    ("command: sh --port ${PORT:-8000}", "http://127.0.0.1:${PORT}/v1", "write ${PORT}: in a route with engine:"),
 ])  # fmt: skip
 def test_check_refuses_an_engine_that_cannot_work(routes_dir, engine, upstream, message):
     folder = routes_dir(r=f"path: /v1/completions\nupstream: {upstream}\nengine:\n  {engine}\n")
