@@ -12,9 +12,11 @@ engine runs (`admit`: one state test); otherwise it waits for the one start unde
   proxy's log with the route named, the last lines kept for error messages;
 - gets `PR_SET_PDEATHSIG` (SIGKILL) in the child before `exec`: the kernel kills it when
   the proxy dies in any way, `kill -9` included, with no helper process to keep alive
-  (a reaper process would itself be one more thing `kill -9` can leave behind). The
-  signal reaches the engine process, not processes it starts itself; those go with the
-  process group on every orderly stop (idle, group, reload, SIGTERM/SIGINT of the proxy);
+  (a reaper process would itself be one more thing `kill -9` can leave behind). Strictly,
+  the kernel sends it when the *thread* that spawned the engine ends: the event loop's,
+  which under `llmproxy serve` is the main thread. The signal reaches the engine process,
+  not processes it starts itself; those go with the process group on every orderly stop
+  (idle, group, reload, SIGTERM/SIGINT of the proxy);
 - is stopped with SIGTERM to its process group, then SIGKILL after `stop_timeout`
   (llama-swap's `unloadTimeout` does the same, 10 s by default: its docs/configuration.md).
 
