@@ -45,7 +45,7 @@ import aiohttp
 import msgspec
 
 from ..errors import BadRequest, connect_failure, context_unknown
-from ..transport import route_timeout
+from ..transport import route_timeout, send
 from .logprobs import Shape
 
 if TYPE_CHECKING:
@@ -434,8 +434,9 @@ class Dialect:
     async def _get(self, session: aiohttp.ClientSession, method: str, root: str, path: str,
                    headers: list[tuple[str, str]], data: bytes | None, decode: Any) -> Any:
         hdrs = headers + [("content-type", "application/json")] if data is not None else headers
-        async with session.request(method, root + path, data=data, headers=hdrs, timeout=self.timeout,
-                                   allow_redirects=False) as response:
+        response = await send(session, method, root + path, data=data, headers=hdrs, timeout=self.timeout,
+                              allow_redirects=False)
+        async with response:
             raw = await response.read()
             if response.status != 200:
                 raise context_unknown(self.route, f"{method} {path} answered {response.status}")
