@@ -15,8 +15,12 @@ install:
     @if [ ! -f {{venv}}/.stamp ] || [ pyproject.toml -nt {{venv}}/.stamp ]; then \
         {{py}} -m pip install -q --disable-pip-version-check -e '.[dev]' && touch {{venv}}/.stamp; fi
 
-# Run the test suite (unit + loopback integration; the real-engine tests are `just test-engine`).
+# Run the test suite (unit + loopback integration; the real-engine tests are `just test-engine`). The shared-state
+# tests need a real redis-server.
 test *ARGS: install
+    @command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] \
+        || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
+        || echo "redis-server could not be installed: tests/test_state.py's Redis tests will be skipped"
     {{py}} -m pytest --ignore=tests/engine {{ARGS}}
 
 # Test against llama.cpp's own llama-server: builds it once (~10-15 min on 2 cores, cached in ~/.cache/llmproxy/engine).

@@ -49,6 +49,10 @@ class Call(Protocol):
     # (prompt_tokens, completion_tokens) the upstream reported, for metrics and traces, once
     # the answer is read. Default None: not known.
     usage: tuple[int, int] | None
+    # `kept(owner)`: (id, record) to store once the whole answer is made, for a later request to
+    # continue (the Responses face's `previous_response_id`; proxy/state.py keeps it). Default
+    # None: the call keeps nothing, and the gateway does not look.
+    kept: Callable[[str], tuple[str, bytes] | None] | None
 
     def retarget(self, url: str) -> str | None:
         """The URL to send to instead of the route's upstream `url` (a token count asks the same
@@ -75,6 +79,7 @@ class CallBase:
     upstream_query = True
     drop_headers: frozenset[bytes] = frozenset()
     usage: tuple[int, int] | None = None
+    kept: Callable[[str], tuple[str, bytes] | None] | None = None
 
     def retarget(self, url: str) -> str | None:
         return None
@@ -96,9 +101,22 @@ class Adapter(Protocol):
     # Paths this face answers beside its own, by suffix (`/count_tokens`), each with its own
     # adapter; the route table serves them on the route's upstreams. Default: none.
     subpaths: Mapping[str, Adapter]
+    # `previous(body)`: the id of a stored answer the body continues, or None. The gateway then
+    # loads it (proxy/state.py) and asks `continued` for the body to send. Default None: the
+    # face continues nothing, and the gateway does not look.
+    previous: Callable[[bytes], str | None] | None
+
+    def continued(self, body: bytes, rid: str, stored: bytes | None, owner: str) -> bytes:
+        """The body with the stored answer `rid` (None: unknown or expired) before its input, for
+        the key named `owner`. Raises `ProxyError` (404) when it cannot be continued."""
+        ...
 
 
 class AdapterBase:
     """The defaults of the `Adapter` hooks."""
 
     subpaths: Mapping[str, Adapter] = MappingProxyType({})
+    previous: Callable[[bytes], str | None] | None = None
+
+    def continued(self, body: bytes, rid: str, stored: bytes | None, owner: str) -> bytes:
+        return body
