@@ -26,7 +26,10 @@ ClientFactory = Callable[[], aiohttp.ClientSession]
 
 
 class Heard(ResponseHandler):
-    """aiohttp's connection protocol, noting whether the request in flight got any byte back."""
+    """aiohttp's connection protocol, noting whether the request in flight got any byte back.
+
+    One more Python call per received chunk: 75 ns (timeit, this VM), against the 31-39 µs a
+    relayed event costs at the least (README "Performance")."""
 
     heard = False  # reset by `Connector` when the connection is taken from the pool
 
