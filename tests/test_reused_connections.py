@@ -76,11 +76,16 @@ class OneAnswerPerConnection:
 
         def main() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
             box["loop"], box["port"] = loop, server.sockets[0].getsockname()[1]
             ready.set()
             loop.run_forever()
             server.close()
+            pending = asyncio.all_tasks(loop)  # connections idle in the proxy's pool
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         t = threading.Thread(target=main, daemon=True)
