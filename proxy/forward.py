@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from . import errors, headers, observe, tracing, transport
+from . import errors, headers, observe, served, tracing, transport
 from .capacity import UNLIMITED, UpstreamSlots
 from .errors import ProxyError, UpstreamStatus
 
@@ -240,6 +240,9 @@ class Exchange:
         ready = self.call.ready
         if ready is not None:
             await ready(client, self.url, self.headers)
+        if self.route.config.upstream_model == served.AUTO:  # after `ready`, which may rebuild the body
+            name = await served.model(client, self.url, self.route)
+            self.call.body = served.rename(self.call.body, name)
         return await transport.send(
             client, self.method, self.url, on_resend=self._resent, headers=self.headers,
             data=self.call.body or None, allow_redirects=False, timeout=self.route.client_timeout,
