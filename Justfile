@@ -25,7 +25,8 @@ _venv spec +stamps:
     @set -- {{stamps}}; for s in "$@"; do [ {{venv}}/$s -nt pyproject.toml ] && exit 0; done; \
         {{py}} -m pip install -q --disable-pip-version-check -e '{{spec}}' && touch {{venv}}/$1
 
-# Run the test suite (unit + loopback integration; the real-engine tests are `just test-engine`). The shared-state tests need a real redis-server.
+# Run the test suite (unit + loopback integration; the real-engine tests are `just test-engine`). The shared-state
+# tests need a real redis-server.
 test *ARGS: install
     @command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] \
         || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \

@@ -262,27 +262,15 @@ class Exchange:
         if self.route.config.upstream_model == served.AUTO:  # after `ready`, which may rebuild the body
             name = await served.model(client, self.url, self.route)
             self.call.body = served.rename(self.call.body, name)
-        attempt = transport.Attempt()
-        token = transport.ATTEMPT.set(attempt)
-        try:
-            try:
-                return await self._request(client)
-            except UPSTREAM_ERRORS as exc:
-                if not transport.unanswered_on_reused(attempt, exc):
-                    raise
-                log.info("route %r: %s closed a reused connection without answering (%s); sending again on a "
-                         "new connection", self.route.name, self.upstream.label, type(exc).__name__)
-            observe.retried(self.route.name, "reused_connection")
-            attempt.fresh, attempt.pooled = True, None
-            return await self._request(client)
-        finally:
-            transport.ATTEMPT.reset(token)
-
-    def _request(self, client: aiohttp.ClientSession) -> Any:
-        return client.request(
-            self.method, self.url, headers=self.headers, data=self.call.body or None,
-            allow_redirects=False, timeout=self.route.client_timeout,
+        return await transport.send(
+            client, self.method, self.url, on_resend=self._resent, headers=self.headers,
+            data=self.call.body or None, allow_redirects=False, timeout=self.route.client_timeout,
         )  # fmt: skip
+
+    def _resent(self, exc: BaseException) -> None:
+        log.info("route %r: %s closed a reused connection without answering (%s); sending again on a new "
+                 "connection", self.route.name, self.upstream.label, type(exc).__name__)
+        observe.retried(self.route.name, "reused_connection")
 
     async def _send_retrying(self, client: aiohttp.ClientSession) -> aiohttp.ClientResponse:
         """`retry:`: send again, to the next upstream at once or to the same one after its

@@ -45,7 +45,7 @@ instead of the text when the request carries no constraint that dialect honours.
 logprobs (`logprobs: N`; llama.cpp's `n_probs`, and none for 0), it gives one token per stream
 event (per word when whole) in the dialect's shape. As llama-server does (checked against it by
 `just test-engine`), the llama.cpp dialect answers `chatcmpl-` ids and chat-shaped logprobs, puts
-usage on its last stream event, says `keep-alive: timeout=5, max=100` and yet closes the connection
+usage on each choice's last stream event, takes `n`, says `keep-alive: timeout=5, max=100` and yet closes the connection
 after every streamed answer and after every error. Without a dialect the mock accepts any body and
 answers the whole text (`/tokenize` as vLLM's).
 
@@ -359,7 +359,8 @@ def _completions(conn: _Connection, hdrs: dict[str, str], body: bytes, query: st
         "created": int(time.time()),
         "model": req.model,
         "choices": [_finish({"index": i, "text": text, "logprobs": lp}, hdrs, finish) for i in range(req.n)],
-        "usage": _usage(req.prompt, text, req.n),
+        # llama-server's whole answer of several choices counts one choice's tokens (seen with n=3)
+        "usage": _usage(req.prompt, text, 1 if dialect == "llama.cpp" else req.n),
     }
     conn.write(200, _json.encode(doc), cut_at=_faults(hdrs).drop_after)
     return None
@@ -397,12 +398,13 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
             return
         if conn.closed:  # the caller left: stop, as a real server would
             return
-    if dialect == "llama.cpp":  # its last event carries the finish and the usage, asked or not
-        conn.chunk(b"data: " + _json.encode({
-            "id": cid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [_finish({"index": 0, "text": "", "logprobs": None}, hdrs, finish)],
-            "usage": _usage(req.prompt, text, 1),
-        }) + b"\n\n")
+    if dialect == "llama.cpp":  # each choice's last event carries its finish and its own usage, asked or not
+        for i in range(req.n):
+            conn.chunk(b"data: " + _json.encode({
+                "id": cid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [_finish({"index": i, "text": "", "logprobs": None}, hdrs, finish)],
+                "usage": _usage(req.prompt, text, 1),
+            }) + b"\n\n")
         conn.chunk(b"data: [DONE]\n\n")
         conn.end_chunked()
         return
@@ -632,16 +634,13 @@ def _refusal(dialect: str | None, doc: dict[str, Any], context: int) -> tuple[st
             return (f"This model's maximum context length is {context} tokens. However, you requested "
                     f"{count + max_tokens} tokens ({count} in the messages, {max_tokens} in the completion). "
                     "Please reduce the length of the messages or completion."), "max_tokens"
-    elif dialect == "llama.cpp":  # tools/server/server-common.cpp oaicompat_completion_params_parse
-        if doc.get("n", 1) != 1:
-            return "Only one completion choice is allowed", None
-        if doc.get("echo"):
-            return "Only no echo is supported", None
-        for param in ("best_of", "suffix"):
-            if param in doc:
-                return f"Unsupported param: {param}", None
+    elif dialect == "llama.cpp":
+        # The pinned llama-server reads completions fields through tools/server/server-schema.cpp: `n` is
+        # `n_cmpl`, `echo` a chat-parser flag, `best_of` and `suffix` are ignored (the older
+        # `oaicompat_completion_params_parse` that refused them is no longer called); tests/engine checks.
         if "json_schema" in doc and not isinstance(doc["json_schema"], dict):
-            return '"json_schema": JSON schema conversion failed', None
+            return ("Field 'json_schema': \"json_schema\": JSON schema conversion failed:\nJSON schema error at #: "
+                    "schema must be an object"), None
     elif dialect == "sglang":  # python/sglang/srt/entrypoints/openai/protocol.py CompletionRequest
         if "max_tokens" in doc and not isinstance(doc["max_tokens"], int):
             return "1 validation error: max_tokens: Input should be a valid integer", "max_tokens"

@@ -21,6 +21,8 @@ from servers import run_mock
 
 STREAM = (b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m",'
           b'"choices":[{"index":0,"text":"Hi","logprobs":null,"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+TOKENIZED = (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 34\r\n\r\n'
+             b'{"count": 3, "max_model_len": 999}')
 HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
         b"Keep-Alive: timeout=5, max=100\r\n\r\n")
 
@@ -30,12 +32,14 @@ class OneAnswerPerConnection:
     then will not answer on that connection again: like llama-server, except that it closes at the
     moment the next request arrives (`then="close"`), the instant of the race made certain; or it
     first sends the start of a status line (`then="partial"`: an answer had begun).
-    `first="close"`: even a new connection's first request is closed unanswered."""
+    `first="close"`: even a new connection's first request is closed unanswered. `POST /tokenize`
+    is answered as vLLM's (`count`, `max_model_len`), in JSON."""
 
     def __init__(self, then: str = "close", first: str = "answer") -> None:
         self.then = then
         self.first = first
         self.seen: list[tuple[int, int]] = []  # (connection number, request number on it)
+        self.paths: list[str] = []
         self._conns = 0
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -48,8 +52,13 @@ class OneAnswerPerConnection:
                 await reader.readexactly(int(length.group(1)) if length else 0)
                 n += 1
                 self.seen.append((conn, n))
+                path = head.split(b" ", 2)[1].decode()
+                self.paths.append(path)
                 if n == 1 and self.first == "answer":
-                    writer.write(HEAD + b"%x\r\n%s\r\n0\r\n\r\n" % (len(STREAM), STREAM))
+                    if path == "/tokenize":
+                        writer.write(TOKENIZED)
+                    else:
+                        writer.write(HEAD + b"%x\r\n%s\r\n0\r\n\r\n" % (len(STREAM), STREAM))
                     await writer.drain()
                     continue
                 if self.then == "partial" and n > 1:
@@ -67,11 +76,16 @@ class OneAnswerPerConnection:
 
         def main() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
             box["loop"], box["port"] = loop, server.sockets[0].getsockname()[1]
             ready.set()
             loop.run_forever()
             server.close()
+            pending = asyncio.all_tasks(loop)  # connections idle in the proxy's pool
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         t = threading.Thread(target=main, daemon=True)
@@ -84,9 +98,9 @@ class OneAnswerPerConnection:
             t.join(5)
 
 
-def proxy(routes_dir, proxy_for, upstream: str, dialect: str = "vllm") -> str:
+def proxy(routes_dir, proxy_for, upstream: str, dialect: str = "vllm", extra: str = "") -> str:
     return proxy_for(routes_dir(r=f"path: /v1/completions\nupstream: {upstream}/v1/completions\n"
-                                  f"dialect: {dialect}\n"))
+                                  f"dialect: {dialect}\n{extra}"))
 
 
 def post(base: str) -> httpx.Response:
@@ -112,6 +126,20 @@ def test_a_request_swallowed_by_a_closed_keep_alive_connection_is_sent_again(rou
         # on the pooled connection, unanswered; then once more, on a new one
         assert server.seen == [(1, 1), (1, 2), (2, 1)]
         assert resends(base) == before + 1
+
+
+def test_a_context_lookup_swallowed_the_same_way_is_sent_again(routes_dir, proxy_for):
+    """`max_tokens: auto` asks the server's `/tokenize` first, on the same pooled connections."""
+    server = OneAnswerPerConnection()
+    with server.running() as url:
+        base = proxy(routes_dir, proxy_for, url, extra="body: {defaults: {max_tokens: auto}}\n")
+        assert post(base).status_code == 200
+        second = post(base)
+        assert second.status_code == 200, second.text
+        # the second request's lookup went out on the connection the first one's stream left in the pool
+        assert list(zip(server.seen, server.paths)) == [
+            ((1, 1), "/tokenize"), ((1, 2), "/v1/completions"), ((2, 1), "/v1/completions"),
+            ((2, 2), "/tokenize"), ((3, 1), "/tokenize"), ((3, 2), "/v1/completions"), ((4, 1), "/v1/completions")]
 
 
 def test_nothing_is_resent_once_a_byte_of_answer_came(routes_dir, proxy_for):

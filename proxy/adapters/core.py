@@ -29,6 +29,7 @@ from ..errors import BadRequest, UpstreamBroken
 from . import reasoning as think
 from .call import CallBase
 from .core_types import Completion, CompletionChoice, FunctionCall, Message
+from .core_types import Usage as CompletionUsage
 from .core_types import ToolCall as ToolCallMsg
 from .dialects import Dialect, Plan
 from .logprobs import NULL, UnreadableLogprobs, to_raw
@@ -309,7 +310,7 @@ class Turn:
     """One request in flight: the upstream body, and the answer turned into events."""
 
     __slots__ = ("core", "gen", "plan", "body", "upstream_stream", "parse_tools", "prefilled", "forced", "usage",
-                 "_states", "_decoder", "_started", "_events", "done", "_top")
+                 "_states", "_decoder", "_started", "_events", "done", "_top", "_choice_usage")
 
     def __init__(self, core: Core, gen: Generation, plan: Plan, *, upstream_stream: bool, parse_tools: bool,
                  prefilled: bool, forced: bool = False) -> None:
@@ -330,6 +331,7 @@ class Turn:
         self._events = 0  # upstream events seen
         self.done = False  # `[DONE]` came
         self._top = gen.logprobs  # None: the client asked for no logprobs (upstream ones are dropped)
+        self._choice_usage: dict[int, Usage] | None = None  # per choice, when the upstream counts so
 
     async def ready(self, session: Any, url: str, headers: list[tuple[str, str]] | None = None) -> None:
         """Just before sending to `url`: finish a body that waits for the context remainder."""
@@ -405,7 +407,7 @@ class Turn:
                     return out, exc
                 state.events(c.text, c.finish_reason, lp, out, c.stop_reason or c.matched_stop)
             if ev.usage is not None:
-                self.usage = (ev.usage.prompt_tokens, ev.usage.completion_tokens)
+                self.usage = self._count(ev)
         return out, None
 
     def _end(self, out: list[Event]) -> list[Event]:
@@ -455,7 +457,9 @@ class Turn:
                 break
             ev = self._event(data)
             first = first or ev
-            usage = ev.usage or usage
+            if ev.usage is not None:
+                counted = self._count(ev)
+                usage = CompletionUsage(counted[0], counted[1], sum(counted))
             for c in ev.choices or ():
                 texts.setdefault(c.index, []).append(c.text)
                 if c.finish_reason is not None:
@@ -468,6 +472,18 @@ class Turn:
             for c in choices:
                 c.logprobs = join_logprobs(lps.get(c.index, []))
         return Completion(choices, first.id if first else None, first.created if first else None, usage)
+
+    def _count(self, ev: Completion) -> tuple[int, int]:
+        """(prompt, completion) tokens so far. An event that carries choices and usage counts that
+        choice alone: llama.cpp ends each of `n` streamed choices with its own usage
+        (tools/server/server-task.cpp, one child task per choice); they add up."""
+        u = ev.usage
+        assert u is not None
+        if not ev.choices:
+            return u.prompt_tokens, u.completion_tokens
+        per = self._choice_usage = self._choice_usage or {}
+        per[ev.choices[0].index] = Usage(u.prompt_tokens, u.completion_tokens)
+        return max(c.prompt_tokens for c in per.values()), sum(c.completion_tokens for c in per.values())
 
     def _logprobs(self, raw: msgspec.Raw) -> msgspec.Raw:
         """An upstream choice's logprobs -> the faces' items (logprobs.py), read in the dialect's shape."""

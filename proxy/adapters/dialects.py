@@ -11,11 +11,12 @@ each server's own source (README "Upstream dialects" has the table):
   (`OpenAIBaseModel`, `extra="allow"`). Constraints: `structured_outputs`
   {json, json_object, regex, choice, grammar} or `response_format`. BOS is
   added unless `add_special_tokens: false`.
-- llama.cpp (`tools/server/server-common.cpp` `oaicompat_completion_params_parse`,
-  `tools/server/server-task.cpp` `params_from_json_cmpl`): `n_predict`/`max_tokens`
-  default −1, unlimited (`null` counts as absent); every other field is
-  copied through (unknown ones ignored); `echo`, `best_of`, `suffix` are
-  refused; constraints are `json_schema` (an object) or `grammar`;
+- llama.cpp (`tools/server/server-schema.cpp`, `tools/server/server-task.cpp`
+  `params_from_json_cmpl`; checked against the server itself by `just test-engine`):
+  `n_predict`/`max_tokens` default −1, unlimited (`null` counts as absent); every
+  other field is copied through (unknown ones ignored; `n` is its `n_cmpl`; `echo`,
+  `best_of`, `suffix`, which builds before it refused, change nothing);
+  logprobs come in the chat shape (logprobs.py); constraints are `json_schema` (an object) or `grammar`;
   `response_format` is not read on completions; BOS is always added, with a warning
   when the prompt then starts with two (`src/llama-vocab.cpp` `check_double_bos_eos`).
 - SGLang (`python/sglang/srt/entrypoints/openai/protocol.py` `CompletionRequest`):
@@ -45,7 +46,7 @@ import aiohttp
 import msgspec
 
 from ..errors import BadRequest, connect_failure, context_unknown
-from ..transport import route_timeout
+from ..transport import route_timeout, send
 from .logprobs import Shape
 
 if TYPE_CHECKING:
@@ -434,8 +435,9 @@ class Dialect:
     async def _get(self, session: aiohttp.ClientSession, method: str, root: str, path: str,
                    headers: list[tuple[str, str]], data: bytes | None, decode: Any) -> Any:
         hdrs = headers + [("content-type", "application/json")] if data is not None else headers
-        async with session.request(method, root + path, data=data, headers=hdrs, timeout=self.timeout,
-                                   allow_redirects=False) as response:
+        response = await send(session, method, root + path, data=data, headers=hdrs, timeout=self.timeout,
+                              allow_redirects=False)
+        async with response:
             raw = await response.read()
             if response.status != 200:
                 hint = ""
@@ -455,17 +457,14 @@ class Dialect:
 def _llama_cpp(doc: dict[str, Any]) -> None:
     """What llama.cpp would refuse or let escape the route's limits, settled before the body policy.
 
-    - `n` other than 1: `oaicompat_completion_params_parse` (tools/server/server-common.cpp) throws
-      "Only one completion choice is allowed"; answered here, by name, before sending.
+    - `n` is forwarded: llama-server reads it as `n_cmpl` (tools/server/server-schema.cpp, alias `n`)
+      and answers that many choices (older builds refused it, "Only one completion choice is
+      allowed", a 400 that reaches the client as it is).
     - `n_predict`: `params_from_json_cmpl` (tools/server/server-task.cpp) reads `n_predict` before
       `max_tokens`, so a client's `n_predict` would escape `body.limit.max_tokens`. It is folded into
       `max_tokens` (the smaller positive of the two; a negative `n_predict` is llama.cpp's "unlimited"
       and adds no limit), which the policy then caps.
     """
-    n = doc.get("n")
-    if n is not None and n != 1:
-        raise BadRequest("`n` must be 1 on this route: its upstream (dialect llama.cpp) allows only one completion "
-                         "choice", param="n", code="unsupported_parameter")
     if "n_predict" not in doc:
         return
     n_predict = doc.pop("n_predict")

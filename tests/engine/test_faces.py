@@ -108,3 +108,21 @@ def test_a_thinking_route_streams_an_answer_without_a_thought(engine: Engine, th
                             max_output_tokens=MAX) as s:
         texts = [e.delta for e in s if e.type == "response.output_text.delta"]
     assert len(texts) > 1 and "".join(texts) == whole
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices(engine: Engine, through, stream):
+    """llama-server answers `n` choices (its `n_cmpl`); streamed, each ends with its own usage, added up."""
+    c = chat_client(through(engine.url))
+    if stream:
+        chunks = list(c.chat.completions.create(stream=True, n=2, stream_options={"include_usage": True},
+                                                **chat_kw(temperature=1.0, max_tokens=5)))
+        texts = {0: "", 1: ""}
+        for ch in chunks:
+            for choice in ch.choices:
+                texts[choice.index] += choice.delta.content or ""
+        assert chunks[-1].usage.completion_tokens > 5  # both choices counted (5 at most each)
+    else:
+        choices = c.chat.completions.create(n=2, **chat_kw(temperature=1.0, max_tokens=5)).choices
+        texts = {choice.index: choice.message.content for choice in choices}
+    assert sorted(texts) == [0, 1] and all(texts.values())
