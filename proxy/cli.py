@@ -263,7 +263,8 @@ def describe_engine(e: EngineConfig) -> str:
     """One line for `check` and the start-up log: what runs, and when."""
     when = f"idle_ttl {e.idle_ttl:g} s" if e.idle_ttl else "never stopped when idle"
     group = f", group {e.group}" if e.group else ""
-    return f"engine: {e.shown()} ({when}{group}; started on the first request)"
+    start = "started at start-up (preload)" if e.preload else "started on the first request"
+    return f"engine: {e.shown()} ({when}{group}; {start})"
 
 
 def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:

@@ -86,6 +86,7 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     group: str | None = None  # at most one engine of a group runs at a time
     stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL when it is stopped
     env: dict[str, str] = {}  # added to the proxy's environment for the engine (CUDA_VISIBLE_DEVICES: "0")
+    preload: bool = False  # start when the route is loaded (start-up, reload), not on its first request
 
     @property
     def argv(self) -> tuple[str, ...]:

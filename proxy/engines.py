@@ -549,6 +549,7 @@ class Engines:
         self._groups: dict[str, Group] = {}
         self._table: RouteTable | None = None
         self._closed = False
+        self._preloaded: set[tuple[Any, ...]] = set()  # started once by `preload`, not again on every reload
 
     def get(self, route: Route) -> Engine:
         """The engine of an engine route (made on first use; nothing starts until `wait`)."""
@@ -605,6 +606,33 @@ class Engines:
                 new = self._make(successor, predecessor=engine)
                 if was_up:
                     new._begin_start()  # nobody waits: a failure is in the log
+        self._preload(wanted)
+
+    def _preload(self, wanted: dict[tuple[Any, ...], Route]) -> None:
+        """`preload: true`: start now what no request asked for yet (start-up, or a reload that
+        adds the route), in file order; in a group only while the group is free, so preloading
+        never evicts a model (the first preloaded engine of a group wins)."""
+        claimed: set[str] = set()  # groups a preload of this pass already started in (its task has not run yet)
+        for key, route in wanted.items():
+            assert route.engine is not None
+            if not route.engine.preload or key in self._preloaded:
+                continue
+            self._preloaded.add(key)
+            engine = self._by_key.get(key) or self._make(route)
+            group = engine.group
+            if engine.state != STOPPED or (engine._start is not None and not engine._start.done()):
+                continue
+            if group is not None and group.name in claimed:
+                log.info("engine of route %r is not preloaded: another engine of group %r is", engine.name, group.name)
+                continue
+            if group is not None and (group.holder is not None or group.queue):
+                log.info("engine of route %r is not preloaded: group %r already holds route %r", engine.name,
+                         group.name, group.holder.name if group.holder else group.queue[0][0].name)  # fmt: skip
+                continue
+            if group is not None:
+                claimed.add(group.name)
+            log.info("preloading the engine of route %r", engine.name)
+            engine._begin_start()  # nobody waits: a failure is in the log, the first request tries again
 
     async def run(self, holder: TableHolder, session: aiohttp.ClientSession) -> None:
         """Follow the holder's table until cancelled."""

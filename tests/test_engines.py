@@ -527,3 +527,21 @@ def test_a_replaced_worker_never_loads_an_engine_route(routes_dir, upstream, log
     monkeypatch.setenv(LAST_GOOD_ENV, str(last_good))
     assert holder.reload(force=True) is False, "a worker's own reload refuses it too"
     assert [r.name for r in holder.current.routes] == ["plain"]
+
+
+def test_preload_starts_an_engine_before_any_request_and_never_evicts_one(routes_dir, serve_holder, log_dir):
+    """llama-swap #156 / #413: load a model ahead of the first request. In a group only the
+    first preloaded engine starts (file order): preloading never swaps."""
+    group = "group: gpu0\npreload: true\n"
+    a, b = unique("a"), unique("b")
+    folder = routes_dir(a=engine_route(a, log_dir, models="alpha", engine=group),
+                        b=engine_route(b, log_dir, models="beta", engine=group),
+                        c=engine_route(unique("c"), log_dir, models="gamma", engine="preload: true\n"))
+    base = serve_holder(folder)
+    wait_for(lambda: len(starts(log_dir)) == 2, what="two preloaded engines")
+    time.sleep(0.5)
+    assert models(base) == {"alpha": "loaded", "beta": "unloaded", "gamma": "loaded"}
+    r = complete(base, "alpha")
+    assert r.status_code == 200
+    assert int(r.headers["x-engine-pid"]) in starts(log_dir)
+    assert len(starts(log_dir)) == 2, "the first request found it running"
