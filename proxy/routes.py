@@ -56,7 +56,7 @@ class Route:
         self.adapter: Adapter = make_adapter(config)
         self.face = face_of(config.adapter)  # the error shape its clients read
         self.upstreams = config.upstreams
-        self.pool = Pool(config.name, config.upstreams, config.health)
+        self.pool = Pool(config.name, config.upstreams, config.health, config.balancing)
         self.limits = config.limits  # None: the gate takes no slot (one attribute test per request)
         self.retry = RetryPolicy(config.retry) if config.retry is not None else None
         self.defaults: Headers = normalize(config.default_headers)

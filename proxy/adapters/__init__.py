@@ -26,6 +26,9 @@ class Call(Protocol):
     # before each send, with the upstream URL the body goes to (and, on a failover, the next
     # one). It may ask that same server something first and update `body` (`max_tokens: auto`).
 
+    # Optional: `prompt: str`, the text the upstream will put in its prefix cache (a translating
+    # call's rendered prompt). `balance: prefix` hashes it; calls without it are read from the body.
+
 
 class Adapter(Protocol):
     def request(self, body: bytes) -> Call: ...
