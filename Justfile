@@ -31,7 +31,7 @@ serve *ARGS: install
 check *ARGS: install
     {{venv}}/bin/llmproxy check {{ARGS}}
 
-# Benchmark: mock upstream direct vs through the proxy on loopback (bench/README.md). ARGS: --quick, --seconds N, --profile, --scale.
+# Benchmark: mock upstream direct vs through the proxy on loopback (bench/README.md). ARGS: --quick, --seconds N, --profile, --scale, --fleet.
 bench *ARGS: install
     @command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
         || echo "wrk could not be installed: non-stream load falls back to the asyncio client"

@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import fleet
 import loadclient
 import procs
 import wrkload
@@ -345,6 +346,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ramp", action="store_true",
                    help="with --profile --scale: record the first 2 s (streams starting) instead of the steady state")
     p.add_argument("--clients", type=int, default=1, help="with --scale: load client processes (default 1)")
+    fleet.add_args(p)
     p.add_argument("--serve-args", default="", help="more `llmproxy serve` options, e.g. '--workers 2'")
     args = p.parse_args(argv)
     if args.quick:
@@ -368,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         import scale
 
         return scale.main(args, src)
+    if args.fleet:
+        return fleet.main(args, src)
     use_wrk = wrkload.available() and not args.no_wrk
     if not use_wrk and not args.no_wrk:
         print("wrk not found: non-stream load uses the asyncio client (apt-get install wrk)", file=sys.stderr)
