@@ -14,9 +14,10 @@ time between turns):
   a  agent sessions: a shared system prompt, a history of its own, then each
      turn appends ~`--turn-tokens` (the reply and the next question);
   b  the same sizes, but every request a fresh prompt: nothing shared;
-  hot  (a) with a session header on every request (`balance.session`) and one
-     hot session: 10 sub-agents at once under one session id, each its own
-     conversation (the session sends 10x the others).
+  hot  (a) plus one hot conversation that sends 10 requests at once each turn
+     (its whole conversation plus a short question of its own each, as an
+     agent fanning out tool calls): 10x the others' requests, all continuing
+     the same prompt, so affinity alone would queue them on one engine.
 Engines' caches hold about one engine's share of the sessions (`--cache`),
 so a session spread over all of them thrashes them.
 
@@ -48,7 +49,6 @@ from aiohttp import web
 
 CHARS_PER_TOKEN = 4
 ENGINE_BLOCK = 16 * CHARS_PER_TOKEN  # vLLM's default block_size, 16 tokens
-SESSION_HEADER = "x-session-id"
 
 
 class Engine:
@@ -151,12 +151,12 @@ class Load:
         async with aiohttp.ClientSession(connector=conns, timeout=timeout) as client:
             jobs = []
             for s in range(a.sessions):
-                jobs.append(self.session(client, f"s{s}", s * 0.05, f"s{s}"))
+                jobs.append(self.session(client, f"s{s}", s * 0.05))
             if self.workload == "hot":
-                jobs.extend(self.session(client, f"hot{j}", 0.0, "hot") for j in range(10))
+                jobs.append(self.session(client, "hot", 0.0, fan_out=10))
             await asyncio.wait_for(asyncio.gather(*jobs), a.deadline)
 
-    async def session(self, client: aiohttp.ClientSession, name: str, delay: float, session_id: str) -> None:
+    async def session(self, client: aiohttp.ClientSession, name: str, delay: float, fan_out: int = 1) -> None:
         a = self.args
         rnd = random.Random(name)
         await asyncio.sleep(delay)
@@ -165,41 +165,53 @@ class Load:
         if shared:
             messages = [{"role": "system", "content": self.system},
                         {"role": "user", "content": words(name + "history", a.history_tokens)}]
-        headers = {SESSION_HEADER: session_id} if self.workload == "hot" else {}
         for t in range(a.turns):
             if shared:
                 messages.append({"role": "user", "content": words(f"{name}.{t}", a.turn_tokens)})
             else:  # a fresh prompt of the same size as (a)'s turn t
                 size = a.system_tokens + a.history_tokens + a.turn_tokens * (t + 1)
                 messages = [{"role": "user", "content": words(f"{name}.{t}.fresh", size)}]
-            body = {"model": "m", "messages": messages, "stream": True, "max_tokens": a.max_tokens}
-            t0 = time.perf_counter()
-            first = None
-            text = []
-            try:
-                async with client.post(self.url, json=body, headers=headers) as r:
-                    if r.status != 200:
-                        self.errors += 1
-                        await r.read()
-                        continue
-                    async for line in r.content:
-                        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                            continue
-                        doc = json.loads(line[6:])
-                        for c in doc.get("choices", []):
-                            piece = (c.get("delta") or {}).get("content")
-                            if piece:
-                                if first is None:
-                                    first = time.perf_counter() - t0
-                                text.append(piece)
-            except (aiohttp.ClientError, TimeoutError):
-                self.errors += 1
+            if fan_out == 1:
+                text = await self.request(client, name, messages)
+            else:  # the same conversation, each with a short question of its own
+                asks = [messages[:-1] + [{"role": "user", "content": messages[-1]["content"] + words(f"{name}.{t}.{j}", 200)}]
+                        for j in range(fan_out)]
+                texts = await asyncio.gather(*(self.request(client, name, m) for m in asks))
+                text = texts[0]
+            if text is None:
                 continue
-            if first is not None:
-                self.ttft.setdefault(name, []).append(first)
             if shared:
-                messages.append({"role": "assistant", "content": "".join(text)})
+                messages.append({"role": "assistant", "content": text})
             await asyncio.sleep(rnd.uniform(0, 2 * a.think_ms / 1000))
+
+    async def request(self, client: aiohttp.ClientSession, name: str, messages: list[dict[str, str]]) -> str | None:
+        """One streamed request; its TTFT is recorded under the session's name; the answer's text."""
+        body = {"model": "m", "messages": messages, "stream": True, "max_tokens": self.args.max_tokens}
+        t0 = time.perf_counter()
+        first = None
+        text = []
+        try:
+            async with client.post(self.url, json=body) as r:
+                if r.status != 200:
+                    self.errors += 1
+                    await r.read()
+                    return None
+                async for line in r.content:
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    doc = json.loads(line[6:])
+                    for c in doc.get("choices", []):
+                        piece = (c.get("delta") or {}).get("content")
+                        if piece:
+                            if first is None:
+                                first = time.perf_counter() - t0
+                            text.append(piece)
+        except (aiohttp.ClientError, TimeoutError):
+            self.errors += 1
+            return None
+        if first is not None:
+            self.ttft.setdefault(name, []).append(first)
+        return "".join(text)
 
 
 ROUTE = """\
@@ -225,8 +237,7 @@ async def one_run(args: argparse.Namespace, src: Path, workload: str, policy: st
         with tempfile.TemporaryDirectory(prefix="llmproxy-fleet-") as tmp:
             routes = Path(tmp) / "routes.d"
             routes.mkdir()
-            session = f", session: {{header: {SESSION_HEADER}}}" if workload == "hot" else ""
-            balance = f"{{policy: {policy}, spill_margin: {margin}{session}}}"
+            balance = f"{{policy: {policy}, spill_margin: {margin}}}"
             ups = ", ".join(f"http://{procs.HOST}:{p}/v1/completions" for p in ports)
             (routes / "fleet.yaml").write_text(ROUTE.format(upstreams=ups, balance=balance))
             port = procs.free_port()

@@ -163,7 +163,7 @@ def _hints_type(fields: Sequence[str]) -> type[msgspec.Struct]:
 class Balancer:
     """The choice for one route's pool (built once per route table)."""
 
-    __slots__ = ("pool", "policy", "margin", "tips", "header", "fields", "sessions", "_decode", "_tops")
+    __slots__ = ("pool", "policy", "margin", "tips", "header", "fields", "sessions", "_decode", "_tops", "_seeds")
 
     def __init__(self, pool: Pool, config: Balance) -> None:
         self.pool = pool
@@ -180,6 +180,7 @@ class Balancer:
         tops = list(dict.fromkeys(f.split(".")[0] for f in self.fields))
         # per field: the decoded struct's attribute, then the path inside it
         self._tops = tuple((f"f{tops.index(f.split('.')[0])}", f.split(".")[1:]) for f in self.fields)
+        self._seeds = {m: _xxh(m.url.encode()) for m in pool.members}  # rendezvous hashing of sessions
 
     # --- per request: what the request says (in `prepare`) -------------------------------------
 
@@ -238,8 +239,8 @@ class Balancer:
         reason = ""
         if hint.session is not None:
             home = self.sessions.get(hint.session)
-            if home is not None and home not in up:
-                home = None  # down: the session moves
+            if home is None or home not in up:  # a session new to this process, or its upstream is down
+                home = self._rendezvous(hint.session, up)
             reason = "session"
         if home is None and hint.blocks:
             home, _ = self.tips.find(hint.blocks, up)
@@ -254,6 +255,13 @@ class Balancer:
             pool.turned(chosen)  # ties among the least busy go round
         self._took(chosen, hint)
         return chosen, reason
+
+    def _rendezvous(self, session: str, up: Sequence[Upstream]) -> Upstream:
+        """The session's upstream by rendezvous hashing: the same in every worker process and after a
+        restart, and when an upstream goes down only its sessions move."""
+        key = session.encode()
+        seeds = self._seeds
+        return max(up, key=lambda m: _xxh(key, seeds[m]))
 
     def moved(self, hint: Hint, old: Upstream, new: Upstream) -> None:
         """Failover: the request left `old` (it refused the connect) for `new`."""

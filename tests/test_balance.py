@@ -191,7 +191,33 @@ def test_session_header_sticks_a_session_to_one_upstream(fleet, routes_dir, prox
         r = httpx.post(f"{base}/v1/completions", json={"prompt": f"q{k}"}, headers={"x-session-id": "s-1"})
         assert r.status_code == 200
     assert sum(1 for m in fleet if m.requests) == 1
-    assert [rec["choice"] for rec in access(caplog)] == ["least-busy"] + ["session"] * 3
+    assert [rec["choice"] for rec in access(caplog)] == ["session"] * 4
+
+
+def test_a_session_new_to_a_process_goes_to_the_same_upstream_everywhere():
+    """Rendezvous hashing: two workers (two pools) that never saw a session agree on its upstream,
+    and taking one upstream down moves only the sessions it had."""
+    from proxy.balance import Hint
+    from proxy.config import Balance, Session
+
+    config = Balance(policy="least-busy", session=Session(header="x-session-id"))
+    urls = [f"http://127.0.0.1:{9000 + i}/v1/completions" for i in range(4)]  # never contacted
+    one, two = Pool("r", urls, None, config), Pool("r", urls, None, config)
+    homes = {}
+    for s in range(200):
+        a, why = one.balancer.choose(Hint((), f"s{s}"))
+        b, _ = two.balancer.choose(Hint((), f"s{s}"))
+        one.balancer.release(a)
+        two.balancer.release(b)
+        assert (a.url, why) == (b.url, "session")
+        homes[f"s{s}"] = a.url
+    assert 30 <= sum(1 for u in homes.values() if u == urls[0]) <= 70  # spread over the four
+    three = Pool("r", urls, None, config)
+    three.failed(three.members[0], "refused")
+    for s, url in homes.items():
+        m, _ = three.balancer.choose(Hint((), s))
+        three.balancer.release(m)
+        assert m.url == url or url == urls[0]
 
 
 def test_session_from_body_fields(fleet, routes_dir, proxy_for):
