@@ -332,6 +332,15 @@ def balancer_cost(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(n):
         balancer.hint(calls[i % len(calls)], b"", [])
     hash_us = (time.process_time() - t0) / n * 1e6
+    # passthrough: the body's `messages` read raw (msgspec skips the rest), then hashed
+    bodies = [json.dumps({"model": "m", "messages": [{"role": "system", "content": system},
+                                                      {"role": "user", "content": c.prompt[len(system):]}],
+                          "stream": True}).encode() for c in calls]
+    raw = type("Raw", (), {})()
+    t0 = time.process_time()
+    for i in range(n):
+        balancer.hint(raw, bodies[i % len(bodies)], [])
+    body_us = (time.process_time() - t0) / n * 1e6
     nxt = [Hint(h.blocks + [h.blocks[-1] ^ 1], None) for h in hints]  # next turns: a new tip past the old
     t0 = time.process_time()
     for i in range(n):
@@ -345,7 +354,8 @@ def balancer_cost(args: argparse.Namespace) -> dict[str, Any]:
         balancer.release(m)
     choose_new_us = (time.process_time() - t0) / n * 1e6
     kib = statistics.mean(len(p) for p in prompts) / 1024
-    return {"prompt_kib": round(kib), "hash_us": round(hash_us, 1), "choose_continuation_us": round(choose_us, 1),
+    return {"prompt_kib": round(kib), "hash_us": round(hash_us, 1), "passthrough_hint_us": round(body_us, 1),
+            "choose_continuation_us": round(choose_us, 1),
             "choose_new_us": round(choose_new_us, 1)}
 
 
@@ -373,7 +383,7 @@ def render(report: dict[str, Any]) -> str:
     c = report.get("cost")
     if c:
         lines.append(f"balancer cost (in-process, K={a['k']}, prompts ~{c['prompt_kib']} KiB): hashing "
-                     f"{c['hash_us']} µs/request; choice {c['choose_continuation_us']} µs (continuation), "
+                     f"{c['hash_us']} µs/request (passthrough, reading `messages` from the body too: {c['passthrough_hint_us']} µs); choice {c['choose_continuation_us']} µs (continuation), "
                      f"{c['choose_new_us']} µs (new conversation)")
     lines.extend(report.get("goals", []))
     return "\n".join(lines)

@@ -1,10 +1,8 @@
 """A route's upstream list: which base URL gets the next request, and which ones are down.
 
-Round-robin rather than least-outstanding: it costs one counter step per
-request and no accounting that every exit path of the forwarder (client gone,
-upstream reset, shutdown) would have to undo; with `--workers N` each worker
-only sees its own share anyway, so "least outstanding" would be per-worker
-guesswork; and LLM servers (vLLM, llama.cpp) queue and batch internally.
+Round-robin by default: one counter step per request and no accounting.
+`balance:` chooses otherwise (least-busy, prefix affinity, sessions:
+proxy/balance.py), for LLM servers whose prefix caches make replicas unequal.
 
 Without `health:`, health is passive: a connect failure marks an upstream
 down for `DOWN_FOR` seconds, during which the others get its turn; after that

@@ -297,3 +297,15 @@ def test_readme_documents_every_policy():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("### Upstream lists"):readme.index("### Hot reload")]
     assert all(f"`{p}`" in section for p in POLICIES)
+
+
+def test_check_shows_the_policy(routes_dir, capsys):
+    from proxy.cli import main as cli
+
+    folder = routes_dir(m="""
+        path: /v1/completions
+        upstream: [http://127.0.0.1:1/v1/completions, http://127.0.0.1:2/v1/completions]
+        balance: {policy: prefix, session: {header: x-session-id}}
+    """)
+    assert cli(["check", "--routes", str(folder)]) == 0
+    assert "http://127.0.0.1:1/v1/completions (balance: prefix, session)" in capsys.readouterr().out
