@@ -40,8 +40,8 @@ upstream that saw it first would pile the whole fleet's traffic onto it.
 `messages` ends with `]`, which the next turn replaces with `,`.)
 
 Memory is bounded: the tips live in two generations of dicts of `prompts` / 2
-entries each; a match or a new tip goes to the young one, and when that is
-full the old one is dropped (an approximate LRU at O(1) per request, about
+entries each; each served prompt's tip goes to the young one, and when that
+is full the old one is dropped (an approximate LRU at O(1) per request, about
 100 bytes per entry). An upstream marked down forgets its tips (its engine may
 come back empty): each upstream has an epoch, and a tip of an older epoch is
 ignored.
@@ -69,8 +69,9 @@ if TYPE_CHECKING:
 POLICIES: dict[str, str] = {
     "round-robin": "each upstream in turn (the default)",
     "least-busy": "the upstream with the fewest requests in flight from this process, ties in turn",
-    "prefix": "the upstream that last served the longest prefix of this prompt, unless it is more than "
-              "`spill_margin` requests busier than the least-busy one; a new prompt goes to the least busy",
+    "prefix": "the upstream that served the longest earlier prompt this one continues (its prefix cache holds "
+              "it), unless it is more than `spill_margin` requests busier than the least-busy one; a new "
+              "conversation goes to the least busy",
 }
 Policy = Literal["round-robin", "least-busy", "prefix"]
 assert typing.get_args(Policy) == tuple(POLICIES), "POLICIES and Policy name the same policies"

@@ -44,6 +44,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .balance import REASONS
 from .errors import ProxyError, render
 from .routes import UNREAD, Unread
 from .routes import _model_of as _decode_model
@@ -126,7 +127,7 @@ retries = Counter("llmproxy_retries", "Upstream requests sent again, by the reas
                   ["route", "reason"])
 upstream_choices = Counter(
     "llmproxy_upstream_choices", "Requests sent to each upstream of a route with `balance:`, by why it was chosen: "
-    "affinity, session, spill, least-busy, round-robin, failover.", ["route", "upstream", "reason"],
+    f"{', '.join(REASONS)}.", ["route", "upstream", "reason"],
 )
 upstream_up = Gauge(
     "llmproxy_upstream_up", "1 while the upstream takes requests, 0 while it is skipped as down.", ["route", "upstream"],

@@ -309,3 +309,19 @@ def test_check_shows_the_policy(routes_dir, capsys):
     """)
     assert cli(["check", "--routes", str(folder)]) == 0
     assert "http://127.0.0.1:1/v1/completions (balance: prefix, session)" in capsys.readouterr().out
+
+
+def test_every_upstream_out_by_health_checks_is_refused_by_every_policy():
+    import math
+
+    from proxy.balance import Hint
+    from proxy.config import Balance, Health
+    from proxy.errors import NoHealthyUpstream
+
+    pool = Pool("r", ["http://127.0.0.1:1", "http://127.0.0.1:2"], Health(), Balance(policy="least-busy"))
+    for m in pool.members:
+        m.down_until = math.inf
+    with pytest.raises(NoHealthyUpstream, match="every upstream of route 'r' is down"):
+        pool.balancer.choose(Hint((), None))
+    pool.members[1].down_until = 0.0
+    assert pool.balancer.choose(Hint((), None)) == (pool.members[1], "least-busy")
