@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.adapters import make_adapter  # noqa: E402
+from proxy.adapters.registry import make_adapter  # noqa: E402
 from proxy.config import RouteConfig  # noqa: E402
 
 EVENTS = 200

@@ -336,7 +336,7 @@ def balancer_cost(args: argparse.Namespace) -> dict[str, Any]:
     bodies = [json.dumps({"model": "m", "messages": [{"role": "system", "content": system},
                                                       {"role": "user", "content": c.prompt[len(system):]}],
                           "stream": True}).encode() for c in calls]
-    raw = type("Raw", (), {})()
+    raw = type("Raw", (), {"prompt": None})()
     t0 = time.process_time()
     for i in range(n):
         balancer.hint(raw, bodies[i % len(bodies)], [])

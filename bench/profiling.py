@@ -19,7 +19,7 @@ from typing import Any
 import loadclient
 import procs
 import wrkload
-from run import PATHS, ROOT, body_for, headers_for
+from common import PATHS, ROOT, body_for, headers_for
 
 RATE = 250  # samples/s
 TOP = 25

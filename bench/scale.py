@@ -27,7 +27,7 @@ from typing import Any
 
 import procs
 from loadclient import percentile
-from run import CHAT, COMPLETION, PATHS, columns, meta, preamble
+from common import CHAT, COMPLETION, PATHS, columns, meta, preamble
 
 EVENTS, INTERVAL_MS = 40, 250
 IDEAL_S = EVENTS * INTERVAL_MS / 1000  # the mock pauses after every event: 10 s

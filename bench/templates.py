@@ -16,7 +16,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.adapters.chat_types import ChatRequest  # noqa: E402
+from proxy.adapters.core_types import ChatRequest  # noqa: E402
 from proxy.adapters.templates import load_template  # noqa: E402
 
 RUNS = 3000

@@ -1,10 +1,15 @@
 """The app factory: a thin ASGI gate in front of a Litestar app.
 
-Litestar's runtime routes are add-only and cannot share a path+method, while
-route files can be replaced at runtime and share a path by model; so routing
-asks our immutable `RouteTable` (shared/LITESTAR.md B1). Paths in the table go
-straight from the gate to the forwarder (LITESTAR.md B7, hatch 3: measured
-~65 µs CPU less per request than a Litestar catch-all handler); Litestar serves
+Litestar's runtime routes are add-only and cannot share a path+method
+(`Litestar.register` in litestar/app.py rebuilds the routing trie and never
+removes a handler, https://docs.litestar.dev/2/usage/routing/overview.html "Registering
+routes dynamically"; a second handler for one path+method raises
+`ImproperlyConfiguredException` in litestar/routes/http.py), while route
+files can be replaced at runtime and share a path by model; so routing asks our
+immutable `RouteTable`. Paths in the table go straight from the gate to the
+forwarder, an outer ASGI callable in front of Litestar (measured ~65 µs CPU less
+per request than a Litestar catch-all handler, which builds a `Request` and
+runs `to_kwargs` and `to_response`: litestar/routes/http.py); Litestar serves
 everything else: its lifespan, the proxy's own endpoints, and 404/405 in the
 OpenAI shape.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,19 +28,20 @@ from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
-from . import catalog, descriptors, errors, headers, observe, tracing
+from . import capacity, catalog, errors, headers, observe, tracing
 from .cors import Cors
-from .descriptors import UpstreamSlots, default_connections, raise_open_files
+from .capacity import UpstreamSlots, default_connections, raise_open_files
 from .errors import Overloaded, ProxyError
 from .forward import Exchange, prepare, send_error
 from .health import Monitor
-from .keys import CREDENTIAL_HEADERS, SCOPE_KEY, Caller, Keyring, KeysHolder
+from .keys import CREDENTIAL_HEADERS, Caller, Keyring, KeysHolder
 from .limits import Limiter, Limiters
 from .reload import LAST_GOOD_ENV, POLL_INTERVAL, TableHolder
 from .routes import Route, RouteTable
+from .scope_keys import CALLER_KEY
+from .settings import DEFAULT_MAX_BODY, WorkerSettings
 from .transport import ClientFactory, make_client
 
-DEFAULT_MAX_BODY = 10 * 2**20
 GC_YOUNG = 100_000  # allocations between young-generation collections (CPython's default: 700)
 # Open without a key when keys are on: probes and scrapers carry none. Everything else,
 # unknown paths and path variants included, answers 401 first.
@@ -79,7 +86,7 @@ def create_app(
             if key_holder is not None and key_holder.source is not None:
                 tg.start_soon(key_holder.watch, poll_interval)
             tg.start_soon(monitor.run, session)
-            tg.start_soon(descriptors.watch)
+            tg.start_soon(capacity.watch)
             try:
                 with holder.reload_on_sighup():
                     yield
@@ -146,7 +153,7 @@ class Gateway:
             return
         if self.keys is not None and path not in OPEN_PATHS:
             try:
-                scope[SCOPE_KEY] = self.keys.current.authenticate(scope["headers"])
+                scope[CALLER_KEY] = self.keys.current.authenticate(scope["headers"])
             except ProxyError as exc:
                 observe.Meter(scope)
                 await reject(scope, send, exc, table.face(path))
@@ -159,7 +166,7 @@ class Gateway:
         route: Route | None = None
         try:
             if self.keys is not None:  # before the body: an unknown client costs no read
-                caller = scope[SCOPE_KEY] = self.keys.current.authenticate(scope["headers"], scope["query_string"])
+                caller = scope[CALLER_KEY] = self.keys.current.authenticate(scope["headers"], scope["query_string"])
             body = await read_body(scope, receive, self.max_body_size)
             if body is None:
                 return  # the client left while sending
@@ -268,7 +275,7 @@ async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
     """OpenAI's model list, from the route table (built with it, so usually one attribute read;
     glob-only routes add what their upstreams list: proxy/catalog.py); with keys on, only the
     models of routes the caller's key may use."""
-    caller: Caller | None = request.scope.get(SCOPE_KEY)  # type: ignore[call-overload]
+    caller: Caller | None = request.scope.get(CALLER_KEY)  # type: ignore[call-overload]
     body = await catalog.models_json(request.app.state.holder.current, getattr(request.app.state, "client", None),
                                      None if caller is None else caller.may_use)
     return Response(body, media_type="application/json")
@@ -279,7 +286,7 @@ def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
     """OpenAI's retrieve-model: a name some route serves, else 404 `model_not_found`.
     A path parameter: model ids carry slashes (`Qwen/Qwen2.5-7B-Instruct`)."""
     name = model_id.lstrip("/")
-    caller: Caller | None = request.scope.get(SCOPE_KEY)  # type: ignore[call-overload]
+    caller: Caller | None = request.scope.get(CALLER_KEY)  # type: ignore[call-overload]
     entry = request.app.state.holder.current.model(name, None if caller is None else caller.may_use)
     if entry is None:
         raise errors.ModelNotFound(f"model {name!r} is not served by any route", param="model")
@@ -328,22 +335,17 @@ def _openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[b
 
 
 def app_from_env() -> Gateway:
-    """uvicorn factory (`--workers N` needs an import string): settings come from `LLMPROXY_*`."""
-    import os
-
+    """uvicorn factory (`--workers N` needs an import string): settings come from `LLMPROXY_*`
+    (proxy/settings.py)."""
+    settings = WorkerSettings.from_env()
     observe.lean_log_records()
-    tracing.from_env()
-    folder = os.environ.get("LLMPROXY_ROUTES", "routes.d")
-    holder = TableHolder.load(folder, last_good=os.environ.get(LAST_GOOD_ENV))
-    max_body = int(os.environ.get("LLMPROXY_MAX_BODY", DEFAULT_MAX_BODY))
-    reload = os.environ.get("LLMPROXY_RELOAD", "") not in ("", "0")
-    keys_file = os.environ.get("LLMPROXY_KEYS")
-    keys = KeysHolder.load(keys_file) if keys_file else None
-    cors = Cors.parse(os.environ.get("LLMPROXY_CORS_ORIGINS"))
+    if settings.otlp_endpoint:
+        tracing.setup(settings.otlp_endpoint, content=settings.otlp_content)
+    holder = TableHolder.load(settings.routes, last_good=os.environ.get(LAST_GOOD_ENV))
+    keys = KeysHolder.load(settings.keys) if settings.keys else None
     raise_open_files()  # the CLI did it already (and logged it); not so under a bare `uvicorn --factory`
-    max_upstream = int(os.environ.get("LLMPROXY_MAX_UPSTREAM_CONNECTIONS", "0"))
-    app = create_app(holder, max_body_size=max_body, reload=reload, keys=keys, cors=cors,
-                     max_upstream_connections=max_upstream)
+    app = create_app(holder, max_body_size=settings.max_body, reload=settings.reload, keys=keys,
+                     cors=Cors.parse(settings.cors_origins), max_upstream_connections=settings.max_upstream_connections)
     # Move the start-up heap (Litestar, aiohttp, the route table) out of the collector's
     # reach: it is never garbage, and scanning it cost ~30 µs per request (`just bench`).
     gc.collect()

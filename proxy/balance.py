@@ -194,7 +194,7 @@ class Balancer:
                 if name == self.header:
                     session = value.decode("latin-1").strip() or None
                     break
-        prompt = getattr(call, "prompt", None) if self.policy == "prefix" else None
+        prompt = call.prompt if self.policy == "prefix" else None
         doc = None
         if self._decode is not None and body and ((self.policy == "prefix" and prompt is None) or
                                                    (session is None and self.fields)):

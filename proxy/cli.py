@@ -15,7 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .adapters.dialects import FACTS
 from .errors import ConfigError
+from .settings import DEFAULT_MAX_BODY, WorkerSettings, env_default
+from .version import version
 
 if TYPE_CHECKING:
     from .config import KeyConfig
@@ -28,25 +31,16 @@ EXIT_DOWN = 4  # `check --probe`: an upstream did not answer
 log = logging.getLogger("llmproxy")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llmproxy")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmproxy",
         description="A declarative proxy for local LLM servers. Routes come from YAML files in a folder "
         "(one route per file); the shipped default turns OpenAI chat requests into legacy completions.",
     )
-    p.add_argument("--version", action="version", version=f"llmproxy {_version()}")
+    p.add_argument("--version", action="version", version=f"llmproxy {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     routes_help = "folder of route files (default: $LLMPROXY_ROUTES or ./routes.d)"
-    default_routes = os.environ.get("LLMPROXY_ROUTES", "routes.d")
+    default_routes = env_default("routes") or WorkerSettings().routes
 
     s = sub.add_parser("serve", help="serve the routes", description="Validate the routes, then serve them with uvicorn.")
     s.add_argument("--routes", default=default_routes, help=routes_help)
@@ -54,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
     s.add_argument("--reload", action="store_true", help="watch the routes folder and swap in a new table on change")
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default: 1)")
-    s.add_argument("--max-body-size", type=int, default=10 * 2**20, help="largest request body in bytes (default: 10 MiB)")
+    s.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes (default: 10 MiB)")
     s.add_argument("--max-upstream-connections", type=int, default=0, metavar="N",
                    help="upstream requests in flight per process; past it a request is refused at once with a 503 "
                    "(default 0: as many as the open-file limit leaves room for, two descriptors per stream)")
@@ -68,13 +62,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: info (access lines are info: 'warning' silences them)")
     s.add_argument("--log-format", default="json", choices=["json", "text"],
                    help="json: one object per line (default); text: for a terminal")
-    s.add_argument("--keys", default=os.environ.get("LLMPROXY_KEYS") or None, metavar="FILE",
+    s.add_argument("--keys", default=env_default("keys"), metavar="FILE",
                    help="require an API key from this YAML file on every proxied request and /v1/models "
                    "(default: $LLMPROXY_KEYS; watched and reloaded on its own)")
-    s.add_argument("--cors-origins", default=os.environ.get("LLMPROXY_CORS_ORIGINS") or None, metavar="ORIGINS",
+    s.add_argument("--cors-origins", default=env_default("cors_origins"), metavar="ORIGINS",
                    help='answer browsers from these origins: "https://a.example,https://b.example" or "*" '
                    "(default: $LLMPROXY_CORS_ORIGINS; off)")
-    s.add_argument("--otlp-endpoint", metavar="URL", default=os.environ.get("LLMPROXY_OTLP_ENDPOINT"),
+    s.add_argument("--otlp-endpoint", metavar="URL", default=env_default("otlp_endpoint"),
                    help="send OpenTelemetry traces over OTLP/HTTP to URL (e.g. http://127.0.0.1:4318/v1/traces); "
                    "needs the `otel` extra (default: off, or $LLMPROXY_OTLP_ENDPOINT)")
     s.add_argument("--otlp-content", action="store_true",
@@ -87,14 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--probe", action="store_true",
                    help="also send GET /v1/models to every upstream's base URL and print its status and latency, "
                    "or why it is down (off by default: check stays offline)")
-    c.add_argument("--keys", default=os.environ.get("LLMPROXY_KEYS") or None, metavar="FILE",
+    c.add_argument("--keys", default=env_default("keys"), metavar="FILE",
                    help="also validate this keys file (default: $LLMPROXY_KEYS)")
 
     m = sub.add_parser("mock-upstream", help="run a development legacy-completions server",
                        description="A deterministic OpenAI legacy /v1/completions server (stream and non-stream) for demos and tests.")
     m.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
     m.add_argument("--port", type=int, default=8019, help="default: 8019")
-    m.add_argument("--dialect", choices=["vllm", "llama.cpp", "sglang", "openai"], default=None,
+    m.add_argument("--dialect", choices=list(FACTS), default=None,
                    help="behave as that server's completions endpoint does (defaults, refusals, /tokenize); "
                    "default: accept anything")
     m.add_argument("--context", type=int, default=32768, help="context length the mock serves, in words (default: 32768)")
@@ -108,9 +102,19 @@ def main(argv: list[str] | None = None) -> int:
 
         mock_upstream.run(args.host, args.port, args.dialect, args.context)
         return 0
-    from .routes import RouteTable
+    # Before anything imports `observe` (the route table does): prometheus-client picks its mode on import.
+    own_dir = metrics_dir(args.workers) if args.command == "serve" else None
+    try:
+        return _command(args)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
 
+
+def _command(args: argparse.Namespace) -> int:
+    """`check` or `serve`, once the route files (and the keys file) load."""
     from .config import load_keys
+    from .routes import RouteTable
 
     try:
         table = RouteTable.from_dir(args.routes)
@@ -233,39 +237,54 @@ def _path_of(url: str) -> str:
 
 
 def _serve(args: argparse.Namespace, table: RouteTable) -> int:
+    """Validate the flags, hand the workers their settings, run."""
+    problem = _invalid(args)
+    if problem is not None:
+        print(f"llmproxy: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    _export(args)
+    return _run(args, table)
+
+
+def _invalid(args: argparse.Namespace) -> str | None:
+    """What is wrong with the `serve` flags, or None."""
+    if args.otlp_endpoint:
+        from . import tracing
+
+        problem = tracing.missing()
+        if problem:
+            return f"--otlp-endpoint: {problem}"
+    if args.grace_period < 0:
+        return "--grace-period must be >= 0"
+    if args.max_upstream_connections < 0:
+        return "--max-upstream-connections must be >= 0 (0: sized from the open-file limit)"
+    return None
+
+
+def _export(args: argparse.Namespace) -> WorkerSettings:
+    """The flags the app reads, into the environment each worker inherits (proxy/settings.py)."""
+    settings = WorkerSettings(
+        routes=args.routes,
+        max_body=args.max_body_size,
+        # With workers the supervisor watches the folder and signals them (proxy/workers.py).
+        reload=args.reload and args.workers <= 1,
+        keys=str(Path(args.keys).resolve()) if args.keys else None,  # workers may not share the cwd's view
+        cors_origins=args.cors_origins or None,
+        otlp_endpoint=args.otlp_endpoint or None,
+        otlp_content=bool(args.otlp_endpoint and args.otlp_content),
+        max_upstream_connections=args.max_upstream_connections,
+    )
+    settings.export()
+    return settings
+
+
+def _run(args: argparse.Namespace, table: RouteTable) -> int:
+    """Set up logging and metrics, say what will be served, and serve until stopped."""
     import signal
     import logging.config
 
     import uvicorn
 
-    os.environ["LLMPROXY_ROUTES"] = args.routes
-    os.environ["LLMPROXY_MAX_BODY"] = str(args.max_body_size)
-    if args.keys:
-        os.environ["LLMPROXY_KEYS"] = str(Path(args.keys).resolve())  # workers may not share the cwd's view
-    if args.cors_origins:
-        os.environ["LLMPROXY_CORS_ORIGINS"] = args.cors_origins
-    # With workers the supervisor watches the folder and signals them (proxy/workers.py).
-    if args.reload and args.workers <= 1:
-        os.environ["LLMPROXY_RELOAD"] = "1"
-    if args.otlp_endpoint:
-        os.environ["LLMPROXY_OTLP_ENDPOINT"] = args.otlp_endpoint
-        if args.otlp_content:
-            os.environ["LLMPROXY_OTLP_CONTENT"] = "1"
-        from . import tracing
-
-        problem = tracing.missing()
-        if problem:
-            print(f"llmproxy: --otlp-endpoint: {problem}", file=sys.stderr)
-            return EXIT_CONFIG
-    if args.grace_period < 0:
-        print("llmproxy: --grace-period must be >= 0", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.max_upstream_connections < 0:
-        print("llmproxy: --max-upstream-connections must be >= 0 (0: sized from the open-file limit)", file=sys.stderr)
-        return EXIT_CONFIG
-    os.environ["LLMPROXY_MAX_UPSTREAM_CONNECTIONS"] = str(args.max_upstream_connections)
-    # Before `observe` is imported anywhere: prometheus-client picks its mode on import.
-    own_dir = metrics_dir(args.workers)
     from . import observe
 
     log_config = observe.logging_config(args.log_level, args.log_format)
@@ -295,16 +314,12 @@ def _serve(args: argparse.Namespace, table: RouteTable) -> int:
         timeout_graceful_shutdown=args.grace_period,
         backlog=args.backlog,
     )
-    try:
-        if args.workers > 1:
-            from . import workers
+    if args.workers > 1:
+        from . import workers
 
-            workers.run(uvicorn.Config("proxy.app:app_from_env", **settings), args.routes, watch=args.reload)
-        else:
-            uvicorn.run("proxy.app:app_from_env", **settings)
-    finally:
-        if own_dir is not None:
-            shutil.rmtree(own_dir, ignore_errors=True)
+        workers.run(uvicorn.Config("proxy.app:app_from_env", **settings), args.routes, watch=args.reload)
+    else:
+        uvicorn.run("proxy.app:app_from_env", **settings)
     return 0
 
 
@@ -312,10 +327,10 @@ def _log_capacity(max_upstream: int, workers: int) -> None:
     """Raise the open-file limit (workers inherit it) and say what one process can hold."""
     import logging
 
-    from . import descriptors
+    from . import capacity
 
-    before, after, hard = descriptors.raise_open_files()
-    limit = max_upstream or descriptors.default_connections(after)
+    before, after, hard = capacity.raise_open_files()
+    limit = max_upstream or capacity.default_connections(after)
     how = "--max-upstream-connections" if max_upstream else "sized from the open-file limit"
     raised = f"raised from {before} to {after}" if after != before else f"{after}"
     logging.getLogger("llmproxy").info(

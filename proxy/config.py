@@ -14,6 +14,8 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from .adapters.registry import ADAPTERS
+from .adapters.dialects import FACTS
 from .adapters.templates import BUILTIN
 from .balance import DEFAULT_MARGIN, DEFAULT_PROMPTS, Policy
 from .errors import ConfigError, invalid_field
@@ -22,6 +24,11 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models"})
+# `adapter:` and `dialect:` accept the names of their one table (adapters.ADAPTERS,
+# adapters.dialects.FACTS), in its order; a new face or dialect is an entry there.
+AdapterName = Literal[tuple(ADAPTERS)]  # type: ignore[valid-type]
+DialectName = Literal[tuple(FACTS)]  # type: ignore[valid-type]
+_COUNTING = " or ".join(name for name, facts in FACTS.items() if facts.context is not None)  # can size `auto`
 
 
 class Timeout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -91,8 +98,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     path: str
     upstream: str | list[str]
     methods: tuple[str, ...] = ("POST",)
-    adapter: Literal["passthrough", "chat-to-completions", "messages-to-completions", "responses-to-completions"] = \
-        "passthrough"
+    adapter: AdapterName = "passthrough"
     stream: Literal["auto", "always", "never"] = "auto"
     models: tuple[str, ...] = ()
     upstream_model: str | None = None
@@ -100,7 +106,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     timeout: Timeout = Timeout()
     template: str = "chatml"
     reasoning: Literal["none", "think"] = "none"
-    dialect: Literal["vllm", "llama.cpp", "sglang", "openai"] = "vllm"  # how the upstream's completions speak
+    dialect: DialectName = "vllm"  # how the upstream's completions speak
     body: Body | None = None
     limits: Limits | None = None
     retry: Retry | None = None
@@ -544,8 +550,8 @@ def _check_body(r: RouteConfig, fail: Any) -> None:
     translating = r.adapter != "passthrough"
     for key, ceiling in body.limit.items():
         if key == "max_tokens" and ceiling == "auto":
-            if r.dialect not in ("vllm", "sglang"):
-                raise fail("body.limit.max_tokens", f"auto needs a tokenizer endpoint (dialect vllm or sglang); "
+            if FACTS[r.dialect].context is None:
+                raise fail("body.limit.max_tokens", f"auto needs a tokenizer endpoint (dialect {_COUNTING}); "
                                                     f"dialect {r.dialect} needs a number")
             continue
         if isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)) or ceiling <= 0:
@@ -555,8 +561,8 @@ def _check_body(r: RouteConfig, fail: Any) -> None:
         if value is None:
             continue
         if value == "auto" and where == "defaults":
-            if r.dialect not in ("vllm", "sglang"):
-                raise fail("body.defaults.max_tokens", f"auto needs a tokenizer endpoint (dialect vllm or sglang); "
+            if FACTS[r.dialect].context is None:
+                raise fail("body.defaults.max_tokens", f"auto needs a tokenizer endpoint (dialect {_COUNTING}); "
                                                        f"dialect {r.dialect} needs a number")
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

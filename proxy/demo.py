@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .settings import env_default
+
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _TIMEOUT = 10.0  # seconds, per request and per start/stop step
 
@@ -172,7 +174,7 @@ def run(routes: Path, pace_ms: int = 60) -> None:
 
 
 def main() -> int:
-    routes = Path(os.environ.get("LLMPROXY_ROUTES") or Path(__file__).resolve().parent.parent / "routes.d")
+    routes = Path(env_default("routes") or Path(__file__).resolve().parent.parent / "routes.d")
     started = time.monotonic()
     run(routes)
     _say(f"({time.monotonic() - started:.1f} s)")

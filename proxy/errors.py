@@ -1,6 +1,8 @@
-"""Every error the proxy reports, and the one place they become OpenAI-shaped bytes.
+"""Every error the proxy reports, and the one place they become bytes in the client's shape.
 
-The client always gets `{"error": {"message", "type", "param", "code"}}`;
+An OpenAI client (chat, Responses, passthrough) gets `{"error": {"message", "type",
+"param", "code"}}`, an Anthropic one (Messages) `{"type": "error", "error": {"type",
+"message"}}` (`render`, `sse_event`);
 the upstream client's (aiohttp) exceptions are mapped here and nowhere else. Messages name the route and the upstream host, never a
 header value: default headers carry secrets, and upstream error bodies are
 scrubbed of them before they are passed on.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import re
+import resource
 import traceback
 from urllib.parse import urlsplit
 from collections.abc import Iterable, Sequence
@@ -127,7 +130,7 @@ class ShuttingDown(ProxyError):
 
 
 class ProcessLimit(ProxyError):
-    """This process is at one of its own limits (descriptors.py): `--max-upstream-connections`
+    """This process is at one of its own limits (capacity.py): `--max-upstream-connections`
     (`upstream_connections_exhausted`) or its open files (`out_of_file_descriptors`)."""
 
     status = 503
@@ -222,15 +225,8 @@ class _Envelope(msgspec.Struct):
 
 # --- faces: each API's clients read errors in their own shape ------------------------------
 # `face` is the error shape of the route's adapter: "openai" (chat, Responses, passthrough) or
-# "anthropic" (Messages). The gate and the forwarder pass it here; nothing else renders.
-# (Same names and semantics as on the `faces` branch, which brings the Messages adapter.)
-
-ANTHROPIC_ADAPTERS = frozenset({"messages-to-completions"})
-
-
-def face_of(adapter: str) -> str:
-    """The error shape of a route with this `adapter:`: the one small place that decides it."""
-    return "anthropic" if adapter in ANTHROPIC_ADAPTERS else "openai"
+# "anthropic" (Messages), as the adapter table says (adapters.ADAPTERS). The gate and the
+# forwarder pass it here; nothing else renders.
 
 
 # Anthropic's error types by status (docs.anthropic.com/en/api/errors; the `anthropic` SDK's
@@ -394,8 +390,6 @@ def from_upstream(exc: Exception, route: Route, url: str) -> ProxyError:
         reason = _scrub(_os_reason(exc.os_error), route)
         return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: TLS with {where} failed: {reason}")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        from .descriptors import from_exhaustion
-
         os_error = exc.os_error
         if (ours := from_exhaustion(exc, name)) is not None:
             return ours  # the proxy's own shortage, not the upstream's fault
@@ -410,6 +404,22 @@ def from_upstream(exc: Exception, route: Route, url: str) -> ProxyError:
     if isinstance(exc, (aiohttp.InvalidURL, aiohttp.ClientResponseError)):
         return UpstreamUnreachable(f"upstream of route {name!r} is unreachable: {type(exc).__name__}")
     return UpstreamBroken(f"upstream of route {name!r} ({where}) failed: {type(exc).__name__}")
+
+
+def from_exhaustion(exc: BaseException, route: str) -> ProcessLimit | None:
+    """The 503 for an upstream connect that failed for want of descriptors, else None: the
+    proxy's own shortage (capacity.py sizes the limit to avoid it), not the upstream's fault."""
+    os_error = getattr(exc, "os_error", exc)
+    if not isinstance(os_error, OSError) or os_error.errno not in (errno.EMFILE, errno.ENFILE):
+        return None
+    which = "this process's open-file limit" if os_error.errno == errno.EMFILE else "the system's file table"
+    return ProcessLimit(
+        f"the proxy ran out of file descriptors ({which}, soft RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}) connecting upstream "
+        f"for route {route!r}: raise the limit (ulimit -n, LimitNOFILE=, the container's nofile) or lower "
+        "--max-upstream-connections",
+        code="out_of_file_descriptors",
+        headers={"retry-after": "1"},
+    )
 
 
 def context_unknown(route: str, why: str | BaseException) -> ContextUnknown:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from . import errors, headers, observe, tracing
-from .descriptors import UNLIMITED, UpstreamSlots
+from .capacity import UNLIMITED, UpstreamSlots
 from .errors import ProxyError, UpstreamStatus
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def prepare(route: Route, scope: dict[str, Any], body: bytes, strip: frozenset[b
     if call.translates:
         out.append((b"accept-encoding", b"identity"))
     # A face's query (Claude Code's `?beta=true`) means nothing to the completions upstream.
-    query = scope.get("query_string", b"") if getattr(call, "upstream_query", True) else b""
+    query = scope.get("query_string", b"") if call.upstream_query else b""
     balancer = route.pool.balancer
     if balancer is None:
         return Exchange(route, call, scope["method"], query, out, rid, route.pool.pick())
@@ -164,7 +164,7 @@ class Exchange:
             status = response.status
             if status >= 400:
                 body = await _read_capped(response)
-                recovered = self._recover(status)
+                recovered = self.call.recover(status)
                 if recovered is not None:  # the call has its own answer for this refusal
                     await self._answer(send, recovered)
                     return
@@ -251,7 +251,7 @@ class Exchange:
     async def _attempt(self, client: aiohttp.ClientSession) -> aiohttp.ClientResponse:
         """One try at the current upstream, after the call's last word with it (`Call.ready`:
         the context lookup of a request that set no max_tokens goes to the same server)."""
-        ready = getattr(self.call, "ready", None)
+        ready = self.call.ready
         if ready is not None:
             await ready(client, self.url, self.headers)
         return await client.request(
@@ -356,18 +356,14 @@ class Exchange:
     def _stream_error(self, exc: ProxyError) -> bytes:
         """A fault after the stream began, in the face's stream grammar: the call's own events when
         it has some (a Responses stream ends with `response.failed`), else the face's error event."""
-        encode = getattr(self.call, "stream_error", None)
-        return encode(exc) if encode is not None else errors.sse_event(exc, self.route.face)
+        own = self.call.stream_error(exc)
+        return own if own is not None else errors.sse_event(exc, self.route.face)
 
     def _target(self, upstream: Upstream) -> str:
         """The URL for this call: the route's upstream URL, or the one the call derives from it
         (`count_tokens` asks the same server's `/tokenize`)."""
-        retarget = getattr(self.call, "retarget", None)
-        return upstream.target(self.query) if retarget is None else retarget(upstream.url)
-
-    def _recover(self, status: int) -> bytes | None:
-        recover = getattr(self.call, "recover", None)
-        return recover(status) if recover is not None else None
+        url = self.call.retarget(upstream.url)
+        return upstream.target(self.query) if url is None else url
 
     async def _answer(self, send: Any, body: bytes) -> None:
         """A 200 JSON answer the call made itself (after the upstream refused it)."""
@@ -404,8 +400,8 @@ async def send_error(send: Any, exc: ProxyError, rid: bytes | None = None, face:
 def _drops(call: Call) -> frozenset[bytes]:
     """Client headers a translating call does not send upstream: accept-encoding, and the ones
     its face names (an Anthropic client's `x-api-key` is for the proxy, not the completions server)."""
-    extra = getattr(call, "drop_headers", None)
-    return _ADAPTER_DROPS if extra is None else _ADAPTER_DROPS | extra
+    extra = call.drop_headers
+    return _ADAPTER_DROPS | extra if extra else _ADAPTER_DROPS
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:

@@ -29,7 +29,6 @@ from .reload import Reloadable, watch_folder
 
 log = logging.getLogger("llmproxy.keys")
 
-SCOPE_KEY = "llmproxy.caller"  # where the gate leaves the authenticated `Caller` in the ASGI scope
 # Headers that carry an inbound key; removed before forwarding (the route's default_headers
 # carry the upstream's own credential).
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})

@@ -46,8 +46,8 @@ from prometheus_client import (
 
 from .balance import REASONS
 from .errors import ProxyError, render
-from .routes import UNREAD, Unread
-from .routes import _model_of as _decode_model
+from .request_model import UNREAD, Unread, model_or_none
+from .scope_keys import CALLER_KEY, METER_KEY
 
 if TYPE_CHECKING:
     from .forward import Exchange
@@ -201,9 +201,6 @@ class RequestRecord(msgspec.Struct, tag_field="event", tag="access"):
     choice: str | None = None  # routes with `balance:`: why this upstream (affinity, spill, session, ...)
 
 
-_METER = "llmproxy.meter"
-
-
 class Meter:
     """What one request did on the wire; lives in the ASGI scope from the handler to the log line."""
 
@@ -223,7 +220,7 @@ class Meter:
         self.streamed = False
         self.disconnected = False
         self.recorded = False
-        scope[_METER] = self
+        scope[METER_KEY] = self
 
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body":
@@ -242,7 +239,7 @@ class Meter:
 
 def meter(scope: dict[str, Any]) -> Meter:
     """The request's meter (made by the handler, or here when an Exchange runs on its own)."""
-    m = scope.get(_METER)
+    m = scope.get(METER_KEY)
     return m if m is not None else Meter(scope)
 
 
@@ -271,7 +268,7 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
     if status is None:  # nothing was answered: the client left, or the exchange crashed (the app answers 500)
         status = CLIENT_CLOSED if m.disconnected else 500
         name = name or (None if m.disconnected else "internal_error")
-    usage = getattr(exchange.call, "usage", None)
+    usage = exchange.call.usage
     model = _model_of(m)
     record(
         _record(
@@ -290,7 +287,7 @@ def rejected(scope: dict[str, Any], exc: ProxyError, rid: bytes, face: str | Non
     """A request answered with an error before (or instead of) an exchange: record it once.
     `face`: the error shape its body was sent in (its size is `bytes_out`); None: nothing was
     sent (the client had left)."""
-    m = scope.get(_METER)
+    m = scope.get(METER_KEY)
     if m is None:  # refused by the router (405 on an unlisted method) before the handler ran
         m = Meter(scope)
     if m.recorded:
@@ -478,7 +475,7 @@ def _record(
 
 
 def _caller_name(scope: dict[str, Any]) -> str | None:
-    caller = scope.get("llmproxy.caller")  # keys.SCOPE_KEY, set by the gate when keys are on
+    caller = scope.get(CALLER_KEY)  # set by the gate when keys are on
     return caller.name if caller is not None else None
 
 
@@ -502,12 +499,9 @@ def _model_of(m: Meter) -> str | None:
     for the access line (a route without `models` labels every request `other`)."""
     if m.model is not UNREAD:
         return m.model  # type: ignore[return-value]
-    if not m.body or not access_log.isEnabledFor(logging.INFO):
+    if not access_log.isEnabledFor(logging.INFO):
         return None
-    try:
-        return _decode_model(m.body)
-    except ProxyError:  # a `model` of the wrong type: the request was refused for it, nothing to label
-        return None
+    return model_or_none(m.body)  # a `model` of the wrong type was refused for it: nothing to label
 
 
 _second: list[Any] = [None, ""]  # the last whole second and its formatted prefix

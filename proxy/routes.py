@@ -9,27 +9,22 @@ from __future__ import annotations
 import copy
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatchcase, translate
+from itertools import product
 from pathlib import Path
 
 import msgspec
 
-from .adapters import Adapter, make_adapter
+from .adapters import Adapter
+from .adapters.registry import ADAPTERS, make_adapter
 from .config import RouteConfig, load_dir
-from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body, face_of
+from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body
 from .headers import Headers, normalize
+from .request_model import UNREAD, Unread, model_of
 from .retry import RetryPolicy
 from .transport import route_timeout
 from .upstreams import Pool
-
-
-class _Model(msgspec.Struct):
-    model: str | None = None
-
-
-# Decodes only `model`; msgspec skips the rest (messages, prompt) without building objects.
-_decode_model = msgspec.json.Decoder(_Model).decode
 
 
 class _ModelEntry(msgspec.Struct):
@@ -54,7 +49,7 @@ class Route:
         self.config = config
         self.name = config.name
         self.adapter: Adapter = make_adapter(config)
-        self.face = face_of(config.adapter)  # the error shape its clients read
+        self.face = ADAPTERS[config.adapter].face  # the error shape its clients read
         self.upstreams = config.upstreams
         self.pool = Pool(config.name, config.upstreams, config.health, config.balancing)
         self.limits = config.limits  # None: the gate takes no slot (one attribute test per request)
@@ -74,23 +69,11 @@ class Route:
         """The paths a face answers beside its own (`/v1/messages/count_tokens`), as routes that
         share this one's upstreams, health, headers and models but not its adapter."""
         out: dict[str, Route] = {}
-        for suffix, adapter in getattr(self.adapter, "subpaths", {}).items():
+        for suffix, adapter in self.adapter.subpaths.items():
             sub = copy.copy(self)
             sub.adapter = adapter
             out[self.config.path.rstrip("/") + suffix] = sub
         return out
-
-
-class Unread:
-    """The type of `UNREAD`: routing did not need the body's `model`."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "UNREAD"
-
-
-UNREAD = Unread()
 
 
 class _Choice:
@@ -132,7 +115,6 @@ class RouteTable:
         self._allowed = {path: ", ".join(sorted(choices)) for path, choices in self._by_path.items()}
         self._faces = {path: rs[0].face for path, rs in by_path.items()}
         self.models_json = self._models_json()
-        self._faces = {path: rs[0].face for path, rs in by_path.items()}
 
     @classmethod
     def from_dir(cls, folder: Path | str, *, allow_empty: bool = False) -> RouteTable:
@@ -162,7 +144,7 @@ class RouteTable:
             raise MethodNotAllowed(f"method {method} is not allowed on {path}; allowed: {allowed}", headers={"allow": allowed})
         if choice.direct is not None:
             return choice.direct, UNREAD
-        model = _model_of(body)
+        model = model_of(body)
         for r in choice.by_model:
             if r.serves(model):
                 return r, model
@@ -218,51 +200,69 @@ class RouteTable:
         """Things that load but are probably not what the operator meant (`llmproxy check`)."""
         out: list[str] = []
         for path, choices in self._by_path.items():
-            reported: set[tuple[str, str, str, str]] = set()
-            for choice in choices.values():
-                rs = choice.by_model
-                for i, later in enumerate(rs):
-                    for first in rs[:i]:
-                        for gb in later.models:
-                            for ga in first.models:
-                                key = (first.name, ga, later.name, gb)
-                                if key in reported or not _overlap(ga, gb):
-                                    continue
-                                reported.add(key)
-                                out.append(
-                                    f"{later.config.source}: models: {gb!r} overlaps {ga!r} of route {first.name!r} "
-                                    f"({first.config.source}) on {path}; route {first.name!r} wins for models "
-                                    "both match (first file in name order)"
-                                )
-            for choice in choices.values():
-                if choice.fallback is None:
-                    continue
-                for r in choice.by_model:
-                    everything = next((g for g in r.models if _matches_everything(g)), None)
-                    if everything is not None:
-                        out.append(
-                            f"{r.config.source}: models: {everything!r} of route {r.name!r} matches every model, so "
-                            f"the fallback route {choice.fallback.name!r} ({choice.fallback.config.source}) on {path} "
-                            "is never used; remove the glob or the fallback"
-                        )
-                        break
+            out += _overlaps(path, choices.values())
+            out += _hidden_fallbacks(path, choices.values())
         for r in self.routes:
-            c = r.config
-            if c.adapter == "passthrough":
-                for field in _adapter_only(c):
-                    out.append(
-                        f"{c.source}: {field}: has no effect on a passthrough route (it only applies to "
-                        "translating adapters such as chat-to-completions); remove it or set `adapter:`"
-                    )
-            for var in dict.fromkeys(c.env_defaults):
-                out.append(
-                    f"{c.source}: upstream: {var} is not set (or empty), so route {r.name!r} sends to the default in the file: "
-                    f"{', '.join(c.upstreams)}; set {var} to your model server's address"
-                )
+            out += _route_warnings(r)
         for r in self.routes:
             for url in sorted({u for u in r.upstreams if r.upstreams.count(u) > 1}):
                 out.append(f"{r.config.source}: upstream: {url} is listed more than once (it gets a larger share)")
         return out
+
+
+def _overlaps(path: str, choices: Iterable[_Choice]) -> list[str]:
+    """A later route's `models` glob that overlaps an earlier one's on the same path: the first wins."""
+    out: list[str] = []
+    reported: set[tuple[str, str, str, str]] = set()
+    for choice in choices:
+        rs = choice.by_model
+        for i, later in enumerate(rs):
+            for first in rs[:i]:
+                for gb, ga in product(later.models, first.models):
+                    key = (first.name, ga, later.name, gb)
+                    if key in reported or not _overlap(ga, gb):
+                        continue
+                    reported.add(key)
+                    out.append(
+                        f"{later.config.source}: models: {gb!r} overlaps {ga!r} of route {first.name!r} "
+                        f"({first.config.source}) on {path}; route {first.name!r} wins for models "
+                        "both match (first file in name order)"
+                    )
+    return out
+
+
+def _hidden_fallbacks(path: str, choices: Iterable[_Choice]) -> list[str]:
+    """A `models` glob that matches everything, beside a fallback route it then never lets answer."""
+    out: list[str] = []
+    for choice in choices:
+        if choice.fallback is None:
+            continue
+        for r in choice.by_model:
+            everything = next((g for g in r.models if _matches_everything(g)), None)
+            if everything is not None:
+                out.append(
+                    f"{r.config.source}: models: {everything!r} of route {r.name!r} matches every model, so "
+                    f"the fallback route {choice.fallback.name!r} ({choice.fallback.config.source}) on {path} "
+                    "is never used; remove the glob or the fallback"
+                )
+                break
+    return out
+
+
+def _route_warnings(r: Route) -> list[str]:
+    """One route file's own: options its adapter ignores, upstream variables left to their default."""
+    c = r.config
+    out = [
+        f"{c.source}: {field}: has no effect on a passthrough route (it only applies to "
+        "translating adapters such as chat-to-completions); remove it or set `adapter:`"
+        for field in (_adapter_only(c) if c.adapter == "passthrough" else ())
+    ]
+    out += [
+        f"{c.source}: upstream: {var} is not set (or empty), so route {r.name!r} sends to the default in the file: "
+        f"{', '.join(c.upstreams)}; set {var} to your model server's address"
+        for var in dict.fromkeys(c.env_defaults)
+    ]
+    return out
 
 
 def is_glob(name: str) -> bool:
@@ -298,14 +298,3 @@ def _require_json(body: bytes) -> None:
         msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise bad_body(exc) from None
-
-
-def _model_of(body: bytes) -> str | None:
-    """The body's `model`; None when the body is not JSON (the fallback route, or 404, decides).
-    JSON whose `model` is not a string is the client's mistake: 400 naming the field."""
-    try:
-        return _decode_model(body).model
-    except msgspec.ValidationError as exc:
-        raise bad_body(exc) from None
-    except msgspec.DecodeError:
-        return None

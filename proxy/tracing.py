@@ -31,12 +31,12 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from .request_model import model_or_none
+from .version import version
+
 if TYPE_CHECKING:
     from .forward import Exchange
     from .observe import Meter
-
-ENDPOINT_ENV = "LLMPROXY_OTLP_ENDPOINT"
-CONTENT_ENV = "LLMPROXY_OTLP_CONTENT"
 
 TRACER: Any = None  # an opentelemetry Tracer while tracing is on; the forwarder tests this
 CONTENT = False  # record prompts and completions
@@ -70,9 +70,7 @@ def setup(endpoint: str | None = None, *, content: bool = False, exporter: Any =
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    from .cli import _version
-
-    provider = TracerProvider(resource=Resource.create({"service.name": "llmproxy", "service.version": _version()}))
+    provider = TracerProvider(resource=Resource.create({"service.name": "llmproxy", "service.version": version()}))
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
@@ -81,18 +79,9 @@ def setup(endpoint: str | None = None, *, content: bool = False, exporter: Any =
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     shutdown()
     _provider = provider
-    TRACER = provider.get_tracer("llmproxy", _version())
+    TRACER = provider.get_tracer("llmproxy", version())
     CONTENT = content
     return provider
-
-
-def from_env() -> None:
-    """`serve --otlp-endpoint` reaches each worker through the environment."""
-    import os
-
-    endpoint = os.environ.get(ENDPOINT_ENV)
-    if endpoint:
-        setup(endpoint, content=os.environ.get(CONTENT_ENV, "") not in ("", "0"))
 
 
 def flush() -> None:
@@ -192,7 +181,7 @@ class Span:
 
         span = self.span
         route = exchange.route
-        usage = getattr(exchange.call, "usage", None)
+        usage = exchange.call.usage
         inp, out = usage if usage else (self.input_tokens, self.output_tokens)
         request_model = _request_model(meter)
         response_model = route.config.upstream_model or request_model
@@ -245,8 +234,7 @@ def _request_model(meter: Meter) -> str | None:
     model = meter.model
     if isinstance(model, str):
         return model
-    body = _body(meter.body)
-    return body.model if body is not None and isinstance(body.model, str) else None
+    return model_or_none(meter.body)
 
 
 def _body(data: bytes | None) -> _Body | None:

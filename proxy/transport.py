@@ -73,7 +73,7 @@ def make_client() -> aiohttp.ClientSession:
     """One session per app (and per worker). Timeouts are set per request from the route."""
     # No pool limit: aiohttp parks a request past its limit (default 100, then 1000 here) until an
     # earlier stream ends, which under minute-long LLM streams is a silent wait of minutes. The one
-    # cap is `--max-upstream-connections`, which refuses at once (descriptors.UpstreamSlots).
+    # cap is `--max-upstream-connections`, which refuses at once (capacity.UpstreamSlots).
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
     if _LAZY_OK and isinstance(getattr(connector, "_factory", None), functools.partial):
         connector._factory = functools.partial(LazyReadTimeout, loop=connector._loop)

@@ -35,6 +35,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from . import observe
+from .errors import NoHealthyUpstream
+
 if TYPE_CHECKING:
     from .balance import Balancer
     from .config import Balance, Health
@@ -164,8 +167,6 @@ class Pool:
         return self.health is not None and all(m.down_until == math.inf for m in self.members)
 
     def all_out_error(self) -> Exception:
-        from .errors import NoHealthyUpstream
-
         why = "; ".join(f"{m.label}: {m.reason or 'down'}" for m in self.members)
         return NoHealthyUpstream(f"every upstream of route {self.route!r} is down (health checks): {why}")
 
@@ -230,6 +231,4 @@ class Pool:
             self._publish(m, not m.down_until)
 
     def _publish(self, member: Upstream, up: bool) -> None:
-        from . import observe  # observe imports the route table, which imports this module
-
         observe.upstream_state(self.route, member.label, up)

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from proxy import cli, descriptors
+from proxy import capacity, cli
 from proxy.app import create_app
 from proxy.routes import RouteTable
 from servers import run_app
@@ -66,7 +66,7 @@ def test_refusals_are_counted_and_logged_like_any_answer(upstream, routes_dir, p
 def test_the_default_limit_is_what_the_descriptors_leave_room_for(upstream, routes_dir):
     app = create_app(RouteTable.from_dir(routes_dir(cap=ROUTE.format(url=upstream.url))))
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    assert app.state.slots.limit == (soft - descriptors.RESERVED) // 2
+    assert app.state.slots.limit == (soft - capacity.RESERVED) // 2
     assert create_app(RouteTable([]), max_upstream_connections=7).state.slots.limit == 7
 
 
@@ -99,7 +99,7 @@ def test_start_up_raises_the_open_file_limit_to_the_hard_limit():
         pytest.skip("the hard limit leaves no room to show a raise")
     code = ("import resource; h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
             "resource.setrlimit(resource.RLIMIT_NOFILE, (256, h)); "
-            "from proxy import descriptors; print(*descriptors.raise_open_files())")  # fmt: skip
+            "from proxy import capacity; print(*capacity.raise_open_files())")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     before, after, reported_hard = (int(x) for x in done.stdout.split())
     assert before == 256 and after > 256
@@ -112,7 +112,7 @@ def test_the_start_up_log_names_the_descriptor_limit_and_the_connection_limit(ca
         cli._log_capacity(300, 2)
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     first, second = (r.getMessage() for r in caplog.records if r.getMessage().startswith("open files"))
-    assert f"upstream connections: at most {(soft - descriptors.RESERVED) // 2} per process (sized from the open-file limit)" in first
+    assert f"upstream connections: at most {(soft - capacity.RESERVED) // 2} per process (sized from the open-file limit)" in first
     assert "at most 300 per process (--max-upstream-connections), 2 process(es)" in second
     assert str(soft) in first
 
@@ -138,8 +138,8 @@ def test_the_read_timeout_spans_the_wait_between_chunks_not_the_whole_stream(ups
 
 
 def test_a_process_near_its_descriptor_limit_says_so_in_the_log():
-    assert descriptors.usage_warning(100, 1000) is None
-    message = descriptors.usage_warning(950, 1000)
+    assert capacity.usage_warning(100, 1000) is None
+    message = capacity.usage_warning(950, 1000)
     assert message is not None and "950 of the limit of 1000 in use" in message and "ulimit -n" in message
 
 
@@ -157,7 +157,7 @@ def test_the_cli_flag_reaches_the_app_through_the_environment(upstream, routes_d
     monkeypatch.setenv("LLMPROXY_MAX_UPSTREAM_CONNECTIONS", "3")
     assert app_from_env().state.slots.limit == 3
     monkeypatch.setenv("LLMPROXY_MAX_UPSTREAM_CONNECTIONS", "0")
-    assert app_from_env().state.slots.limit == descriptors.default_connections()
+    assert app_from_env().state.slots.limit == capacity.default_connections()
 
 
 def test_a_negative_limit_is_a_usage_error(capsys, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.adapters.chat_types import ChatRequest
+from proxy.adapters.core_types import ChatRequest
 from proxy.adapters.templates import ChatML, jinja_environment, load_template
 from proxy.errors import BadRequest, ConfigError, TemplateFailed
 

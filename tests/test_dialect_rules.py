@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from proxy.adapters.core import Core, Generation
-from proxy.adapters.chat_types import Message
+from proxy.adapters.core_types import Message
 from proxy.cli import main
 from proxy.config import RouteConfig, load_file
 from proxy.errors import ConfigError

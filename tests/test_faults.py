@@ -33,6 +33,7 @@ import openai
 import pytest
 
 from proxy import errors
+from proxy.adapters import AdapterBase, CallBase
 from proxy.app import create_app
 from proxy.routes import RouteTable
 from proxy.sse import SSEDecoder
@@ -88,11 +89,11 @@ class NoSuchHost(aiohttp.abc.AbstractResolver):
         return None
 
 
-class JsonEvents:
+class JsonEvents(AdapterBase):
     """A minimal translating adapter: re-emits each SSE event, refusing data that is not JSON.
     Stands in for chat-to-completions, which raises `errors.BadUpstreamEvent` the same way."""
 
-    class _Call:
+    class _Call(CallBase):
         translates = True
         stream = True
 

@@ -14,7 +14,8 @@ import openai
 import pytest
 from prometheus_client import REGISTRY
 
-from proxy import cli, errors
+from proxy import cli
+from proxy.adapters.registry import ADAPTERS
 from proxy.app import create_app
 from proxy.config import load_keys
 from proxy.errors import ConfigError
@@ -235,9 +236,9 @@ def test_llmproxy_check_keys_validates_and_lists_names_never_keys(two_routes, ke
 
 
 def test_errors_on_an_anthropic_route_take_anthropics_shape(two_routes, keys_file, proxy_for, monkeypatch):
-    # The messages adapter lands separately; the shape is keyed on the adapter name through
-    # `errors.face_of`, so pretend passthrough is one for this test.
-    monkeypatch.setattr(errors, "ANTHROPIC_ADAPTERS", frozenset({"passthrough"}))
+    # The shape is keyed on the adapter name through the adapter table's `face`, so pretend
+    # passthrough is an Anthropic face for this test.
+    monkeypatch.setitem(ADAPTERS, "passthrough", ADAPTERS["passthrough"]._replace(face="anthropic"))
     base = proxy_for(two_routes, keys=KeysHolder.load(keys_file))
     r = httpx.post(f"{base}/v1/completions", json=BODY, headers={"x-api-key": "sk-wrong", "anthropic-version": "2023-06-01"})
     assert r.status_code == 401
@@ -256,7 +257,7 @@ def test_the_official_anthropic_client_reads_the_refusals(two_routes, keys_file,
     """Anthropic's SDK sends `x-api-key` and raises by status, reading `error.message` from the
     Anthropic shape (anthropic-sdk-python src/anthropic/_client.py `_make_status_error`)."""
     anthropic = pytest.importorskip("anthropic")  # in the dev extra once the messages face lands
-    monkeypatch.setattr(errors, "ANTHROPIC_ADAPTERS", frozenset({"passthrough"}))
+    monkeypatch.setitem(ADAPTERS, "passthrough", ADAPTERS["passthrough"]._replace(face="anthropic"))
     base = proxy_for(two_routes, keys=KeysHolder.load(keys_file))
 
     def post(key: str, path: str) -> None:

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.upstreams import upstream_label
 from proxy import observe
+from proxy.adapters import AdapterBase, CallBase
 from proxy.app import create_app
 from proxy.cli import metrics_dir
 from proxy.reload import TableHolder
@@ -307,7 +308,7 @@ def test_the_logged_upstream_drops_user_info_and_query():
     assert upstream_label(url) == "https://llm.example:8443/v1/completions"
 
 
-class _UsageCall:
+class _UsageCall(CallBase):
     """A relayed call whose adapter read `usage` (as the chat adapter does)."""
 
     translates = False
@@ -324,7 +325,7 @@ class _UsageCall:
         return chunks
 
 
-class _UsageAdapter:
+class _UsageAdapter(AdapterBase):
     def request(self, body: bytes) -> _UsageCall:
         return _UsageCall(body)
 
@@ -453,7 +454,7 @@ class _CrashingCall(_UsageCall):
         raise RuntimeError("adapter bug")
 
 
-class _CrashingAdapter:
+class _CrashingAdapter(AdapterBase):
     def request(self, body: bytes) -> _CrashingCall:
         return _CrashingCall(body)
 

@@ -12,7 +12,7 @@ import msgspec
 import openai
 import pytest
 
-from proxy.adapters.chat_types import ChatRequest
+from proxy.adapters.core_types import ChatRequest
 from proxy.adapters.templates import load_template, render_prompt
 from test_dialects import USER, client, fake, last_body, serve  # noqa: F401 (fixtures)
 from test_template_reference import FAMILIES, reference_messages, tokenizer_folder

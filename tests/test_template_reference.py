@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from proxy.adapters.chat_types import ChatRequest  # noqa: E402
+from proxy.adapters.core_types import ChatRequest  # noqa: E402
 from proxy.adapters.templates import load_template  # noqa: E402
 from proxy.errors import BadRequest, TemplateFailed  # noqa: E402
 

@@ -13,15 +13,16 @@ encode between pre-encoded byte fragments.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .. import sse
 from ..errors import BadRequest, invalid_field
-from .chat_types import ChatCompletion, ChatRequest, OutChoice, OutFunction, OutMessage, OutToolCall, StrictChatRequest
-from .chat_types import Usage as ChatUsage
+from .call import AdapterBase
+from .core_types import ChatCompletion, ChatRequest, OutChoice, OutFunction, OutMessage, OutToolCall, StrictChatRequest
+from .core_types import Usage as ChatUsage
 from .core import NULL, Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, TurnCall, Usage, \
     decode_logprobs
 
@@ -56,7 +57,7 @@ _REJECTED = {
 }
 
 
-class ChatToCompletions:
+class ChatToCompletions(AdapterBase):
     """The adapter of `adapter: chat-to-completions` routes (built once per route)."""
 
     def __init__(self, config: RouteConfig) -> None:
@@ -167,11 +168,6 @@ class ChatCall(TurnCall):
         self.prefix = b""
         self._outs: dict[int, _Out] = {}
 
-    @property
-    def usage(self) -> tuple[int, int] | None:
-        """(prompt_tokens, completion_tokens) the upstream reported, for metrics."""
-        return self.turn.usage
-
     # --- whole answers --------------------------------------------------------------------
 
     def response(self, body: bytes) -> bytes:
@@ -229,78 +225,76 @@ class ChatCall(TurnCall):
         return out + sse.DONE_EVENT if last else out
 
     def _encode_batch(self, batch: list[Event]) -> bytes:
-        out = b""
-        i, n = 0, len(batch)
-        while i < n:
-            ev = batch[i]
-            i += 1
+        """One read's events -> chunk bytes: one chunk per lone event, a run's chunks per run."""
+        if len(batch) == 1 and type(batch[0]) is Text:  # the usual read: one text delta
+            return self._text_chunk(batch[0])  # type: ignore[arg-type]
+        out = []
+        for item in _runs(batch):
+            if type(item) is list:
+                out.append(self._run_chunks(item))
+            elif type(item) is Text:
+                out.append(self._text_chunk(item))
+            elif type(item) is Start:
+                self._set_prefix(item)
+            elif self.include_usage:  # Usage
+                out.append(self._usage_chunk(item))
+        return b"".join(out)
+
+    def _text_chunk(self, ev: Text) -> bytes:
+        """The hot path: a text delta on its own (no finish in the same read)."""
+        st = self._out(ev.choice)
+        lp = _encode(_chat_logprobs(ev.logprobs)) if self.logprobs else b"null"
+        if ev.text:
+            delta = (_DELTA_CONTENT if st.role_sent else _DELTA_ROLE) + _encode(ev.text) + b"}"
+        elif not st.role_sent:
+            delta = _DELTA_ROLE_ONLY
+        elif lp != b"null":
+            delta = _DELTA_EMPTY
+        else:
+            return b""
+        st.role_sent = True
+        return st.head + delta + (_tail(lp, None) if self.logprobs else _TAIL_OPEN)
+
+    def _run_chunks(self, run: list[Event]) -> bytes:
+        """One choice's run (reasoning, text, tool calls, up to its finish) -> its chunks: a new
+        delta where the kind changes back or a tool call starts, the finish reason on the last."""
+        st = self._out(run[0].choice)  # type: ignore[union-attr]
+        delta: dict[str, Any] = {}
+        lp_raw: msgspec.Raw = NULL
+        deltas: list[dict[str, Any]] = []
+        reason: str | None = None
+        for ev in run:
             kind = type(ev)
-            if kind is Text and (i == n or type(batch[i]) is not Finish):  # the hot path: plain text
-                st = self._out(ev.choice)
-                lp = _encode(_chat_logprobs(ev.logprobs)) if self.logprobs else b"null"
+            if kind is Reasoning:
+                if "content" in delta or "tool_calls" in delta:
+                    deltas.append(delta)
+                    delta = {}
+                delta["reasoning_content"] = delta["reasoning"] = delta.get("reasoning", "") + ev.text
+            elif kind is Text:
+                if "tool_calls" in delta:
+                    deltas.append(delta)
+                    delta = {}
                 if ev.text:
-                    delta = (_DELTA_CONTENT if st.role_sent else _DELTA_ROLE) + _encode(ev.text) + b"}"
-                elif not st.role_sent:
-                    delta = _DELTA_ROLE_ONLY
-                elif lp != b"null":
-                    delta = _DELTA_EMPTY
-                else:
-                    continue
-                st.role_sent = True
-                out += st.head + delta + (_tail(lp, None) if self.logprobs else _TAIL_OPEN)
-                continue
-            if kind is Start:
-                self._set_prefix(ev)
-                continue
-            if kind is Usage:
-                if self.include_usage:
-                    out += self._usage_chunk(ev)
-                continue
-            # Reasoning, Text, ToolCall or Finish: build the deltas of this run of one choice.
-            choice = ev.choice
-            st = self._out(choice)
-            delta: dict[str, Any] = {}
-            lp_raw: msgspec.Raw = NULL
-            deltas: list[dict[str, Any]] = []
-            reason: str | None = None
-            while True:
-                if kind is Reasoning:
-                    if "content" in delta or "tool_calls" in delta:
-                        deltas.append(delta)
-                        delta = {}
-                    delta["reasoning_content"] = delta["reasoning"] = delta.get("reasoning", "") + ev.text
-                elif kind is Text:
-                    if "tool_calls" in delta:
-                        deltas.append(delta)
-                        delta = {}
-                    if ev.text:
-                        delta["content"] = delta.get("content", "") + ev.text
-                    if ev.logprobs != b"null":
-                        lp_raw = ev.logprobs
-                elif kind is ToolCall:
-                    if delta:
-                        deltas.append(delta)
-                    # OpenAI's order: index, id and name first, then the argument fragments.
-                    deltas.append({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
-                                                   "function": {"name": ev.name, "arguments": ""}}]})
-                    delta = {"tool_calls": [{"index": ev.index, "function": {"arguments": ev.arguments}}]}
-                else:  # Finish
-                    reason = ev.reason
-                    break
-                if i == n or getattr(batch[i], "choice", None) != choice or type(batch[i]) is Usage:
-                    break
-                ev = batch[i]
-                kind = type(ev)
-                i += 1
-            if delta or not deltas:
-                deltas.append(delta)
-            if not st.role_sent:
-                deltas[0] = {"role": "assistant", **deltas[0]}
-                st.role_sent = True
-            lp = _encode(_chat_logprobs(lp_raw)) if self.logprobs else b"null"
-            out += b"".join(st.head + _encode(d) + _TAIL_OPEN for d in deltas[:-1])
-            out += st.head + _encode(deltas[-1]) + _tail(lp, reason)
-        return out
+                    delta["content"] = delta.get("content", "") + ev.text
+                if ev.logprobs != b"null":
+                    lp_raw = ev.logprobs
+            elif kind is ToolCall:
+                if delta:
+                    deltas.append(delta)
+                # OpenAI's order: index, id and name first, then the argument fragments.
+                deltas.append({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
+                                               "function": {"name": ev.name, "arguments": ""}}]})
+                delta = {"tool_calls": [{"index": ev.index, "function": {"arguments": ev.arguments}}]}
+            else:  # Finish: always the run's last event
+                reason = ev.reason
+        if delta or not deltas:
+            deltas.append(delta)
+        if not st.role_sent:
+            deltas[0] = {"role": "assistant", **deltas[0]}
+            st.role_sent = True
+        lp = _encode(_chat_logprobs(lp_raw)) if self.logprobs else b"null"
+        return b"".join(st.head + _encode(d) + _TAIL_OPEN for d in deltas[:-1]) + st.head + _encode(deltas[-1]) \
+            + _tail(lp, reason)
 
     def _out(self, choice: int) -> _Out:
         st = self._outs.get(choice)
@@ -316,6 +310,29 @@ class ChatCall(TurnCall):
         self.prefix = (b'data: {"id":' + _encode(_chat_id(start.id)) + b',"object":"chat.completion.chunk","created":'
                        + str(start.created).encode() + b',"model":' + _encode(self.model)
                        + b',"choices":[{"index":')
+
+
+def _runs(batch: list[Event]) -> Iterator[Event | list[Event]]:
+    """Split one read's events into what becomes chunks: a lone event (Start, Usage, or a text
+    delta not followed by a Finish: the hot path), or, as a list, a run of one choice's events
+    that share chunks: from a reasoning, text or tool-call event up to its Finish, a change of
+    choice or a Usage."""
+    i, n = 0, len(batch)
+    while i < n:
+        ev = batch[i]
+        i += 1
+        kind = type(ev)
+        if kind is Start or kind is Usage or (kind is Text and (i == n or type(batch[i]) is not Finish)):
+            yield ev
+            continue
+        run = [ev]
+        choice = ev.choice  # type: ignore[union-attr]
+        while kind is not Finish and i < n and getattr(batch[i], "choice", None) == choice and type(batch[i]) is not Usage:
+            ev = batch[i]
+            kind = type(ev)
+            i += 1
+            run.append(ev)
+        yield run
 
 
 def _tail(lp: bytes, finish: str | None) -> bytes:

@@ -27,8 +27,9 @@ import msgspec
 from .. import sse
 from ..errors import BadRequest, UpstreamBroken
 from . import reasoning as think
-from .chat_types import Completion, CompletionChoice, CompletionLogprobs, FunctionCall, Message
-from .chat_types import ToolCall as ToolCallMsg
+from .call import CallBase
+from .core_types import Completion, CompletionChoice, CompletionLogprobs, FunctionCall, Message
+from .core_types import ToolCall as ToolCallMsg
 from .dialects import Dialect, Plan
 from .tags import StopFilter
 from .templates import load_template, render_prompt
@@ -477,13 +478,18 @@ class Turn:
                                  f"({exc}): {excerpt(data)}") from None
 
 
-class TurnCall:
+class TurnCall(CallBase):
     """Base of a face's `Call`: forwards the forwarder's `ready` step to its turn, so a body that
     waits for `max_tokens: auto` is finished with the upstream the request goes to."""
 
     __slots__ = ()
     turn: Turn
     body: bytes
+
+    @property
+    def usage(self) -> tuple[int, int] | None:  # type: ignore[override]
+        """(prompt_tokens, completion_tokens) the upstream reported, for metrics."""
+        return self.turn.usage
 
     async def ready(self, session: Any, url: str, headers: list[tuple[str, str]] | None = None) -> None:
         turn = self.turn

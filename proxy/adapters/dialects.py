@@ -50,7 +50,6 @@ from ..transport import route_timeout
 if TYPE_CHECKING:
     from ..config import Body, RouteConfig
 
-DIALECTS = ("vllm", "llama.cpp", "sglang", "openai")
 AUTO = "auto"
 FILL, CLAMP = "fill", "clamp"  # what `Dialect.finish` does with the context remainder (`Plan.auto`)
 
@@ -95,6 +94,9 @@ class Facts(NamedTuple):
     context: Literal["tokenize", "tokenize+models"] | None  # how `auto` learns the context remainder
 
 
+# The one list of dialect names (the first is the default): route-file validation
+# (config.RouteConfig.dialect), `mock-upstream --dialect` and the README's dialect table
+# (tests/test_architecture.py) read it; `context` says which can size `max_tokens: auto`.
 FACTS = {
     "vllm": Facts("vllm", "auto", True, frozenset(), "structured_outputs", "flag", "tokenize"),
     "llama.cpp": Facts("llama.cpp", "omit", True, frozenset(), "json_schema_object", "strip", None),

@@ -29,9 +29,10 @@ import msgspec
 
 from .. import sse
 from ..errors import BadRequest, bad_body
-from .chat_types import FunctionCall, Message, ToolCall as ChatToolCall
+from .call import AdapterBase
+from .core_types import FunctionCall, Message, ToolCall as ChatToolCall
 from .core import Core, Finish, Generation, Start, ToolCall, Turn, Usage
-from .faces import FaceCall, TokenCounter, json_schema_format, left_out
+from .agent_base import FaceCall, TokenCounter, json_schema_format, left_out
 from .messages_types import Block, MessagesRequest
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ _UNSUPPORTED_BLOCKS = {
 }
 
 
-class MessagesToCompletions:
+class MessagesToCompletions(AdapterBase):
     """The adapter of `adapter: messages-to-completions` routes (built once per route)."""
 
     face = "anthropic"

@@ -11,20 +11,23 @@ never decode a byte.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..config import RouteConfig
 from ..errors import BadRequest
 from ..sse import DONE, DONE_EVENT, SSEDecoder, event
+from .call import AdapterBase, CallBase
 from .dialects import Dialect, Plan
+
+if TYPE_CHECKING:
+    from ..config import RouteConfig
 
 _decode_object = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
 
 
-class _Raw:
+class _Raw(CallBase):
     """The untouched call: relayed byte for byte."""
 
     __slots__ = ("body",)
@@ -41,7 +44,7 @@ class _Raw:
         return chunks
 
 
-class _Renamed:
+class _Renamed(CallBase):
     """A call whose model was renamed for the upstream: rename it back in the answer."""
 
     __slots__ = ("body", "stream", "model")
@@ -115,7 +118,7 @@ class _RenamedPlanned(_Planned, _Renamed):
         self.dialect = dialect
 
 
-class Passthrough:
+class Passthrough(AdapterBase):
     def __init__(self, config: RouteConfig) -> None:
         self.mode = config.stream
         self.upstream_model = config.upstream_model

@@ -39,9 +39,10 @@ import msgspec
 
 from .. import sse
 from ..errors import BadRequest, ProxyError, bad_body
-from .chat_types import FunctionCall, Message, ToolCall as ChatToolCall
+from .call import AdapterBase
+from .core_types import FunctionCall, Message, ToolCall as ChatToolCall
 from .core import Core, Finish, Generation, Start, ToolCall, Turn
-from .faces import FaceCall, TokenCounter, json_schema_format, left_out
+from .agent_base import FaceCall, TokenCounter, json_schema_format, left_out
 from .responses_types import Part, ResponsesRequest
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ _STATEFUL = {
 }
 
 
-class ResponsesToCompletions:
+class ResponsesToCompletions(AdapterBase):
     """The adapter of `adapter: responses-to-completions` routes (built once per route)."""
 
     face = "openai"  # Responses errors are OpenAI-shaped; mid-stream ones are `ResponsesCall.stream_error`

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import msgspec
 
 from ..errors import BadRequest, ConfigError, TemplateFailed
-from .chat_types import Message
+from .core_types import Message
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

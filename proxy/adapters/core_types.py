@@ -1,4 +1,4 @@
-"""The typed edges of chat -> completions: what the client sends, what comes back from upstream.
+"""The core's conversation and completion types: the chat request a face becomes, the completion that comes back.
 
 msgspec decodes straight into these Structs (no intermediate dicts), which is
 most of why the adapter stays within its CPU budget. Top-level fields a

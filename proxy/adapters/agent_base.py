@@ -22,7 +22,9 @@ from typing import Any
 
 import msgspec
 
+from .. import observe
 from ..errors import BadRequest
+from .call import AdapterBase, CallBase
 from .core import Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, TurnCall, Usage
 from .dialects import server_root
 
@@ -39,8 +41,6 @@ def left_out(route: str, policy: str, kinds: list[str], field: str, hint: str) -
         raise BadRequest(f"this route cannot run the tools {', '.join(sorted(set(kinds)))} (a local model behind a "
                          f"completions upstream; the route has `hosted_tools: reject`){hint}", param=field,
                          code="unsupported_tool")
-    from .. import observe
-
     observe.left_out_tools(route, kinds)
 
 
@@ -67,7 +67,7 @@ class _Tokenized(msgspec.Struct):
 _decode_tokenized = msgspec.json.Decoder(_Tokenized).decode
 
 
-class TokenCounter:
+class TokenCounter(AdapterBase):
     """The adapter of a face's token-count path: same decoding, same prompt, the upstream's tokenizer."""
 
     def __init__(self, core: Core, face: str, decode: Callable[[bytes], Generation],
@@ -87,11 +87,10 @@ class TokenCounter:
         return CountCall(self, prompt, _encode({"model": model, "prompt": prompt, "content": prompt}))
 
 
-class CountCall:
+class CountCall(CallBase):
     translates = True
     stream = False
     upstream_query = False
-    usage = None
     __slots__ = ("counter", "drop_headers", "prompt", "body")
 
     def __init__(self, counter: TokenCounter, prompt: str, body: bytes) -> None:
@@ -147,11 +146,6 @@ class FaceCall(TurnCall):
         self._parts: list[str] = []  # its text so far
         self._usage: Usage | None = None
         self._out: list[bytes] = []  # stream bytes not yet yielded
-
-    @property
-    def usage(self) -> tuple[int, int] | None:
-        """(prompt_tokens, completion_tokens) the upstream reported, for metrics."""
-        return self.turn.usage
 
     def response(self, body: bytes) -> bytes:
         """The upstream's whole answer -> the face's whole answer."""

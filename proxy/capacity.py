@@ -12,13 +12,12 @@ that names the limit (`UpstreamSlots.take`), never parked waiting for a
 connection (aiohttp's own pool limit would park it silently, for as long as an
 earlier stream lasts). By default it is sized from the descriptor limit, so the
 process refuses cleanly before descriptors run out; if they do run out anyway
-(other descriptors, a lower limit), `from_exhaustion` turns EMFILE into a 503
+(other descriptors, a lower limit), `errors.from_exhaustion` turns EMFILE into a 503
 naming the limit rather than blaming the upstream.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import resource
@@ -103,21 +102,6 @@ class UpstreamSlots:
             code="upstream_connections_exhausted",
             headers={"retry-after": "1"},
         )
-
-
-def from_exhaustion(exc: BaseException, route: str) -> ProcessLimit | None:
-    """The 503 for an upstream connect that failed for want of descriptors, else None."""
-    os_error = getattr(exc, "os_error", exc)
-    if not isinstance(os_error, OSError) or os_error.errno not in (errno.EMFILE, errno.ENFILE):
-        return None
-    which = "this process's open-file limit" if os_error.errno == errno.EMFILE else "the system's file table"
-    return ProcessLimit(
-        f"the proxy ran out of file descriptors ({which}, soft RLIMIT_NOFILE {open_files()}) connecting upstream "
-        f"for route {route!r}: raise the limit (ulimit -n, LimitNOFILE=, the container's nofile) or lower "
-        "--max-upstream-connections",
-        code="out_of_file_descriptors",
-        headers={"retry-after": "1"},
-    )
 
 
 def usage_warning(in_use: int, limit: int) -> str | None:
