@@ -154,6 +154,15 @@ def test_the_guard_spills_a_busy_conversation_to_the_least_busy(fleet, routes_di
         in metrics
 
 
+def test_least_busy_ties_go_in_turn_so_an_idle_fleet_is_evenly_used(fleet, routes_dir, proxy_for):
+    """One request at a time: every upstream has 0 in flight, and the first is not favoured
+    (LiteLLM's least-busy piles such traffic on its first server)."""
+    base = proxy_for(routes_dir(r=route(fleet, balance="least-busy")))
+    for _ in range(6):
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "p"}, timeout=10).status_code == 200
+    assert [len(m.requests) for m in fleet] == [2, 2, 2]
+
+
 def test_least_busy_avoids_the_upstream_with_requests_in_flight(fleet, routes_dir, proxy_for):
     a, b = fleet[:2]
     base = proxy_for(routes_dir(r=route([a, b], balance="least-busy")))
