@@ -39,14 +39,6 @@ upstream that saw it first would pile the whole fleet's traffic onto it.
 (The byte before the end is left out of the blocks: a passthrough body's
 `messages` ends with `]`, which the next turn replaces with `,`.)
 
-Where a turn spills, it goes where its prompt's blocks already are, if such
-an upstream is within the margin too: each upstream also keeps the chunk
-hashes it was sent (`BLOCKS` of them, ~8 MiB of prompt text, two generations
-of sets), so a hot conversation's spills gather on a second home whose cache
-holds it rather than paying their whole prefill on each replica in turn.
-Those blocks decide nothing else: preferring any shared chunk (a system
-prompt) for new conversations would pile them onto one replica.
-
 Memory is bounded: the tips live in two generations of dicts of `prompts` / 2
 entries each; each served prompt's tip goes to the young one, and when that
 is full the old one is dropped (an approximate LRU at O(1) per request, about
@@ -91,7 +83,6 @@ REASONS = ("round-robin", "least-busy", "affinity", "session", "spill", "failove
 BLOCK = 1024  # bytes of UTF-8 prompt per hashed block (~250 tokens)
 MAX_BLOCKS = 4096  # a longer prompt is hashed up to its first 4 MiB (its tip is that block)
 DEFAULT_PROMPTS = 16384  # prompt tips remembered per route (LRU): ~1.6 MiB
-BLOCKS = 8192  # chunk hashes remembered per upstream for spills (LRU): ~8 MiB of prompt, ~0.5 MiB
 DEFAULT_MARGIN = 4  # requests: see README "Upstream lists" for the measurement behind it
 MAX_SESSIONS = 16384  # session keys remembered per route (LRU)
 
@@ -158,46 +149,6 @@ class Tips:
             self.young = {}
 
 
-class Blocks:
-    """The chunk hashes one upstream was sent: two generations of sets (module docstring)."""
-
-    __slots__ = ("young", "old", "half", "epoch")
-
-    def __init__(self, capacity: int) -> None:
-        self.young: set[int] = set()
-        self.old: set[int] = set()
-        self.half = max(1, capacity // 2)
-        self.epoch = 0  # the upstream's epoch they belong to: a newer one clears them
-
-    def __len__(self) -> int:
-        return len(self.young) + len(self.old)
-
-    def depth(self, blocks: Sequence[int], epoch: int) -> int:
-        """How many leading chunks of `blocks` were sent here (bisection: a chained hash sent here
-        means its whole prefix was)."""
-        if epoch != self.epoch:
-            return 0
-        young, old = self.young, self.old
-        lo, hi = 0, len(blocks)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            h = blocks[mid - 1]
-            if h in young or h in old:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def add(self, blocks: Sequence[int], epoch: int) -> None:
-        if epoch != self.epoch:
-            self.young, self.old, self.epoch = set(), set(), epoch
-        young = self.young
-        young.update(blocks)
-        if len(young) >= self.half:
-            self.old = young
-            self.young = set()
-
-
 def _hints_type(fields: Sequence[str]) -> type[msgspec.Struct]:
     """A struct that reads only `prompt`, `messages` (raw, for hashing as sent) and the top-level
     names of the session `fields`; msgspec skips everything else without building it."""
@@ -213,15 +164,13 @@ def _hints_type(fields: Sequence[str]) -> type[msgspec.Struct]:
 class Balancer:
     """The choice for one route's pool (built once per route table)."""
 
-    __slots__ = ("pool", "policy", "margin", "tips", "blocks", "header", "fields", "sessions", "_decode", "_tops",
-                 "_seeds")  # fmt: skip
+    __slots__ = ("pool", "policy", "margin", "tips", "header", "fields", "sessions", "_decode", "_tops", "_seeds")
 
     def __init__(self, pool: Pool, config: Balance) -> None:
         self.pool = pool
         self.policy = config.policy
         self.margin = config.spill_margin
         self.tips = Tips(config.prompts)
-        self.blocks = {m: Blocks(BLOCKS) for m in pool.members}
         s = config.session
         self.header = s.header.lower().encode("latin-1") if s is not None and s.header else None
         self.fields = tuple(s.fields) if s is not None else ()
@@ -298,8 +247,7 @@ class Balancer:
             home, _ = self.tips.find(hint.blocks, up)
             reason = "affinity"
         if home is not None:
-            chosen, reason = (home, reason) if home.busy - least.busy <= self.margin else (
-                self._spill(hint, home, least, up), "spill")
+            chosen, reason = (home, reason) if home.busy - least.busy <= self.margin else (least, "spill")
         elif self.policy == "round-robin":
             chosen, reason = pool.pick(), "round-robin"
         else:
@@ -308,20 +256,6 @@ class Balancer:
             pool.turned(chosen)  # ties among the least busy go round
         self._took(chosen, hint)
         return chosen, reason
-
-    def _spill(self, hint: Hint, home: Upstream, least: Upstream, up: Sequence[Upstream]) -> Upstream:
-        """Where a turn goes when its home is too busy: of the upstreams within the margin, the one
-        that was sent the most of its prompt (a second home), else the least busy."""
-        if not hint.blocks:
-            return least
-        best, depth = least, 0
-        floor = least.busy + self.margin
-        for m in up:
-            if m is not home and m.busy <= floor:
-                d = self.blocks[m].depth(hint.blocks, m.epoch)
-                if d > depth or (d == depth and d and m.busy < best.busy):
-                    best, depth = m, d
-        return best
 
     def _rendezvous(self, session: str, up: Sequence[Upstream]) -> Upstream:
         """The session's upstream by rendezvous hashing: the same in every worker process and after a
@@ -340,9 +274,8 @@ class Balancer:
 
     def _took(self, m: Upstream, hint: Hint) -> None:
         m.busy += 1
-        if hint.blocks and self.policy == "prefix":
+        if hint.blocks:
             self.tips.add(hint.blocks[-1], m)
-            self.blocks[m].add(hint.blocks, m.epoch)
         if hint.session is not None:
             sessions = self.sessions
             sessions[hint.session] = m

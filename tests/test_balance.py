@@ -334,26 +334,3 @@ def test_every_upstream_out_by_health_checks_is_refused_by_every_policy():
         pool.balancer.choose(Hint((), None))
     pool.members[1].down_until = 0.0
     assert pool.balancer.choose(Hint((), None)) == (pool.members[1], "least-busy")
-
-
-def test_a_spill_goes_where_the_prompt_already_is():
-    """A hot conversation's spills gather on a second home that holds its prefix, rather than paying
-    the whole prefill on whichever replica is idlest."""
-    from proxy.balance import Hint
-    from proxy.config import Balance
-
-    pool = Pool("r", [f"http://127.0.0.1:{9000 + i}" for i in range(3)], None, Balance(policy="prefix", spill_margin=1))
-    a, b, c = pool.members
-    balancer = pool.balancer
-    conv = "conversation ".ljust(BLOCK * 8, ".")
-    home, why = balancer.choose(Hint(block_hashes(conv), None))
-    assert (home, why) == (a, "least-busy")  # a new conversation
-    balancer.choose(Hint(block_hashes(conv), None))  # the same again: affinity, a has 2 in flight
-    second, why = balancer.choose(Hint(block_hashes(conv), None))
-    assert (second, why) == (b, "spill")  # past the margin; b and c as idle and as empty: in turn
-    balancer.release(b)
-    pool.turned(b)  # c is next in turn among equals...
-    nxt = block_hashes(conv + " next turn" * 300)
-    balancer.tips.add(nxt[-1], a)  # ...and a is the home of the next turn too
-    assert balancer.choose(Hint(nxt, None)) == (b, "spill")  # but b holds the conversation: it gathers the spills
-    assert c.busy == 0
