@@ -15,8 +15,11 @@ install:
     @if [ ! -f {{venv}}/.stamp ] || [ pyproject.toml -nt {{venv}}/.stamp ]; then \
         {{py}} -m pip install -q --disable-pip-version-check -e '.[dev]' && touch {{venv}}/.stamp; fi
 
-# Run the test suite (unit + loopback integration).
+# Run the test suite (unit + loopback integration). The shared-state tests need a real redis-server.
 test *ARGS: install
+    @command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] \
+        || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
+        || echo "redis-server could not be installed: tests/test_state.py's Redis tests will be skipped"
     {{py}} -m pytest {{ARGS}}
 
 # Start the mock upstream and the proxy on loopback, send one chat request, stream the answer.

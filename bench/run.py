@@ -257,6 +257,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --profile --scale: record the first 2 s (streams starting) instead of the steady state")
     p.add_argument("--clients", type=int, default=1, help="with --scale: load client processes (default 1)")
     fleet.add_args(p)
+    p.add_argument("--state", action="store_true",
+                   help="measure the cost of a shared limit per request: in-process vs serve --state (a real "
+                   "redis-server on loopback; bench/state_cost.py)")
     p.add_argument("--serve-args", default="", help="more `llmproxy serve` options, e.g. '--workers 2'")
     args = p.parse_args(argv)
     if args.quick:
@@ -276,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         import profiling
 
         return profiling.main(args, src)
+    if args.state:
+        import state_cost
+
+        return state_cost.main(args, src)
     if args.scale:
         import scale
 

@@ -35,11 +35,12 @@ from .errors import Overloaded, ProxyError
 from .forward import Exchange, prepare, send_error
 from .health import Monitor
 from .keys import CREDENTIAL_HEADERS, Caller, Keyring, KeysHolder
-from .limits import Limiter, Limiters
+from .limits import Hold, Limiter, Limiters
 from .reload import LAST_GOOD_ENV, POLL_INTERVAL, TableHolder
 from .routes import Route, RouteTable
 from .scope_keys import CALLER_KEY
 from .settings import DEFAULT_MAX_BODY, WorkerSettings
+from .state import State
 from .transport import ClientFactory, make_client
 
 GC_YOUNG = 100_000  # allocations between young-generation collections (CPython's default: 700)
@@ -60,6 +61,7 @@ def create_app(
     keys: KeysHolder | Keyring | None = None,
     cors: Cors | None = None,
     max_upstream_connections: int = 0,
+    state: State | None = None,
 ) -> Gateway:
     """Build the ASGI app serving `table`. `client` makes the upstream session (tests swap it).
 
@@ -70,7 +72,9 @@ def create_app(
     `cors`: answer browsers from these origins.
     `max_upstream_connections`: upstream requests in flight past which a request is refused
     with a 503 (0: sized from the open-file limit).
+    `state`: quotas, usage, stored responses and (with a store URL) shared slots; default in-process.
     """
+    state = state if state is not None else State()
     holder = table if isinstance(table, TableHolder) else TableHolder(table)
     if reload and holder.source is None:
         raise ValueError("reload=True needs a TableHolder that knows its routes folder")
@@ -79,7 +83,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with client() as session, anyio.create_task_group() as tg:
+        async with client() as session, state.running(), anyio.create_task_group() as tg:
             app.state.client = session
             if reload:
                 tg.start_soon(holder.watch, poll_interval)
@@ -99,7 +103,7 @@ def create_app(
                 tg.cancel_scope.cancel()
 
     app = Litestar(
-        route_handlers=[healthz, readyz, models, model, metrics],
+        route_handlers=[healthz, readyz, models, model, metrics, usage],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _openai_error, HTTPException: _openai_error, 500: _openai_error},
         request_max_body_size=max_body_size,  # the one limit, also on the proxy's own endpoints
@@ -110,7 +114,9 @@ def create_app(
     app.state.holder = holder
     app.state.max_body_size = max_body_size  # named in the 413 message
     app.state.slots = UpstreamSlots(max_upstream_connections or default_connections())
-    return Gateway(app, holder, max_body_size, key_holder, cors)
+    app.state.shared = state
+    app.state.key_holder = key_holder  # not `keys`: State is a mapping, and that is its method
+    return Gateway(app, holder, max_body_size, key_holder, cors, state)
 
 
 class Gateway:
@@ -120,16 +126,17 @@ class Gateway:
     body is read; with limits, a slot is taken before the exchange and held to its end.
     """
 
-    __slots__ = ("litestar", "holder", "max_body_size", "keys", "cors", "limiters")
+    __slots__ = ("litestar", "holder", "max_body_size", "keys", "cors", "limiters", "shared")
 
     def __init__(self, litestar: Litestar, holder: TableHolder, max_body_size: int,
-                 keys: KeysHolder | None = None, cors: Cors | None = None) -> None:  # fmt: skip
+                 keys: KeysHolder | None = None, cors: Cors | None = None, state: State | None = None) -> None:  # fmt: skip
         self.litestar = litestar
         self.holder = holder
         self.max_body_size = max_body_size
         self.keys = keys
         self.cors = cors
-        self.limiters = Limiters()
+        self.shared = state if state is not None else State()
+        self.limiters = Limiters(self.shared)
 
     @property
     def state(self) -> State:
@@ -173,10 +180,16 @@ class Gateway:
             meter.body = body
             route, meter.model = table.match(scope["method"], path, body)
             meter.route = route
+            if caller is not None:
+                caller.check(route.name)
+            previous = route.adapter.previous  # the Responses face's stored conversations
+            if previous is not None and (rid := previous(body)) is not None:
+                stored = await self.shared.load_response(rid)
+                body = route.adapter.continued(body, rid, stored, _owner(caller))
             if caller is None:
                 exchange = prepare(route, scope, body)
             else:
-                caller.check(route.name)
+                await self.shared.admit(caller.config)  # its quotas; counts the request
                 exchange = prepare(route, scope, body, CREDENTIAL_HEADERS)
         except ProxyError as exc:
             await reject(scope, send, exc, _face(table, path, route))
@@ -186,10 +199,34 @@ class Gateway:
             log.error("internal error on %s %s: %s", scope["method"], path, where)
             await reject(scope, send, err, _face(table, path, route))
             return
-        if route.limits is None and (caller is None or caller.config.max_concurrent is None):
-            await exchange(scope, receive, send)
-            return
-        await self._limited(scope, receive, send, exchange, caller)
+        if exchange.call.kept is not None:
+            send = self._keeping(send, exchange, _owner(caller))
+        try:
+            if route.limits is None and (caller is None or caller.config.max_concurrent is None):
+                await exchange(scope, receive, send)
+            else:
+                await self._limited(scope, receive, send, exchange, caller)
+        finally:
+            if caller is not None:
+                await self.shared.charge(caller.name, *_tokens(exchange, meter))
+
+    def _keeping(self, send: Any, exchange: Exchange, owner: str) -> Any:
+        """`send`, storing a Responses answer before its last bytes go out (a client that continues
+        it at once finds it)."""
+        call = exchange.call
+        kept = False
+
+        async def keeping(message: dict[str, Any]) -> None:
+            nonlocal kept
+            if not kept and message["type"] == "http.response.body" and (record := call.kept(owner)) is not None:  # type: ignore[misc]
+                kept = True
+                try:
+                    await self.shared.save_response(*record)
+                except ProxyError as exc:  # --state-failure closed, store down: the answer still goes out
+                    log.warning("response %s not stored: %s", record[0], exc.message)
+            await send(message)
+
+        return keeping
 
     async def _limited(self, scope: Any, receive: Any, send: Any, exchange: Exchange, caller: Caller | None) -> None:
         """The exchange inside the key's and the route's slots (in that order), queued if need be."""
@@ -199,22 +236,42 @@ class Gateway:
             wanted.append(self.limiters.get("key", k.name, k.max_concurrent, k.queue, k.queue_timeout, k))
         if (lim := route.limits) is not None:
             wanted.append(self.limiters.get("route", route.name, lim.max_concurrent, lim.queue, lim.queue_timeout, lim))
-        held: list[Limiter] = []
+        held: list[tuple[Limiter, Hold]] = []
         try:
             for limiter in wanted:
                 try:
-                    if not await limiter.acquire(receive):
-                        observe.rejected(scope, errors.ClientLeftQueue("the client left while queued"), exchange.rid,
-                                         face=None)  # fmt: skip
-                        return
-                except Overloaded as exc:
+                    hold = await limiter.acquire(receive)
+                except ProxyError as exc:  # 429 from the limit; 503 from a store down under --state-failure closed
                     await reject(scope, send, exc, route.face, rid=exchange.rid)
                     return
-                held.append(limiter)
+                if hold is None:
+                    observe.rejected(scope, errors.ClientLeftQueue("the client left while queued"), exchange.rid,
+                                     face=None)  # fmt: skip
+                    return
+                held.append((limiter, hold))
             await exchange(scope, receive, send)
         finally:
-            for limiter in held:
-                limiter.release()
+            for limiter, hold in held:
+                limiter.release(hold)
+
+
+def _owner(caller: Caller | None) -> str:
+    """Who may continue a stored response: the key's name ("" with keys off: anyone)."""
+    return "" if caller is None else caller.name
+
+
+ESTIMATED_BYTES_PER_TOKEN = 4  # an answer without `usage` is charged its request and answer bytes over this
+
+
+def _tokens(exchange: Exchange, meter: observe.Meter) -> tuple[int, int]:
+    """(prompt, completion) tokens to charge: the answer's `usage`, else an estimate from its bytes."""
+    usage = exchange.call.usage
+    if usage is not None:
+        return usage
+    if meter.status is None or meter.status >= 400:
+        return 0, 0
+    per = ESTIMATED_BYTES_PER_TOKEN
+    return -(-len(meter.body or b"") // per), -(-meter.bytes_out // per)
 
 
 async def read_body(scope: Any, receive: Any, limit: int) -> bytes | None:
@@ -293,6 +350,19 @@ def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
     return Response(entry, media_type="application/json")
 
 
+@get("/v1/usage", include_in_schema=False)
+async def usage(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    """A key's usage (current minute and day, totals); every key's for a key with `admin: true`."""
+    caller: Caller | None = request.scope.get(CALLER_KEY)  # type: ignore[call-overload]
+    holder: KeysHolder | None = request.app.state.key_holder
+    if caller is None or holder is None:
+        raise errors.NotFound("usage is counted per API key: serve with --keys to see it")
+    keys = [c.config for c in holder.current.callers] if caller.config.admin else [caller.config]
+    state: State = request.app.state.shared
+    rows = await state.usage([k.name for k in keys])
+    return Response({"object": "list", "data": [u.as_json(k, state.shared) for u, k in zip(rows, keys)]})
+
+
 @get("/metrics", include_in_schema=False, sync_to_thread=True)
 def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prometheus text format; with several workers, every worker's counts summed.
@@ -345,7 +415,9 @@ def app_from_env() -> Gateway:
     keys = KeysHolder.load(settings.keys) if settings.keys else None
     raise_open_files()  # the CLI did it already (and logged it); not so under a bare `uvicorn --factory`
     app = create_app(holder, max_body_size=settings.max_body, reload=settings.reload, keys=keys,
-                     cors=Cors.parse(settings.cors_origins), max_upstream_connections=settings.max_upstream_connections)
+                     cors=Cors.parse(settings.cors_origins), max_upstream_connections=settings.max_upstream_connections,
+                     state=State(settings.state, failure=settings.state_failure, lease_ttl=settings.state_lease_ttl,
+                                 responses_ttl=settings.responses_ttl, responses_max=settings.responses_max))
     # Move the start-up heap (Litestar, aiohttp, the route table) out of the collector's
     # reach: it is never garbage, and scanning it cost ~30 µs per request (`just bench`).
     gc.collect()

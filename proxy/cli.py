@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cors-origins", default=env_default("cors_origins"), metavar="ORIGINS",
                    help='answer browsers from these origins: "https://a.example,https://b.example" or "*" '
                    "(default: $LLMPROXY_CORS_ORIGINS; off)")
+    _state_options(s)
     s.add_argument("--otlp-endpoint", metavar="URL", default=env_default("otlp_endpoint"),
                    help="send OpenTelemetry traces over OTLP/HTTP to URL (e.g. http://127.0.0.1:4318/v1/traces); "
                    "needs the `otel` extra (default: off, or $LLMPROXY_OTLP_ENDPOINT)")
@@ -93,6 +94,47 @@ def _parser() -> argparse.ArgumentParser:
                    "default: accept anything")
     m.add_argument("--context", type=int, default=32768, help="context length the mock serves, in words (default: 32768)")
     return p
+
+
+def _state_options(s: argparse.ArgumentParser) -> None:
+    """`serve`'s shared-state options (proxy/state.py; README "Shared state (Redis)")."""
+    from .state import FAILURE_POLICIES
+
+    d = WorkerSettings()
+    g = s.add_argument_group("shared state (limits, quotas, usage and stored responses across processes and replicas)")
+    g.add_argument("--state", metavar="URL", default=env_default("state"),
+                   help="a Redis or Valkey: redis://[:PASSWORD@]HOST:PORT/DB, rediss://… for TLS (default: "
+                   "$LLMPROXY_STATE; unset: every limit, quota and stored response is per process)")
+    g.add_argument("--state-failure", choices=FAILURE_POLICIES, default=env_default("state_failure") or d.state_failure,
+                   help="when the store does not answer: open serves with in-process limits (a warning each minute), "
+                   "closed answers 503 (default: $LLMPROXY_STATE_FAILURE or open)")
+    g.add_argument("--state-lease-ttl", type=float, metavar="SECONDS",
+                   default=float(env_default("state_lease_ttl") or d.state_lease_ttl),
+                   help=f"a shared slot's lease, renewed while its request runs: a killed process's slots come back "
+                   f"within it (default: {d.state_lease_ttl:g})")
+    g.add_argument("--responses-ttl", type=float, metavar="SECONDS",
+                   default=float(env_default("responses_ttl") or d.responses_ttl),
+                   help=f"how long a Responses answer can be continued with previous_response_id "
+                   f"(default: {d.responses_ttl:g})")
+    g.add_argument("--responses-max", type=int, metavar="N",
+                   default=int(env_default("responses_max") or d.responses_max),
+                   help=f"responses kept in memory per process without --state (default: {d.responses_max})")
+
+
+def _state_invalid(args: argparse.Namespace) -> str | None:
+    """What is wrong with the shared-state flags, or None (never quoting the store's password)."""
+    from .state import check_url
+
+    if not 1 <= args.state_lease_ttl <= 300:
+        return "--state-lease-ttl must be between 1 and 300 seconds"
+    if args.responses_ttl <= 0 or args.responses_max < 1:
+        return "--responses-ttl must be > 0 and --responses-max at least 1"
+    if args.state:
+        try:
+            check_url(args.state)
+        except ConfigError as exc:
+            return str(exc)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,12 +186,20 @@ def format_keys(path: str, keys: tuple[KeyConfig, ...], table: RouteTable) -> st
     for k in keys:
         routes = "all routes" if k.routes == ("*",) else ", ".join(k.routes)
         limit = f", max_concurrent {k.max_concurrent}" if k.max_concurrent is not None else ""
+        limit += _quotas(k)
         lines.append(f"key {k.name}: {routes}{limit}")
         for g in k.routes:
             if not any(fnmatchcase(r.name, g) for r in table.routes):
                 lines.append(f"warning: {path}: key {k.name!r}: routes: {g!r} matches no route of the table")
     lines.append(f"{len(keys)} key(s) OK in {path}")
     return "\n".join(lines)
+
+
+def _quotas(k: KeyConfig) -> str:
+    from .config import QUOTAS
+
+    return "".join(f", {q} {getattr(k, q)}" for q in QUOTAS if getattr(k, q) is not None) + (
+        ", admin" if k.admin else "")
 
 
 def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str:
@@ -258,7 +308,7 @@ def _invalid(args: argparse.Namespace) -> str | None:
         return "--grace-period must be >= 0"
     if args.max_upstream_connections < 0:
         return "--max-upstream-connections must be >= 0 (0: sized from the open-file limit)"
-    return None
+    return _state_invalid(args)
 
 
 def _export(args: argparse.Namespace) -> WorkerSettings:
@@ -273,6 +323,11 @@ def _export(args: argparse.Namespace) -> WorkerSettings:
         otlp_endpoint=args.otlp_endpoint or None,
         otlp_content=bool(args.otlp_endpoint and args.otlp_content),
         max_upstream_connections=args.max_upstream_connections,
+        state=args.state or None,  # the environment, never a command line or a log
+        state_failure=args.state_failure,
+        state_lease_ttl=args.state_lease_ttl,
+        responses_ttl=args.responses_ttl,
+        responses_max=args.responses_max,
     )
     settings.export()
     return settings
@@ -294,6 +349,11 @@ def _run(args: argparse.Namespace, table: RouteTable) -> int:
             "metrics of %d worker(s) are summed through %s", args.workers, os.environ[observe.MULTIPROC_ENV]
         )
     _log_capacity(args.max_upstream_connections, args.workers)
+    if args.state:
+        from .state import redact
+
+        log.info("shared state: %s (--state-failure %s, slot leases %g s)", redact(args.state), args.state_failure,
+                 args.state_lease_ttl)
     if not args.keys and not is_loopback(args.host):
         logging.getLogger("llmproxy").warning(
             "serving on %s without --keys: anyone who reaches this address uses the upstreams with the routes' "

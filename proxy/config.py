@@ -23,7 +23,7 @@ from .errors import ConfigError, invalid_field
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
-RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models"})
+RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models", "/v1/usage"})
 # `adapter:` and `dialect:` accept the names of their one table (adapters.ADAPTERS,
 # adapters.dialects.FACTS), in its order; a new face or dialect is an entry there.
 AdapterName = Literal[tuple(ADAPTERS)]  # type: ignore[valid-type]
@@ -470,6 +470,14 @@ class KeyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     max_concurrent: int | None = None
     queue: int = 0
     queue_timeout: float = 30.0
+    # Quotas (proxy/state.py), counted from each answer's usage; shared with `serve --state`.
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    requests_per_minute: int | None = None
+    admin: bool = False  # `GET /v1/usage` shows every key's usage, not only its own
+
+
+QUOTAS = ("tokens_per_minute", "tokens_per_day", "requests_per_minute")  # the keys file's quota fields
 
 
 class KeysFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -524,7 +532,15 @@ def load_keys(path: Path | str, env: dict[str, str] | None = None) -> tuple[KeyC
         _check_limits(k.max_concurrent, k.queue, k.queue_timeout, where, fail)
         if k.queue and k.max_concurrent is None:
             raise fail(f"{where}.queue", "needs max_concurrent")
+        _check_quotas(k, where, fail)
     return parsed.keys
+
+
+def _check_quotas(k: KeyConfig, where: str, fail: Any) -> None:
+    for field in QUOTAS:
+        value = getattr(k, field)
+        if value is not None and value < 1:
+            raise fail(f"{where}.{field}", "must be at least 1 (leave it out for no quota)")
 
 
 def _all_lines(node: Any, prefix: str = "") -> dict[str, int]:

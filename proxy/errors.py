@@ -159,6 +159,20 @@ class Forbidden(ProxyError):
     code = "permission_denied"
 
 
+class StateUnavailable(ProxyError):
+    """`--state-failure closed` and the shared state store does not answer (proxy/state.py)."""
+
+    status = 503
+    type = "server_error"
+    code = "state_store_unavailable"
+
+
+class ResponseNotFound(NotFound):
+    """`previous_response_id` names no stored response this key may continue (OpenAI's 404)."""
+
+    code = "previous_response_not_found"
+
+
 class Overloaded(ProxyError):
     """A `limits:` queue was full, or the wait in it ran out. OpenAI's own 429 carries
     type `requests` and code `rate_limit_exceeded`."""

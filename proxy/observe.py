@@ -136,6 +136,15 @@ upstream_up = Gauge(
 key_requests = Counter("llmproxy_key_requests", "Requests by the key name that made them, and status.", ["key", "status"])
 auth_failures = Counter("llmproxy_auth_failures", "Requests refused by the keys file: 401 or 403.", ["status"])
 keys_reloads = Counter("llmproxy_keys_reloads", "Keys file reloads, by result (ok, failed).", ["result"])
+# Usage per key and the shared state store (proxy/state.py).
+key_tokens = Counter("llmproxy_key_tokens", "Tokens charged to a key's quotas, by key name and kind (prompt, completion).",
+                     ["key", "kind"])
+state_unavailable = Counter(
+    "llmproxy_state_unavailable", "Operations the shared state store did not serve, by policy: open (served with "
+    "in-process limits) or closed (answered 503).", ["policy"],
+)
+state_up = Gauge("llmproxy_state_up", "1 while the shared state store answers, 0 while it is skipped as down.",
+                 multiprocess_mode="livemin")
 
 
 class _Children:

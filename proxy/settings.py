@@ -14,6 +14,7 @@ from collections.abc import Mapping, MutableMapping
 import msgspec
 
 from .errors import ConfigError
+from .state import DEFAULT_LEASE_TTL, DEFAULT_RESPONSES_MAX, DEFAULT_RESPONSES_TTL
 
 DEFAULT_MAX_BODY = 10 * 2**20
 
@@ -27,6 +28,12 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     otlp_endpoint: str | None = None  # traces over OTLP/HTTP; None: off
     otlp_content: bool = False  # record prompts and completions in spans
     max_upstream_connections: int = 0  # per process; 0: sized from the open-file limit
+    # Shared state (proxy/state.py): the store's URL carries its password, so it travels only here.
+    state: str | None = None
+    state_failure: str = "open"
+    state_lease_ttl: float = DEFAULT_LEASE_TTL
+    responses_ttl: float = DEFAULT_RESPONSES_TTL
+    responses_max: int = DEFAULT_RESPONSES_MAX
 
     def export(self, environ: MutableMapping[str, str] = os.environ) -> None:
         """Write every field that is set as its variable (None and False leave it as it is)."""

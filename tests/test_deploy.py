@@ -174,3 +174,19 @@ def test_the_readme_commands_name_real_files(docs):
     for line in updates:
         words = shlex.split(line.split("|")[0])
         assert words[3] == docs["ConfigMap"]["metadata"]["name"]  # the ConfigMap the Deployment mounts
+
+
+def test_a_shared_state_store_runs_beside_the_replicas_with_its_url_from_a_secret(docs):
+    """Issue 23: the replicas share limits through a Valkey (redis.yaml), its URL and password from a Secret."""
+    store = {d["kind"]: d for d in yaml.safe_load_all((K8S / "redis.yaml").read_text())}
+    assert "redis.yaml" in (K8S / "kustomization.yaml").read_text()
+    env = {e["name"]: e for e in _container(docs)["env"]}
+    ref = env["LLMPROXY_STATE"]["valueFrom"]["secretKeyRef"]
+    (valkey,) = store["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    password = valkey["env"][0]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == password["name"] == "llmproxy-state" and "optional" not in ref
+    assert "$(VALKEY_PASSWORD)" in valkey["args"]  # the password is the Secret's, never in a manifest
+    service = store["Service"]
+    assert service["spec"]["selector"] == store["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
+    url = f"redis://:$PASSWORD@{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
+    assert url in (DEPLOY / "README.md").read_text()  # the README's command makes the URL the Service serves

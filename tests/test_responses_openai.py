@@ -204,9 +204,10 @@ def test_refusals_name_the_field(responses):
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model="q", input="x", tools=[WEATHER, {"type": "web_search"}])
     assert err.value.body["param"] == "tools" and "web_search" in err.value.body["message"]
-    with pytest.raises(openai.BadRequestError) as err:
+    with pytest.raises(openai.NotFoundError) as err:  # OpenAI's own answer to an unknown id
         client.responses.create(model="q", input="x", previous_response_id="resp_123")
-    assert err.value.body["param"] == "previous_response_id" and "stateless" in err.value.body["message"]
+    assert err.value.body["param"] == "previous_response_id" and err.value.body["code"] == "previous_response_not_found"
+    assert err.value.body["message"] == "Previous response with id 'resp_123' not found."
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model="q", input=[{"role": "user", "content": [
             {"type": "input_text", "text": "what is this"},
@@ -320,3 +321,33 @@ def test_stream_and_whole_agree_however_the_upstream_splits(responses):
     for events in (1, 2, 3, 7, 13, 40):
         with client.responses.stream(model="q", input="x", tools=[WEATHER], extra_headers=said(text, events)) as s:
             assert shape(s.get_final_response()) == whole, events
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_previous_response_id_continues_a_stored_conversation(responses, upstream, stream):
+    """The answer is kept (in memory without --state); a follow-up sends only its new input, and the
+    upstream prompt holds the whole conversation. Instructions are not carried over (as OpenAI does)."""
+    client, _ = responses()
+    first = client.responses.create(model="q", instructions="Be brief.", input="My name is Ada.")
+    assert first.store is True
+    if stream:
+        with client.responses.stream(model="q", input="What is my name?", previous_response_id=first.id) as s:
+            second = s.get_final_response()
+    else:
+        second = client.responses.create(model="q", input="What is my name?", previous_response_id=first.id)
+    assert second.previous_response_id == first.id and second.id != first.id
+    prompt = json.loads(upstream.requests[-1].body)["prompt"]
+    assert "My name is Ada." in prompt and first.output_text in prompt and "What is my name?" in prompt
+    assert "Be brief." not in prompt
+    third = client.responses.create(model="q", input="And again?", previous_response_id=second.id)
+    prompt = json.loads(upstream.requests[-1].body)["prompt"]
+    assert prompt.index("My name is Ada.") < prompt.index("What is my name?") < prompt.index("And again?")
+    assert third.status == "completed"
+
+
+def test_store_false_keeps_nothing(responses):
+    client, _ = responses()
+    r = client.responses.create(model="q", input="hi", store=False)
+    assert r.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="q", input="again", previous_response_id=r.id)

@@ -52,6 +52,10 @@ class Call(Protocol):
     # The text the upstream will put in its prefix cache: a translating call's rendered prompt,
     # which `balance: prefix` hashes. Default None: the balancer reads the client's body.
     prompt: str | None
+    # `kept(owner)`: (id, record) to store once the whole answer is made, for a later request to
+    # continue (the Responses face's `previous_response_id`; proxy/state.py keeps it). Default
+    # None: the call keeps nothing, and the gateway does not look.
+    kept: Callable[[str], tuple[str, bytes] | None] | None
 
     def retarget(self, url: str) -> str | None:
         """The URL to send to instead of the route's upstream `url` (a token count asks the same
@@ -79,6 +83,7 @@ class CallBase:
     drop_headers: frozenset[bytes] = frozenset()
     usage: tuple[int, int] | None = None
     prompt: str | None = None
+    kept: Callable[[str], tuple[str, bytes] | None] | None = None
 
     def retarget(self, url: str) -> str | None:
         return None
@@ -100,9 +105,22 @@ class Adapter(Protocol):
     # Paths this face answers beside its own, by suffix (`/count_tokens`), each with its own
     # adapter; the route table serves them on the route's upstreams. Default: none.
     subpaths: Mapping[str, Adapter]
+    # `previous(body)`: the id of a stored answer the body continues, or None. The gateway then
+    # loads it (proxy/state.py) and asks `continued` for the body to send. Default None: the
+    # face continues nothing, and the gateway does not look.
+    previous: Callable[[bytes], str | None] | None
+
+    def continued(self, body: bytes, rid: str, stored: bytes | None, owner: str) -> bytes:
+        """The body with the stored answer `rid` (None: unknown or expired) before its input, for
+        the key named `owner`. Raises `ProxyError` (404) when it cannot be continued."""
+        ...
 
 
 class AdapterBase:
     """The defaults of the `Adapter` hooks."""
 
     subpaths: Mapping[str, Adapter] = MappingProxyType({})
+    previous: Callable[[bytes], str | None] | None = None
+
+    def continued(self, body: bytes, rid: str, stored: bytes | None, owner: str) -> bytes:
+        return body

@@ -1,4 +1,9 @@
-"""The OpenAI Responses face: `POST /v1/responses` over a legacy completions upstream, stateless.
+"""The OpenAI Responses face: `POST /v1/responses` over a legacy completions upstream.
+
+`previous_response_id` continues a stored response: the gateway loads it from the
+state store (proxy/state.py) and `continued()` puts its items before the new input,
+as the OpenAI API does (its `instructions` are not carried over). A finished answer
+is kept (`ResponsesCall.kept`) unless the request said `store: false`.
 
 `request()` turns the Responses body into the core's `Generation` (input items
 in chat form: `instructions` and `developer`/`system` messages -> system,
@@ -38,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import sse
-from ..errors import BadRequest, ProxyError, bad_body
+from ..errors import BadRequest, ProxyError, ResponseNotFound, bad_body
 from .call import AdapterBase
 from .core_types import FunctionCall, Message, ToolCall as ChatToolCall
 from .core import Core, Finish, Generation, Start, ToolCall, Turn
@@ -54,8 +59,6 @@ _encode = msgspec.json.Encoder().encode
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
 _THINKING_OFF = frozenset({"none", "minimal"})
 _STATEFUL = {
-    "previous_response_id": "this route is stateless and keeps no responses: send the whole conversation in "
-                            "`input` (with `store: false`, as Codex does)",
     "conversation": "this route is stateless and keeps no conversations: send the whole conversation in `input`",
     "prompt": "stored prompt templates are not available on this route: send `instructions` and `input`",
 }
@@ -71,8 +74,34 @@ class ResponsesToCompletions(AdapterBase):
         self.route = config.name
         self.hosted_tools = config.hosted_tools
         self.model = config.upstream_model or config.name
-        self.subpaths = {"/input_tokens": TokenCounter(self.core, self.face, lambda b: self.generation(b)[0],
-                                                       _count_answer)}
+        counter = TokenCounter(self.core, self.face, lambda b: self.generation(b)[0], _count_answer)
+        counter.previous, counter.continued = self.previous, self.continued  # type: ignore[method-assign]
+        self.subpaths = {"/input_tokens": counter}
+
+    @staticmethod
+    def previous(body: bytes) -> str | None:
+        """The `previous_response_id` the body continues, if any (the gateway loads it)."""
+        if b'"previous_response_id"' not in body:
+            return None
+        try:
+            rid = _decode_previous(body).previous_response_id
+        except msgspec.DecodeError as exc:
+            raise bad_body(exc) from None
+        return rid or None
+
+    @staticmethod
+    def continued(body: bytes, rid: str, stored: bytes | None, owner: str) -> bytes:
+        """The body with the stored conversation's items before its own input. A response another
+        key made is as unknown as one never made (OpenAI's 404, which names only the id)."""
+        record = msgspec.json.decode(stored) if stored is not None else None
+        if not isinstance(record, dict) or record.get("owner") != owner:
+            raise ResponseNotFound(f"Previous response with id '{rid}' not found.", param="previous_response_id")
+        doc = msgspec.json.decode(body)
+        new = doc.get("input")
+        if isinstance(new, str):
+            new = [{"type": "message", "role": "user", "content": new}]
+        doc["input"] = [*record["items"], *(new or [])]
+        return _encode(doc)
 
     def request(self, body: bytes) -> ResponsesCall:
         gen, req, tools = self.generation(body)
@@ -251,6 +280,28 @@ def _count_answer(count: int) -> bytes:
 # --- the answer ---------------------------------------------------------------------------------
 
 
+class _Previous(msgspec.Struct):
+    previous_response_id: str | None = None
+
+
+_decode_previous = msgspec.json.Decoder(_Previous).decode
+
+
+def _input_items(given: str | list[Any] | None) -> list[Any]:
+    """The request's input as items, for the stored conversation (fields left unset are left out)."""
+    if isinstance(given, str):
+        return [{"type": "message", "role": "user", "content": given}]
+    return [_lean(msgspec.to_builtins(item)) for item in given or ()]
+
+
+def _lean(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lean(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_lean(v) for v in value]
+    return value
+
+
 def _rid(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
 
@@ -261,7 +312,8 @@ class ResponsesCall(FaceCall):
     Text runs are `message` items, reasoning runs `reasoning` items, each tool call a `function_call` item.
     """
 
-    __slots__ = ("req", "tools", "custom", "_id", "_created", "_seq", "_items", "_incomplete", "_begun", "_head")
+    __slots__ = ("req", "tools", "custom", "_id", "_created", "_seq", "_items", "_incomplete", "_begun", "_head",
+                 "_done")
 
     def __init__(self, turn: Turn, req: ResponsesRequest, tools: list[dict[str, Any]], custom: frozenset[str], *,
                  model: str) -> None:
@@ -276,6 +328,14 @@ class ResponsesCall(FaceCall):
         self._incomplete = False
         self._begun = False
         self._head = b""  # the open item's delta event up to its text: one string encode per delta
+        self._done = False  # the whole answer was made: it can be kept
+
+    def kept(self, owner: str) -> tuple[str, bytes] | None:
+        """(id, record) to store once the answer is complete and the request did not say `store: false`;
+        the record holds the conversation so far (input and output items) and the key that made it."""
+        if not self._done or self.req.store is False:
+            return None
+        return self._id, _encode({"owner": owner, "items": _input_items(self.req.input) + self._items})
 
     def stream_error(self, exc: ProxyError) -> bytes:
         """A failure after the stream began: an `error` event, then `response.failed` (which Codex reads)."""
@@ -300,9 +360,11 @@ class ResponsesCall(FaceCall):
         return "incomplete" if self._incomplete else "completed"
 
     def _whole(self) -> dict[str, Any]:
+        self._done = True
         return self._response(self._status())
 
     def _end(self) -> None:
+        self._done = True
         status = self._status()
         self._emit("response." + status, {"response": self._response(status)})
 
@@ -317,9 +379,9 @@ class ResponsesCall(FaceCall):
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.model,
             "output": list(self._items) if status != "in_progress" else [],
             "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
-            "previous_response_id": None,
+            "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
-            "store": False, "temperature": req.temperature, "top_p": req.top_p,
+            "store": req.store is not False, "temperature": req.temperature, "top_p": req.top_p,
             "text": {"format": msgspec.to_builtins(fmt) if fmt else {"type": "text"}},
             "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": self.tools,
             "truncation": "disabled", "metadata": req.metadata or {},
@@ -331,7 +393,7 @@ class ResponsesCall(FaceCall):
 
     def _started(self, ev: Start) -> None:
         self._begun = True
-        self._id = "resp_" + (ev.id.removeprefix("cmpl-") if ev.id else os.urandom(12).hex())
+        self._id = _rid("resp_")  # never the upstream's id: it names a stored response, so it must be unique
         self._created = ev.created
         self._emit("response.created", {"response": self._response("in_progress")})
         self._emit("response.in_progress", {"response": self._response("in_progress")})

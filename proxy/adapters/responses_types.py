@@ -76,8 +76,8 @@ class ResponsesRequest(msgspec.Struct):
     stream: bool = False
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None  # resolved by the gateway from the state store (proxy/state.py)
     # Need state this route does not keep: refused with a reason.
-    previous_response_id: str | None = None
     conversation: Any = None
     background: bool | None = None
     prompt: Any = None

@@ -1,0 +1,402 @@
+"""Shared state (`serve --state redis://…`) against a real `redis-server` on a loopback port, with
+several real `llmproxy serve` processes sharing it; and the same operations in-process without it.
+
+The Justfile's test recipe installs Debian's `redis-server` when it is missing; these tests skip
+(with that message) only when it could not be installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.config import load_keys
+from proxy.state import Local, State, check_url, redact
+from servers import free_port, stop, wait_ready
+
+PASSWORD = "pw-Zq8s3cretNeverLogged"
+ALICE, BOB, ROOT = "sk-alice-0123456789abcdef", "sk-bob-0123456789abcdefgh", "sk-root-0123456789abcdefg"
+CAROL = "sk-carol-0123456789abcdef"
+KEYS = f"""keys:
+  - name: alice
+    key: {ALICE}
+    max_concurrent: 3
+    queue: 200
+    queue_timeout: 30
+    tokens_per_minute: 30
+  - name: bob
+    key: {BOB}
+  - name: root
+    key: {ROOT}
+    admin: true
+  - name: carol
+    key: {CAROL}
+    max_concurrent: 2
+"""
+LEASE_TTL = 2  # seconds: a killed process's slots must come back within this
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, no persistence; can be stopped and started again."""
+
+    def __init__(self, exe: str, folder: Path) -> None:
+        self.exe = exe
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", PASSWORD, "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client().ping()
+                return
+            except Exception:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, socket_timeout=2)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    exe = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    if exe is None:
+        pytest.skip("redis-server is not installed and could not be installed (`just test` runs "
+                    "`apt-get install -y redis-server` when it is missing): the shared-state tests need a real one")
+    server = RedisServer(exe, tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> Iterator[RedisServer]:
+    if redis_server.proc is None:
+        redis_server.start()
+    redis_server.client().flushall()
+    yield redis_server
+    if redis_server.proc is None:
+        redis_server.start()
+
+
+@pytest.fixture
+def folder(routes_dir, upstream) -> Path:
+    upstream.mock.track_peak = True
+    return routes_dir(
+        completions=f"""
+            path: /v1/completions
+            upstream: {upstream.url}/v1/completions
+        """,
+        chat=f"""
+            path: /v1/chat/completions
+            upstream: {upstream.url}/v1/completions
+            adapter: chat-to-completions
+        """,
+        responses=f"""
+            path: /v1/responses
+            upstream: {upstream.url}/v1/completions
+            adapter: responses-to-completions
+        """,
+        limited=f"""
+            path: /v1/limited
+            upstream: {upstream.url}/v1/completions
+            limits: {{max_concurrent: 2, queue: 100, queue_timeout: 30}}
+        """,
+    )
+
+
+class Proxy:
+    def __init__(self, proc: subprocess.Popen[bytes], base: str, err: Path) -> None:
+        self.proc, self.base, self.err = proc, base, err
+
+    def log(self) -> str:
+        return self.err.read_text()
+
+
+@pytest.fixture
+def serve(folder: Path, tmp_path: Path) -> Iterator[Any]:
+    """`serve(*args)`: a `llmproxy serve` process over the routes and keys, ready; stopped at the end."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(KEYS)
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "LLMPROXY_STATE")}
+    with ExitStack() as stack:
+
+        def start(*args: str) -> Proxy:
+            port = free_port()
+            err = tmp_path / f"serve-{port}.stderr"
+            with err.open("wb") as stderr:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "proxy", "serve", "--routes", str(folder), "--keys", str(keys),
+                     "--port", str(port), "--log-format", "text", *args],
+                    stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+                )  # fmt: skip
+            stack.callback(lambda: proc.poll() is None and stop(proc))
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(proc, base, err)
+            return Proxy(proc, base, err)
+
+        yield start
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+COMPLETION = {"model": "m", "prompt": "hi", "max_tokens": 3}
+
+
+def test_max_concurrent_3_holds_across_processes_under_100_concurrent_requests(store, serve, upstream):
+    """`--workers 2` plus a second serve: three processes, one key's `max_concurrent: 3`, 100 requests
+    at once; the upstream never sees more than 3 in flight, and every request is served."""
+    a = serve("--state", store.url, "--workers", "2")
+    b = serve("--state", store.url)
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as c:
+            return await asyncio.gather(*(
+                c.post(f"{(a, b)[i % 2].base}/v1/completions", json=COMPLETION,
+                       headers={**auth(ALICE), "x-mock-stall-ms": "60"})
+                for i in range(100)))  # fmt: skip
+
+    started = time.monotonic()
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 100
+    assert upstream.mock.peak_busy == 3
+    assert time.monotonic() - started < 40
+    assert store.client().zcard("llmproxy:slots:key:alice") == 0  # every lease given back
+
+    # A route's `limits` are shared the same way (bob's key has no limit of its own).
+    upstream.mock.peak_busy = 0
+
+    async def route() -> list[int]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=30)) as c:
+            return [r.status_code for r in await asyncio.gather(*(
+                c.post(f"{(a, b)[i % 2].base}/v1/limited", json=COMPLETION, headers={**auth(BOB), "x-mock-stall-ms": "60"})
+                for i in range(30)))]  # fmt: skip
+
+    assert asyncio.run(route()) == [200] * 30
+    assert upstream.mock.peak_busy == 2
+    for p in (a, b):
+        assert PASSWORD not in p.log()
+
+
+def test_kill_9_of_a_process_holding_slots_frees_them_within_the_lease_ttl(store, serve, upstream):
+    a = serve("--state", store.url, "--state-lease-ttl", str(LEASE_TTL))
+    b = serve("--state", store.url, "--state-lease-ttl", str(LEASE_TTL))
+
+    async def run() -> float:
+        async with httpx.AsyncClient(timeout=20) as c:
+            held = [asyncio.ensure_future(c.post(f"{a.base}/v1/completions", json={**COMPLETION, "stream": True},
+                                                 headers={**auth(ALICE), "x-mock-hold": f"k{i}"}))
+                    for i in range(3)]  # fmt: skip
+            deadline = time.monotonic() + 10
+            while store.client().zcard("llmproxy:slots:key:alice") < 3:
+                assert time.monotonic() < deadline, "the three slots were not taken"
+                await asyncio.sleep(0.05)
+            # The three slots are held (renewed by a): b's request queues.
+            waiting = asyncio.ensure_future(c.post(f"{b.base}/v1/completions", json=COMPLETION, headers=auth(ALICE)))
+            await asyncio.sleep(LEASE_TTL + 0.5)
+            assert not waiting.done()  # the leases are renewed while their requests run: no slot is counted twice
+            a.proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            r = await waiting
+            assert r.status_code == 200
+            for h in held:
+                h.cancel()
+            return time.monotonic() - killed
+
+    took = asyncio.run(run())
+    assert took < LEASE_TTL + 1.5  # the TTL, plus the queue's polling and a loaded machine's slack
+
+
+def test_tokens_per_minute_refuses_after_the_crossing_request_and_admits_when_the_window_moves(store, serve):
+    """alice's `tokens_per_minute: 30`: one answer of ~45 tokens crosses it; the next request, on the
+    other process, is refused with the quota named; the store's clock moved a minute on admits again."""
+    a = serve("--state", store.url)
+    b = serve("--state", store.url)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "count"}]}
+    words = {"x-mock-text": " ".join(["word"] * 40)}
+    with httpx.Client(timeout=10) as c:
+        first = c.post(f"{a.base}/v1/chat/completions", json=chat, headers={**auth(ALICE), **words})
+        assert first.status_code == 200 and first.json()["usage"]["total_tokens"] >= 40
+        refused = c.post(f"{b.base}/v1/chat/completions", json=chat, headers=auth(ALICE))
+        assert refused.status_code == 429
+        error = refused.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and "tokens_per_minute" in error["message"]
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert c.post(f"{b.base}/v1/chat/completions", json=chat, headers=auth(BOB)).status_code == 200  # alice's only
+
+        # A streamed answer is charged too (bob has no quota: its usage shows it).
+        with c.stream("POST", f"{a.base}/v1/chat/completions", json={**chat, "stream": True},
+                      headers={**auth(BOB), **words}) as s:  # fmt: skip
+            assert "[DONE]" in s.read().decode()
+
+        store.client().set("llmproxy:clock", 60)  # the store's clock, a minute on: the window moved
+        assert c.post(f"{a.base}/v1/chat/completions", json=chat, headers=auth(ALICE)).status_code == 200
+
+        own = c.get(f"{a.base}/v1/usage", headers=auth(BOB)).json()["data"]
+        assert [u["name"] for u in own] == ["bob"]
+        assert own[0]["shared"] is True and own[0]["total"]["requests"] == 2 and own[0]["total"]["tokens"] > 40
+        every = c.get(f"{b.base}/v1/usage", headers=auth(ROOT)).json()
+        assert "data" in every, every
+        every = every["data"]
+        alice = next(u for u in every if u["name"] == "alice")
+        assert [u["name"] for u in every] == ["alice", "bob", "root", "carol"]
+        assert alice["total"]["requests"] == 2 and alice["minute"]["tokens_limit"] == 30  # the refused one is not counted
+        metrics = c.get(f"{a.base}/metrics").text
+        assert 'llmproxy_key_tokens_total{key="alice",kind="completion"}' in metrics
+        assert ALICE not in metrics
+
+
+def test_a_responses_conversation_started_on_one_process_continues_on_the_other(store, serve, upstream):
+    a = serve("--state", store.url)
+    b = serve("--state", store.url)
+    import json
+
+    import openai
+
+    on_a = openai.OpenAI(base_url=f"{a.base}/v1", api_key=ALICE, max_retries=0, timeout=10)
+    on_b = openai.OpenAI(base_url=f"{b.base}/v1", api_key=ALICE, max_retries=0, timeout=10)
+    first = on_a.responses.create(model="q", input="My name is Ada.")
+    second = on_b.responses.create(model="q", input="What is my name?", previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    prompt = json.loads(upstream.requests[-1].body)["prompt"]
+    assert "My name is Ada." in prompt and "What is my name?" in prompt
+    bob = openai.OpenAI(base_url=f"{b.base}/v1", api_key=BOB, max_retries=0, timeout=10)
+    with pytest.raises(openai.NotFoundError):  # only the key that made it may continue it
+        bob.responses.create(model="q", input="x", previous_response_id=first.id)
+    assert store.client().pttl(f"llmproxy:resp:{first.id}") > 0  # kept with a TTL
+
+
+def test_store_stopped_mid_run_open_serves_closed_answers_503_and_both_recover(store, serve):
+    opened = serve("--state", store.url)
+    closed = serve("--state", store.url, "--state-failure", "closed")
+    with httpx.Client(timeout=10) as c:
+        for p in (opened, closed):
+            assert c.post(f"{p.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code == 200
+        store.stop()
+        for _ in range(3):
+            for p, want in ((opened, 200), (closed, 503)):
+                started = time.monotonic()
+                r = c.post(f"{p.base}/v1/completions", json=COMPLETION, headers=auth(CAROL))
+                assert r.status_code == want, r.text
+                assert time.monotonic() - started < 2.5  # nothing hangs on the dead store
+                if want == 503:
+                    error = r.json()["error"]
+                    assert error["code"] == "state_store_unavailable"
+                    assert f"redis://***@127.0.0.1:{store.port}/0" in error["message"]
+                    assert PASSWORD not in r.text
+        store.start()
+        deadline = time.monotonic() + 10
+        while c.post(f"{closed.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code != 200:
+            assert time.monotonic() < deadline, "closed did not recover when the store came back"
+            time.sleep(0.2)
+        usage = c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]
+        assert usage["shared"] is True
+    for p in (opened, closed):
+        log = p.log()
+        assert "unavailable" in log and PASSWORD not in log
+    assert opened.log().count("shared state store") <= 3  # a warning once per minute, not per request
+    assert "answers again" in closed.log()
+
+
+# --- without a store: the same operations in one process -----------------------------------------
+
+
+def test_in_process_quota_windows_move_with_the_clock():
+    local = Local()
+    now = [60 * 20_000 + 20.0]  # 20 s into a minute
+    local.clock = lambda: now[0]
+    assert local.admit("k", 30, 0, 0) == ("", 0, 0)
+    local.charge("k", 20, 25)
+    assert local.admit("k", 30, 0, 0) == ("tokens_per_minute", 45, 40)
+    assert local.admit("k", 0, 0, 1) == ("requests_per_minute", 1, 40)
+    now[0] += 40
+    assert local.admit("k", 30, 0, 1) == ("", 0, 0)
+    (u,) = local.usage(["k"])
+    assert (u.minute_requests, u.day_tokens, u.requests, u.prompt_tokens) == (1, 45, 2, 20)
+
+
+def test_quota_fields_are_checked_in_the_keys_file(tmp_path: Path):
+    from proxy.errors import ConfigError
+
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n  - name: a\n    key: {ALICE}\n    tokens_per_day: 0\n")
+    with pytest.raises(ConfigError, match=r"keys\[0\].tokens_per_day: must be at least 1"):
+        load_keys(path)
+    path.write_text(f"keys:\n  - name: a\n    key: {ALICE}\n    requests_per_minute: 5\n    admin: true\n")
+    assert load_keys(path)[0].requests_per_minute == 5
+
+
+def test_the_store_url_is_checked_and_its_password_never_shown():
+    from proxy.errors import ConfigError
+
+    assert redact(f"redis://:{PASSWORD}@10.0.0.1:6379/2") == "redis://***@10.0.0.1:6379/2"
+    assert redact("rediss://user:pw@h:6380/0") == "rediss://***@h:6380/0"
+    for bad in (f"http://:{PASSWORD}@h:1/0", f"redis://:{PASSWORD}@h:99999999/0", f"redis://:{PASSWORD}@h:1/x"):
+        with pytest.raises(ConfigError) as err:
+            check_url(bad)
+        assert PASSWORD not in str(err.value)
+    with pytest.raises(ConfigError, match="--state-failure"):
+        State(failure="maybe")
+
+
+def test_serve_refuses_a_bad_state_url_naming_it_without_the_password(folder: Path):
+    r = subprocess.run([sys.executable, "-m", "proxy", "serve", "--routes", str(folder), "--port", str(free_port()),
+                        "--state", f"redis://:{PASSWORD}@127.0.0.1:notaport/0"],
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 2 and "--state" in r.stderr and PASSWORD not in r.stderr + r.stdout
+
+
+def test_without_a_store_a_messages_route_refuses_over_quota_in_anthropics_shape(routes_dir, upstream, proxy_for,
+                                                                                 tmp_path: Path):
+    """No --state: the quota is this process's; the 429 is Anthropic's rate_limit_error naming the quota."""
+    from proxy.keys import KeysHolder
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"keys:\n  - name: alice\n    key: {ALICE}\n    requests_per_minute: 1\n")
+    base = proxy_for(routes_dir(msg=f"""
+        path: /v1/messages
+        upstream: {upstream.url}/v1/completions
+        adapter: messages-to-completions
+    """), keys=KeysHolder.load(keys))
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=10, headers={"x-api-key": ALICE}) as c:
+        assert c.post(f"{base}/v1/messages", json=body).status_code == 200
+        refused = c.post(f"{base}/v1/messages", json=body)
+        assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+        err = refused.json()
+        assert err["type"] == "error" and err["error"]["type"] == "rate_limit_error"
+        assert "requests_per_minute quota (1 of 1 used in this minute)" in err["error"]["message"]
+        (usage,) = c.get(f"{base}/v1/usage").json()["data"]
+        assert usage["shared"] is False and usage["minute"]["requests"] == 1 and usage["total"]["tokens"] > 0
