@@ -334,3 +334,16 @@ def test_every_upstream_out_by_health_checks_is_refused_by_every_policy():
         pool.balancer.choose(Hint((), None))
     pool.members[1].down_until = 0.0
     assert pool.balancer.choose(Hint((), None)) == (pool.members[1], "least-busy")
+
+
+def test_session_from_an_anthropic_body_on_a_messages_route(fleet, routes_dir, proxy_for, caplog):
+    caplog.set_level(logging.INFO, logger="llmproxy.access")
+    base = proxy_for(routes_dir(r=route(fleet, path="/v1/messages", adapter="messages-to-completions",
+                                        balance="{policy: prefix, session: {fields: [metadata.user_id]}}")))
+    for k in range(3):  # short, unrelated prompts: only the session ties them
+        r = httpx.post(f"{base}/v1/messages", json={
+            "model": "m", "max_tokens": 8, "metadata": {"user_id": "user-42"},
+            "messages": [{"role": "user", "content": f"question {k}"}]}, timeout=10)
+        assert r.status_code == 200, r.text
+    assert sum(1 for m in fleet if m.requests) == 1
+    assert [rec["choice"] for rec in access(caplog)] == ["session"] * 3
