@@ -10,10 +10,20 @@ default:
     @just --list
 
 # Create ./.venv and install llmproxy with its dev tools (skipped when up to date).
-install:
+install: (_venv ".[dev]" ".stamp")
+
+# Only what serving needs (`pip install -e .`): `serve` and `check` use this.
+install-runtime: (_venv "." ".stamp-runtime" ".stamp-demo" ".stamp")
+
+# The runtime plus the official clients the demo talks through (the `demo` extra).
+install-demo: (_venv ".[demo]" ".stamp-demo" ".stamp")
+
+# pip-install llmproxy (SPEC: ".", ".[demo]", ".[dev]") into ./.venv unless a stamp of an install
+# that covers it (STAMPS; each install has its own) is newer than pyproject.toml; then stamp it.
+_venv spec +stamps:
     @test -x {{py}} || python3 -m venv {{venv}}
-    @if [ ! -f {{venv}}/.stamp ] || [ pyproject.toml -nt {{venv}}/.stamp ]; then \
-        {{py}} -m pip install -q --disable-pip-version-check -e '.[dev]' && touch {{venv}}/.stamp; fi
+    @set -- {{stamps}}; for s in "$@"; do [ {{venv}}/$s -nt pyproject.toml ] && exit 0; done; \
+        {{py}} -m pip install -q --disable-pip-version-check -e '{{spec}}' && touch {{venv}}/$1
 
 # Run the test suite (unit + loopback integration). The shared-state tests need a real redis-server.
 test *ARGS: install
@@ -23,15 +33,15 @@ test *ARGS: install
     {{py}} -m pytest {{ARGS}}
 
 # Start the mock upstream and the proxy on loopback, send one chat request, stream the answer.
-demo: install
+demo: install-demo
     {{py}} -m proxy.demo
 
 # Serve for real: routes from ./routes.d (QWEN_BASE_URL names the upstream).
-serve *ARGS: install
+serve *ARGS: install-runtime
     {{venv}}/bin/llmproxy serve {{ARGS}}
 
 # Validate routes.d and print the route table.
-check *ARGS: install
+check *ARGS: install-runtime
     {{venv}}/bin/llmproxy check {{ARGS}}
 
 # Benchmark: mock upstream direct vs through the proxy on loopback (bench/README.md). ARGS: --quick, --seconds N, --profile, --scale, --fleet.

@@ -61,6 +61,7 @@ def create_app(
     keys: KeysHolder | Keyring | None = None,
     cors: Cors | None = None,
     max_upstream_connections: int = 0,
+    ready_needs_upstreams: bool = False,
     state: State | None = None,
 ) -> Gateway:
     """Build the ASGI app serving `table`. `client` makes the upstream session (tests swap it).
@@ -72,6 +73,8 @@ def create_app(
     `cors`: answer browsers from these origins.
     `max_upstream_connections`: upstream requests in flight past which a request is refused
     with a 503 (0: sized from the open-file limit).
+    `ready_needs_upstreams`: `/readyz` also answers 503 while health checks have every upstream
+    of some route out (off: readiness is about this process only).
     `state`: quotas, usage, stored responses and (with a store URL) shared slots; default in-process.
     """
     state = state if state is not None else State()
@@ -95,6 +98,7 @@ def create_app(
                 with holder.reload_on_sighup():
                     yield
             finally:
+                app.state.stopping = True
                 holder.stop()
                 if key_holder is not None:
                     key_holder.stop()
@@ -112,6 +116,8 @@ def create_app(
         debug=False,
     )
     app.state.holder = holder
+    app.state.ready_needs_upstreams = ready_needs_upstreams
+    app.state.stopping = False
     app.state.max_body_size = max_body_size  # named in the 413 message
     app.state.slots = UpstreamSlots(max_upstream_connections or default_connections())
     app.state.shared = state
@@ -314,17 +320,27 @@ def healthz() -> dict[str, str]:
 
 @get("/readyz", include_in_schema=False, sync_to_thread=False)
 def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    """A route table is loaded, the shared client is open, and no route has every upstream
-    out by its health checks (those are named in `down`)."""
-    holder: TableHolder = request.app.state.holder
+    """Whether *this process* can serve: a route table with routes is loaded, the shared client
+    is open, and the app is not shutting down. Routes whose every upstream is out by health
+    checks are named in `down` but do not make the process unready (they answer their own 503
+    `no_healthy_upstream`): one dead model must not take every replica out of a Service, as
+    Envoy's `/ready` and nginx's readiness speak for the proxy, not its backends. With
+    `--ready-needs-upstreams` they do."""
+    state = request.app.state
+    holder: TableHolder = state.holder
     routes = holder.current.routes
     down = [r.name for r in routes if r.pool.all_out()]
-    ready = bool(routes) and getattr(request.app.state, "client", None) is not None and not down
-    body: dict[str, Any] = {"status": "ok" if ready else "not ready", "routes": len(routes)}
+    why = ("no routes are loaded" if not routes
+           else "the upstream client is not open" if getattr(state, "client", None) is None
+           else "shutting down" if getattr(state, "stopping", False)
+           else "every upstream is down (health checks) on route(s) " + ", ".join(repr(d) for d in down)
+           if down and getattr(state, "ready_needs_upstreams", False) else "")  # fmt: skip
+    body: dict[str, Any] = {"status": "not ready" if why else "ok", "routes": len(routes)}
     if down:
         body["down"] = down
-        body["reason"] = "every upstream is down (health checks) on route(s) " + ", ".join(repr(d) for d in down)
-    return Response(body, status_code=200 if ready else 503)
+    if why:
+        body["reason"] = why
+    return Response(body, status_code=503 if why else 200)
 
 
 @get("/v1/models", include_in_schema=False)
@@ -416,6 +432,7 @@ def app_from_env() -> Gateway:
     raise_open_files()  # the CLI did it already (and logged it); not so under a bare `uvicorn --factory`
     app = create_app(holder, max_body_size=settings.max_body, reload=settings.reload, keys=keys,
                      cors=Cors.parse(settings.cors_origins), max_upstream_connections=settings.max_upstream_connections,
+                     ready_needs_upstreams=settings.ready_needs_upstreams,
                      state=State(settings.state, failure=settings.state_failure, lease_ttl=settings.state_lease_ttl,
                                  responses_ttl=settings.responses_ttl, responses_max=settings.responses_max))
     # Move the start-up heap (Litestar, aiohttp, the route table) out of the collector's

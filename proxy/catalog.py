@@ -20,8 +20,9 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from . import served
+from .errors import ProxyError
 from .routes import Route, RouteTable, _ModelEntry, _ModelList, is_glob
-from .upstreams import models_url
 
 log = logging.getLogger("llmproxy.catalog")
 
@@ -29,20 +30,15 @@ TTL = 60.0  # seconds an upstream's model list is reused
 TIMEOUT = 2.0  # seconds to wait for an upstream's list; the answer never waits longer
 
 
-class _Upstream(msgspec.Struct):
-    id: Any = None
-
-
-class _UpstreamList(msgspec.Struct):
-    data: list[_Upstream] = []
-
-
 _cache: dict[str, Any] = {"table": None, "at": 0.0, "found": []}  # the ids each learner's upstream listed
 
 
 def learners(table: RouteTable) -> list[Route]:
-    """Routes whose names can only be learned from their upstream."""
-    return [r for r in table.routes if r.models and all(is_glob(g) for g in r.models) and not r.config.upstream_model]
+    """Routes whose names can only be learned from their upstream: glob-only routes, and
+    fallback routes with `upstream_model: auto` (listed under the model their upstream serves,
+    which is a name they accept, instead of their route name)."""
+    return [r for r in table.routes if (r.models and all(is_glob(g) for g in r.models) and not r.config.upstream_model)
+            or (not r.models and r.config.upstream_model == served.AUTO)]
 
 
 async def models_json(table: RouteTable, session: aiohttp.ClientSession | None,
@@ -59,6 +55,9 @@ async def models_json(table: RouteTable, session: aiohttp.ClientSession | None,
     for route, ids in zip(routes, _cache["found"]):
         if may_use is not None and not may_use(route.name):
             continue
+        if ids and not route.models and entries.get(route.name, None) is not None \
+                and entries[route.name].owned_by == route.name:
+            del entries[route.name]  # a fallback that learnt its model: listed under that name instead
         for name in ids:
             if name not in entries and _routes_to(table, route, name):
                 entries[name] = _ModelEntry(id=name, owned_by=route.name, created=table.created)
@@ -76,17 +75,14 @@ def _routes_to(table: RouteTable, route: Route, name: str) -> bool:
 
 
 async def _ids(session: aiohttp.ClientSession, route: Route) -> list[str]:
-    url = models_url(route.upstreams[0])
-    hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in route.defaults}
+    """The names the route's upstream lists that the route would list: those its globs match,
+    or, for a fallback with `upstream_model: auto`, the one model it serves."""
     try:
-        async with session.get(url, headers=hdrs, allow_redirects=False,
-                               timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as response:  # fmt: skip
-            if response.status != 200:
-                log.info("route %r: %s answered %d; its models are not listed", route.name, url, response.status)
-                return []
-            doc = msgspec.json.decode(await response.read(), type=_UpstreamList)
-    except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
-        log.info("route %r: cannot list the models of %s (%s); its models are not listed",
-                 route.name, url, type(exc).__name__)  # fmt: skip
+        ids = await served.listed(session, route.upstreams[0], route, timeout=TIMEOUT)
+    except (ProxyError, aiohttp.ClientError, TimeoutError) as exc:
+        log.info("route %r: its upstream's models are not listed (%s)", route.name,
+                 exc.message if isinstance(exc, ProxyError) else type(exc).__name__)  # fmt: skip
         return []
-    return [m.id for m in doc.data if isinstance(m.id, str) and route.serves(m.id)]
+    if route.config.upstream_model == served.AUTO:
+        return list(ids) if len(ids) == 1 else []
+    return [i for i in ids if route.serves(i)]

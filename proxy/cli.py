@@ -31,6 +31,28 @@ EXIT_DOWN = 4  # `check --probe`: an upstream did not answer
 log = logging.getLogger("llmproxy")
 
 
+def ranged(kind: type[int] | type[float], low: float, high: float) -> Any:
+    """An argparse `type=` that refuses values outside [low, high]: argparse then exits 2 with
+    `argument --port: must be an integer from 1 to 65535, got 99999`, naming the option."""
+    what = "an integer" if kind is int else "a number"
+    span = " to ".join(str(int(x)) if float(x).is_integer() else str(x) for x in (low, high))
+
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} from {span}, got {text!r}") from None
+        if not low <= value <= high:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"must be {what} from {span}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its own messages
+    return convert
+
+
+PORT = ranged(int, 1, 65535)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmproxy",
@@ -45,17 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the routes", description="Validate the routes, then serve them with uvicorn.")
     s.add_argument("--routes", default=default_routes, help=routes_help)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    s.add_argument("--port", type=PORT, default=8080, help="port to listen on (default: 8080)")
     s.add_argument("--reload", action="store_true", help="watch the routes folder and swap in a new table on change")
-    s.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default: 1)")
-    s.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes (default: 10 MiB)")
-    s.add_argument("--max-upstream-connections", type=int, default=0, metavar="N",
+    s.add_argument("--workers", type=ranged(int, 1, 256), default=1, help="worker processes sharing the port, 1-256 (default: 1)")
+    s.add_argument("--max-body-size", type=ranged(int, 1, 2**31 - 1), default=DEFAULT_MAX_BODY, metavar="BYTES",
+                   help="largest request body in bytes, 1 to 2^31-1 (default: 10 MiB)")
+    s.add_argument("--max-upstream-connections", type=ranged(int, 0, 10**7), default=0, metavar="N",
                    help="upstream requests in flight per process; past it a request is refused at once with a 503 "
                    "(default 0: as many as the open-file limit leaves room for, two descriptors per stream)")
-    s.add_argument("--backlog", type=int, default=4096,
+    s.add_argument("--backlog", type=ranged(int, 1, 2**31 - 1), default=4096,
                    help="pending connections the listening socket queues (default 4096; the kernel caps it at "
                    "net.core.somaxconn)")
-    s.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
+    s.add_argument("--grace-period", type=ranged(float, 0, 86400), default=30.0, metavar="SECONDS",
                    help="on SIGTERM, stop accepting and let running responses finish for this long, "
                    "then cut them (default: 30)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -68,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cors-origins", default=env_default("cors_origins"), metavar="ORIGINS",
                    help='answer browsers from these origins: "https://a.example,https://b.example" or "*" '
                    "(default: $LLMPROXY_CORS_ORIGINS; off)")
+    s.add_argument("--ready-needs-upstreams", action="store_true",
+                   help="/readyz answers 503 also while health checks have every upstream of some route out "
+                   "(default off: readiness says whether this process can serve; one dead model must not "
+                   "take every replica out of a Service)")
     _state_options(s)
     s.add_argument("--otlp-endpoint", metavar="URL", default=env_default("otlp_endpoint"),
                    help="send OpenTelemetry traces over OTLP/HTTP to URL (e.g. http://127.0.0.1:4318/v1/traces); "
@@ -88,11 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mock-upstream", help="run a development legacy-completions server",
                        description="A deterministic OpenAI legacy /v1/completions server (stream and non-stream) for demos and tests.")
     m.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
-    m.add_argument("--port", type=int, default=8019, help="default: 8019")
+    m.add_argument("--port", type=PORT, default=8019, help="default: 8019")
     m.add_argument("--dialect", choices=list(FACTS), default=None,
                    help="behave as that server's completions endpoint does (defaults, refusals, /tokenize); "
                    "default: accept anything")
-    m.add_argument("--context", type=int, default=32768, help="context length the mock serves, in words (default: 32768)")
+    m.add_argument("--context", type=ranged(int, 1, 10**8), default=32768, help="context length the mock serves, in words (default: 32768)")
     return p
 
 
@@ -108,15 +135,15 @@ def _state_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--state-failure", choices=FAILURE_POLICIES, default=env_default("state_failure") or d.state_failure,
                    help="when the store does not answer: open serves with in-process limits (a warning each minute), "
                    "closed answers 503 (default: $LLMPROXY_STATE_FAILURE or open)")
-    g.add_argument("--state-lease-ttl", type=float, metavar="SECONDS",
+    g.add_argument("--state-lease-ttl", type=ranged(float, 1, 300), metavar="SECONDS",
                    default=float(env_default("state_lease_ttl") or d.state_lease_ttl),
                    help=f"a shared slot's lease, renewed while its request runs: a killed process's slots come back "
                    f"within it (default: {d.state_lease_ttl:g})")
-    g.add_argument("--responses-ttl", type=float, metavar="SECONDS",
+    g.add_argument("--responses-ttl", type=ranged(float, 0.001, 10**8), metavar="SECONDS",
                    default=float(env_default("responses_ttl") or d.responses_ttl),
                    help=f"how long a Responses answer can be continued with previous_response_id "
                    f"(default: {d.responses_ttl:g})")
-    g.add_argument("--responses-max", type=int, metavar="N",
+    g.add_argument("--responses-max", type=ranged(int, 1, 10**8), metavar="N",
                    default=int(env_default("responses_max") or d.responses_max),
                    help=f"responses kept in memory per process without --state (default: {d.responses_max})")
 
@@ -125,11 +152,7 @@ def _state_invalid(args: argparse.Namespace) -> str | None:
     """What is wrong with the shared-state flags, or None (never quoting the store's password)."""
     from .state import check_url
 
-    if not 1 <= args.state_lease_ttl <= 300:
-        return "--state-lease-ttl must be between 1 and 300 seconds"
-    if args.responses_ttl <= 0 or args.responses_max < 1:
-        return "--responses-ttl must be > 0 and --responses-max at least 1"
-    if args.state:
+    if args.state:  # the numbers are range-checked by argparse (`ranged`)
         try:
             check_url(args.state)
         except ConfigError as exc:
@@ -226,28 +249,34 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
     warnings = table.warnings()
     lines.extend(f"warning: {w}" for w in warnings)
     summary = f"{len(table.routes)} route(s) OK on {len(table.paths)} path(s)"
+    beside = sorted(table.paths - {r.config.path for r in table.routes})
+    if beside:  # a face's own extra paths (count_tokens, input_tokens) are not rows of the table
+        summary += f" ({len(beside)} answered beside their route: {', '.join(beside)})"
     if warnings:
         summary += f", {len(warnings)} warning(s)"
     return "\n".join([*lines, summary])
 
 
 def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
-    """`GET /v1/models` on every distinct upstream base URL at once, with the route's default
-    headers (servers started with an API key want it): "up: STATUS in N ms" when the server
-    answers below 500, else "down: reason". A real HTTP request, not a TCP connect: a port
-    that accepts but is not the model server (a proxy's 502 page, say) shows as such.
+    """Ask every distinct upstream server at once, with the route's default headers (servers
+    started with an API key want them), what the proxy itself would ask: `GET <origin><path>`
+    of the route's `health:` when it has one (up on a 2xx, as the health checks count it),
+    else `GET /v1/models` (up below 500, but a 404 is "not an OpenAI-compatible server").
+    "up: GET PATH STATUS in N ms", else "down: reason". A real HTTP request, not a TCP
+    connect: a port that accepts but is not the model server (a proxy's 502 page) shows as such.
 
-    `/v1/models` is served by vLLM (`vllm/entrypoints/openai/api_server.py`), llama.cpp's
-    server (`tools/server/server.cpp`) and SGLang (`python/sglang/srt/entrypoints/http_server.py`).
+    `/v1/models` is served by vLLM (`vllm/entrypoints/openai/api_server.py`), llama.cpp's server
+    (`tools/server/server.cpp`) and SGLang (`python/sglang/srt/entrypoints/http_server.py`).
     """
     import asyncio
     from time import perf_counter
+    from urllib.parse import urlsplit
 
     import aiohttp
 
     from .upstreams import models_url
 
-    async def get(session: aiohttp.ClientSession, url: str, hdrs: dict[str, str]) -> str:
+    async def get(session: aiohttp.ClientSession, url: str, hdrs: dict[str, str], health: bool) -> str:
         started = perf_counter()
         try:
             async with session.get(url, headers=hdrs, allow_redirects=False) as response:
@@ -263,19 +292,28 @@ def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
         except aiohttp.ClientError as exc:  # connected, then no usable HTTP answer
             return f"down: {type(exc).__name__}"
         ms = (perf_counter() - started) * 1000
-        state = "up" if status < 500 else "down"
-        return f"{state}: GET {_path_of(url)} {status} in {ms:.0f} ms"
+        said = f"GET {_path_of(url)} {status} in {ms:.0f} ms"
+        if health:
+            return f"{'up' if 200 <= status < 300 else 'down'}: {said} (health.path)"
+        if status == 404:
+            return f"down: {said}: not an OpenAI-compatible server (no /v1/models)"
+        return f"{'up' if status < 500 else 'down'}: {said}"
 
     async def run() -> dict[str, str]:
-        checks: dict[str, tuple[str, dict[str, str]]] = {}
+        checks: dict[str, tuple[str, dict[str, str], bool]] = {}
         for r in table.routes:
+            h = r.config.health
             for u in r.upstreams:
-                checks.setdefault(u, (models_url(u), dict(r.config.default_headers)))
-        bases = {url: hdrs for url, hdrs in checks.values()}
+                if h is not None:
+                    parts = urlsplit(u)
+                    checks.setdefault(u, (f"{parts.scheme}://{parts.netloc}{h.path}", dict(r.config.default_headers), True))
+                else:
+                    checks.setdefault(u, (models_url(u), dict(r.config.default_headers), False))
+        asks = {url: (hdrs, health) for url, hdrs, health in checks.values()}
         t = aiohttp.ClientTimeout(total=timeout)
         async with aiohttp.ClientSession(timeout=t, trust_env=False) as session:
-            results = dict(zip(bases, await asyncio.gather(*(get(session, b, h) for b, h in bases.items()))))
-        return {u: results[b] for u, (b, _) in checks.items()}
+            results = dict(zip(asks, await asyncio.gather(*(get(session, b, h, hl) for b, (h, hl) in asks.items()))))
+        return {u: results[b] for u, (b, _, _) in checks.items()}
 
     return asyncio.run(run())
 
@@ -304,11 +342,7 @@ def _invalid(args: argparse.Namespace) -> str | None:
         problem = tracing.missing()
         if problem:
             return f"--otlp-endpoint: {problem}"
-    if args.grace_period < 0:
-        return "--grace-period must be >= 0"
-    if args.max_upstream_connections < 0:
-        return "--max-upstream-connections must be >= 0 (0: sized from the open-file limit)"
-    return _state_invalid(args)
+    return _state_invalid(args)  # numbers are range-checked by argparse (`ranged`)
 
 
 def _export(args: argparse.Namespace) -> WorkerSettings:
@@ -318,11 +352,15 @@ def _export(args: argparse.Namespace) -> WorkerSettings:
         max_body=args.max_body_size,
         # With workers the supervisor watches the folder and signals them (proxy/workers.py).
         reload=args.reload and args.workers <= 1,
-        keys=str(Path(args.keys).resolve()) if args.keys else None,  # workers may not share the cwd's view
+        # Absolute (workers may not share the cwd's view) but not resolved: on a Kubernetes Secret
+        # volume `keys.yaml -> ..data/keys.yaml` and `..data` is swapped on update; the resolved
+        # path names the first timestamped folder, which the kubelet deletes (tests/test_secret_rotation.py).
+        keys=str(Path(args.keys).absolute()) if args.keys else None,
         cors_origins=args.cors_origins or None,
         otlp_endpoint=args.otlp_endpoint or None,
         otlp_content=bool(args.otlp_endpoint and args.otlp_content),
         max_upstream_connections=args.max_upstream_connections,
+        ready_needs_upstreams=args.ready_needs_upstreams,
         state=args.state or None,  # the environment, never a command line or a log
         state_failure=args.state_failure,
         state_lease_ttl=args.state_lease_ttl,

@@ -18,9 +18,8 @@ from .adapters.registry import ADAPTERS
 from .adapters.dialects import FACTS
 from .adapters.templates import BUILTIN
 from .balance import DEFAULT_MARGIN, DEFAULT_PROMPTS, Policy
-from .errors import ConfigError, invalid_field
+from .errors import AUTH_SCHEMES, ConfigError, invalid_field
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models", "/v1/usage"})
@@ -132,22 +131,64 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
 def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None,
                defaulted: list[str] | None = None) -> str:
-    """`${VAR}` and `${VAR:-default}` from the environment; an unset `${VAR}` is an error.
-    The names whose default was used are appended to `defaulted`."""
+    """`${VAR}`, `${VAR:-default}` and `${VAR:+alternative}` from the environment, with POSIX
+    shell meanings: `:-` gives `default` when VAR is unset or empty, `:+` gives `alternative`
+    when VAR is set and non-empty and nothing otherwise (`${KEY:+Bearer ${KEY}}`). The word
+    may hold further `${…}`. An unset `${VAR}` is an error; names whose default was used are
+    appended to `defaulted`."""
     env = os.environ if env is None else env
-
-    def sub(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
+    out: list[str] = []
+    i = 0
+    while True:
+        start = value.find("${", i)
+        if start < 0:
+            out.append(value[i:])
+            return "".join(out)
+        out.append(value[i:start])
+        m = _ENV_HEAD.match(value, start)
+        if m is None:  # not a reference (`${` then something else): kept as written
+            out.append("${")
+            i = start + 2
+            continue
+        name, op = m.group(1), m.group(2)
+        end = _closing(value, m.end()) if op else m.end() - 1
+        if end < 0:
+            out.append(value[start:])
+            return "".join(out)
+        word = value[m.end():end]
         val = env.get(name)
-        if val is None or (val == "" and default is not None):
-            if default is None:
+        if op == ":+":
+            out.append(expand_env(word, env, defaulted) if val else "")
+        elif val is None or (val == "" and op == ":-"):
+            if op is None:
                 raise KeyError(name)
-            if defaulted is not None and default:
+            if defaulted is not None and word:
                 defaulted.append(name)
-            return default
-        return val
+            out.append(expand_env(word, env, defaulted))
+        else:
+            out.append(val)
+        i = end + 1
 
-    return _ENV.sub(sub, value)
+
+_ENV_HEAD = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:[-+])|\})")
+
+
+def _closing(text: str, at: int) -> int:
+    """The index of the `}` that closes a `${NAME:-` / `${NAME:+` word starting at `at`
+    (nested `${…}` counted), or -1."""
+    depth = 0
+    i = at
+    while i < len(text):
+        if text.startswith("${", i):
+            depth += 1
+            i += 2
+            continue
+        if text[i] == "}":
+            if depth == 0:
+                return i
+            depth -= 1
+        i += 1
+    return -1
 
 
 def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
@@ -365,6 +406,8 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
         value = value.strip()
         if any(c in value for c in "\r\n\0"):
             raise fail(f"default_headers.{name}", "value contains CR, LF or NUL")
+        if not meaningful(name, value):
+            continue  # `${KEY:+Bearer ${KEY}}` with KEY unset, or `Bearer ${KEY:-}`: not sent at all
         headers[name] = value
     for glob in r.models:
         if not glob:
@@ -384,6 +427,12 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
         template = str(tpath)
     upstream: str | list[str] = upstreams[0] if isinstance(r.upstream, str) else upstreams
     return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template, upstream=upstream)
+
+
+def meaningful(name: str, value: str) -> bool:
+    """Whether a default header is worth sending once expanded: not empty, and not an
+    `Authorization` scheme without its credential (`Bearer ` from an unset key)."""
+    return bool(value) and not (name.lower() == "authorization" and value.lower() in AUTH_SCHEMES)
 
 
 # Anything outside RFC 3986's characters (white space, controls, quotes, <>{}|\^`, non-ASCII),
@@ -485,6 +534,7 @@ class KeysFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 MAX_KEY_LENGTH = 512  # longer presented keys are refused before any comparison
+MIN_KEY_LENGTH = 16  # shorter keys in the keys file are refused: guessable
 
 
 def load_keys(path: Path | str, env: dict[str, str] | None = None) -> tuple[KeyConfig, ...]:
@@ -522,6 +572,9 @@ def load_keys(path: Path | str, env: dict[str, str] | None = None) -> tuple[KeyC
             raise fail(f"{where}.key", "must not be empty (an unset variable expands to nothing)")
         if k.key != k.key.strip() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in k.key):
             raise fail(f"{where}.key", "must not contain white space or control characters")
+        if len(k.key) < MIN_KEY_LENGTH:  # the message never quotes the key itself
+            raise fail(f"{where}.key", f"key {k.name!r} is shorter than {MIN_KEY_LENGTH} characters; use a random one, "
+                                       "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
         if len(k.key.encode()) > MAX_KEY_LENGTH:
             raise fail(f"{where}.key", f"longer than {MAX_KEY_LENGTH} bytes")
         if k.key in secrets:  # the message never quotes the key itself

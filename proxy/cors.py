@@ -23,6 +23,17 @@ ALLOWED_METHODS = b"GET, POST, OPTIONS"
 BASE_HEADERS = b"authorization, content-type, x-api-key, anthropic-version, anthropic-beta, x-request-id"
 EXPOSED = b"x-request-id, retry-after"
 MAX_AGE = b"600"
+_BASE_NAMES = tuple(BASE_HEADERS.split(b", "))
+
+
+def allowed_headers(requested: bytes) -> bytes:
+    """The base names plus what the preflight asks for, each once (a browser's request names
+    `authorization` too)."""
+    names = dict.fromkeys(_BASE_NAMES)
+    for name in requested.lower().split(b","):
+        if name.strip():
+            names.setdefault(name.strip())
+    return b", ".join(names)
 
 
 class Cors:
@@ -67,7 +78,7 @@ class Cors:
             return
         assert origin is not None
         if scope["method"] == "OPTIONS" and request_method is not None:
-            allow_headers = BASE_HEADERS + (b", " + request_headers.lower() if request_headers else b"")
+            allow_headers = allowed_headers(request_headers)
             await send({"type": "http.response.start", "status": 204, "headers": [
                 *self._allow_origin(origin),
                 (b"access-control-allow-methods", ALLOWED_METHODS),

@@ -208,20 +208,41 @@ class TemplateFailed(ProxyError):
     code = "template_failed"
 
 
+# Upstream statuses that mean "the request was wrong" (a prompt over the context, an unknown model):
+# clients' SDKs expect OpenAI's `invalid_request_error` for them (Anthropic's on a Messages route).
+_CLIENT_STATUSES = frozenset({400, 404, 413, 422})
+
+
 class UpstreamStatus(ProxyError):
-    """The upstream answered non-2xx: same status; its OpenAI error passed on, anything else wrapped."""
+    """The upstream answered non-2xx: same status; its OpenAI error passed on, anything else wrapped.
+
+    vLLM (`ErrorInfo.code: int`), llama.cpp (`format_error_response`) and SGLang answer with an
+    integer `code` and their own `type` (`BadRequestError`); OpenAI's API has `code` a string or
+    null and `type: invalid_request_error` on a 400. Such bodies are re-told in OpenAI's terms
+    (the upstream's message, its string `code` or null, its `param`); a body already in those
+    terms passes on untouched."""
 
     type = "upstream_error"
     kind = "non_2xx"
 
     def __init__(self, status: int, body: bytes, route: Route, retry_after: str | None = None) -> None:
         self.status = status
+        if status in _CLIENT_STATUSES:
+            self.type = "invalid_request_error"
         body = scrub_bytes(body, secrets_of(route))
-        self.passthrough = body if _is_openai_error(body) else None
+        doc = _json_or_none(body)
+        err = doc.get("error") if isinstance(doc, dict) else None
+        fields = err if isinstance(err, dict) else doc if isinstance(doc, dict) else {}
+        code, param = fields.get("code"), fields.get("param")
+        code = code if isinstance(code, str) else None
+        fine = isinstance(err, dict) and (err.get("code") is None or isinstance(err.get("code"), str)) and (
+            self.type == "upstream_error" or err.get("type") == self.type)
+        self.passthrough = body if fine and _is_openai_error(body) else None
         text = _readable(body)
         super().__init__(
             f"upstream of route {route.name!r} answered {status}: {text}",
-            code=status,
+            code=code,
+            param=param if isinstance(param, str) else None,
             headers={"retry-after": retry_after} if retry_after else None,
         )
 
@@ -489,7 +510,8 @@ def _os_reason(exc: BaseException) -> str:
 
 # --- secrets ----------------------------------------------------------------------------
 
-_SCHEMES = frozenset({"bearer", "basic", "token", "digest", "apikey", "api-key"})
+# Authorization scheme words (one table: config drops a default header that is only one of these).
+AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest", "apikey", "api-key"})
 
 
 def secrets_of(route: Route) -> tuple[bytes, ...]:
@@ -500,10 +522,10 @@ def secrets_of(route: Route) -> tuple[bytes, ...]:
     for _, value in route.defaults:
         found.add(value)
         scheme, _, credential = value.partition(b" ")
-        if credential and scheme.lower().decode("latin-1") in _SCHEMES:
+        if credential and scheme.lower().decode("latin-1") in AUTH_SCHEMES:
             found.add(credential.strip())
     # Tiny values (a bare "Bearer", an org id of 2 letters) would shred messages, not hide secrets.
-    found = {s for s in found if len(s) >= 4 and s.lower().decode("latin-1") not in _SCHEMES}
+    found = {s for s in found if len(s) >= 4 and s.lower().decode("latin-1") not in AUTH_SCHEMES}
     return tuple(sorted(found, key=len, reverse=True))
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from . import errors, headers, observe, tracing
+from . import errors, headers, observe, served, tracing
 from .capacity import UNLIMITED, UpstreamSlots
 from .errors import ProxyError, UpstreamStatus
 
@@ -254,6 +254,9 @@ class Exchange:
         ready = self.call.ready
         if ready is not None:
             await ready(client, self.url, self.headers)
+        if self.route.config.upstream_model == served.AUTO:  # after `ready`, which may rebuild the body
+            name = await served.model(client, self.url, self.route)
+            self.call.body = served.rename(self.call.body, name)
         return await client.request(
             self.method, self.url, headers=self.headers, data=self.call.body or None,
             allow_redirects=False, timeout=self.route.client_timeout,

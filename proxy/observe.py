@@ -372,16 +372,32 @@ def upstream_state(route: str, upstream: str, up: bool) -> None:
     upstream_up.labels(route=route, upstream=upstream).set(1 if up else 0)
 
 
-def model_label(route: Route, model: str | None) -> str:
-    """The bounded `model` label: the route's `models` glob that matched, else `other`.
+FALLBACK_MODELS = 20  # distinct `model` labels a fallback route keeps per process; later names count as `other`
+_fallback_seen: dict[str, set[str]] = {}  # route name -> the model labels it has used
 
-    The glob, not the client's string: `qwen2.5-*` matches unboundedly many names.
-    """
-    if model is not None:
+
+def model_label(route: Route, model: str | None) -> str:
+    """The bounded `model` label: the route's `models` glob that matched (the glob, not the
+    client's string: `qwen2.5-*` matches unboundedly many names); on a fallback route (no
+    `models`: the shipped ones) the name the client asked for, for the first
+    `FALLBACK_MODELS` distinct names it sees, then `other`. A name a table route lists is
+    the same label everywhere."""
+    if model is None:
+        return OTHER
+    if route.models:
         for glob in route.models:
             if fnmatchcase(model, glob):
                 return glob
-    return OTHER
+        return OTHER
+    if len(model) > 128 or not model.isprintable():
+        return OTHER
+    seen = _fallback_seen.setdefault(route.name, set())
+    if model in seen:
+        return model
+    if len(seen) >= FALLBACK_MODELS:
+        return OTHER
+    seen.add(model)
+    return model
 
 
 def exposition(routes: set[str] | frozenset[str] | None = None) -> tuple[bytes, str]:
@@ -504,11 +520,11 @@ def _error_name(err: ProxyError | None) -> str | None:
 
 
 def _model_of(m: Meter) -> str | None:
-    """The body's `model`: as routing read it (never decoded twice), else read here only
-    for the access line (a route without `models` labels every request `other`)."""
+    """The body's `model`: as routing read it (never decoded twice), else read here for the
+    access line and the fallback route's `model` label (msgspec skips the rest of the body)."""
     if m.model is not UNREAD:
         return m.model  # type: ignore[return-value]
-    if not access_log.isEnabledFor(logging.INFO):
+    if not m.body:
         return None
     return model_or_none(m.body)  # a `model` of the wrong type was refused for it: nothing to label
 

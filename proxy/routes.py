@@ -250,7 +250,8 @@ def _hidden_fallbacks(path: str, choices: Iterable[_Choice]) -> list[str]:
 
 
 def _route_warnings(r: Route) -> list[str]:
-    """One route file's own: options its adapter ignores, upstream variables left to their default."""
+    """One route file's own: options its adapter ignores, upstream variables left to their default,
+    a built-in (Qwen) template for a model of another family."""
     c = r.config
     out = [
         f"{c.source}: {field}: has no effect on a passthrough route (it only applies to "
@@ -262,7 +263,8 @@ def _route_warnings(r: Route) -> list[str]:
         f"{', '.join(c.upstreams)}; set {var} to your model server's address"
         for var in dict.fromkeys(c.env_defaults)
     ]
-    return out
+    family = _template_family(c)
+    return [*out, family] if family else out
 
 
 def is_glob(name: str) -> bool:
@@ -281,6 +283,37 @@ ADAPTER_ONLY = ("template", "reasoning", "dialect")
 def _adapter_only(c: RouteConfig) -> list[str]:
     defaults = {f.name: f.default for f in msgspec.structs.fields(c)}
     return [f for f in ADAPTER_ONLY if f in defaults and getattr(c, f) != defaults[f]]
+
+
+# Model families whose chat format is not Qwen's ChatML (the built-in templates are Qwen's), by
+# what their names carry: a route that names one and keeps a built-in template prompts it wrongly.
+FAMILIES = (
+    ("Llama", re.compile(r"llama", re.I)),
+    ("Mistral", re.compile(r"mistral|mixtral|codestral|ministral", re.I)),
+    ("Gemma", re.compile(r"gemma", re.I)),
+    ("Phi", re.compile(r"(?<![a-z])phi(?![a-z])|phi-?\d", re.I)),
+    ("DeepSeek", re.compile(r"deepseek", re.I)),
+    ("Command R", re.compile(r"command-?r", re.I)),
+    ("Granite", re.compile(r"granite", re.I)),
+)
+
+
+def _template_family(c: RouteConfig) -> str:
+    """The warning for a chat route that renders a built-in (Qwen) template while its model
+    names (`models`, `upstream_model`, `name`) say another family; "" when none."""
+    from .adapters.templates import BUILTIN
+
+    if c.adapter == "passthrough" or c.template not in BUILTIN:
+        return ""
+    names = [*c.models, *([c.upstream_model] if c.upstream_model and c.upstream_model != "auto" else []), c.name]
+    for family, pattern in FAMILIES:
+        said = next((n for n in names if pattern.search(n)), None)
+        if said is not None:
+            return (f"{c.source}: template: route {c.name!r} names a {family} model ({said!r}) but renders its "
+                    f"prompts with the built-in {c.template!r} template (Qwen's ChatML format; `chatml` is the "
+                    "default): set `template:` to the model's tokenizer_config.json (its chat_template) or a Jinja "
+                    "chat_template file, and `dialect:` to the server it runs on")
+    return ""
 
 
 def _overlap(a: str, b: str) -> bool:

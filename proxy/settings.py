@@ -28,6 +28,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     otlp_endpoint: str | None = None  # traces over OTLP/HTTP; None: off
     otlp_content: bool = False  # record prompts and completions in spans
     max_upstream_connections: int = 0  # per process; 0: sized from the open-file limit
+    ready_needs_upstreams: bool = False  # /readyz also fails while every upstream of a route is out
     # Shared state (proxy/state.py): the store's URL carries its password, so it travels only here.
     state: str | None = None
     state_failure: str = "open"

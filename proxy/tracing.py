@@ -31,7 +31,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from . import errors
 from .request_model import model_or_none
+from .served import AUTO
 from .version import version
 
 if TYPE_CHECKING:
@@ -184,7 +186,8 @@ class Span:
         usage = exchange.call.usage
         inp, out = usage if usage else (self.input_tokens, self.output_tokens)
         request_model = _request_model(meter)
-        response_model = route.config.upstream_model or request_model
+        pinned = route.config.upstream_model
+        response_model = pinned if pinned and pinned != AUTO else request_model  # `auto`: learnt per upstream
         if response_model is not None:
             span.set_attribute("gen_ai.response.model", response_model)
         if inp is not None:
@@ -200,8 +203,11 @@ class Span:
             span.set_attribute("llmproxy.upstream.choice", exchange.choice)
         err = exchange.error
         if err is not None or (meter.status or 0) >= 500 or exchange.disconnected:
+            # An upstream's own status is the error type (OTel's HTTP convention); its `code` is a string or null.
             kind = "client_disconnected" if exchange.disconnected and err is None else (
-                str(err.code) if err is not None and err.code is not None else type(err).__name__ if err else "http_error"
+                str(err.status) if isinstance(err, errors.UpstreamStatus)
+                else str(err.code) if err is not None and err.code is not None
+                else type(err).__name__ if err else "http_error"
             )
             span.set_attribute("error.type", kind)
             span.set_status(Status(StatusCode.ERROR, kind))

@@ -87,10 +87,55 @@ def test_env_expansion():
 
 
 def test_blank_secret_still_serves(tmp_path, monkeypatch):
-    """`Bearer ${QWEN_API_KEY:-}` with no key must not produce a value h11 rejects."""
+    """`Bearer ${QWEN_API_KEY:-}` with no key must not produce a value h11 rejects, nor a
+    credential-less `Authorization: Bearer` upstream: the header is left out."""
     monkeypatch.delenv("QWEN_API_KEY", raising=False)
     r = load_file(write(tmp_path, "r.yaml", GOOD + "default_headers: {Authorization: 'Bearer ${QWEN_API_KEY:-}'}\n"))
-    assert r.default_headers == {"Authorization": "Bearer"}
+    assert r.default_headers == {}
+
+
+def test_the_alternative_form_expands_only_when_the_variable_has_a_value():
+    """POSIX `${VAR:+word}`: word (itself expanded) when VAR is set and non-empty, else nothing."""
+    env = {"K": "abc", "EMPTY": ""}
+    assert expand_env("${K:+Bearer ${K}}", env) == "Bearer abc"
+    assert expand_env("${UNSET:+Bearer ${UNSET}}", env) == ""  # the word is not expanded: no error
+    assert expand_env("${EMPTY:+x}", env) == ""
+    assert expand_env("a${K:+[${UNSET:-d}]}b", env) == "a[d]b"
+    assert expand_env("${K:-${EMPTY:-deep}}|${EMPTY:-${K}}", env) == "abc|abc"
+
+
+@pytest.mark.parametrize("value, sent", [
+    ("${QWEN_API_KEY:+Bearer ${QWEN_API_KEY}}", None),
+    ("Bearer ${QWEN_API_KEY:-}", None),
+    ("${QWEN_API_KEY:-}", None),
+])
+def test_a_default_header_that_expands_to_nothing_is_not_sent(value, sent, tmp_path, monkeypatch):
+    monkeypatch.delenv("QWEN_API_KEY", raising=False)
+    r = load_file(write(tmp_path, "r.yaml", GOOD + f"default_headers: {{Authorization: '{value}', X-Keep: kept}}\n"))
+    assert r.default_headers == {"X-Keep": "kept"}
+    monkeypatch.setenv("QWEN_API_KEY", "sk-upstream")
+    r = load_file(write(tmp_path, "r.yaml", GOOD + f"default_headers: {{Authorization: '{value}', X-Keep: kept}}\n"))
+    assert r.default_headers["Authorization"].endswith("sk-upstream")
+
+
+def test_the_shipped_routes_send_no_authorization_without_a_key(upstream, tmp_path, monkeypatch):
+    """With QWEN_API_KEY unset the upstream gets no `Authorization: Bearer ` (issue 21, item 7)."""
+    import httpx
+
+    from proxy.app import create_app
+    from proxy.routes import RouteTable
+    from servers import run_app
+
+    monkeypatch.delenv("QWEN_API_KEY", raising=False)
+    monkeypatch.setenv("QWEN_BASE_URL", upstream.url)
+    table = RouteTable.from_dir(ROOT / "routes.d")
+    assert all("Authorization" not in r.config.default_headers for r in table.routes)
+    with run_app(create_app(table)) as base:
+        assert httpx.post(f"{base}/v1/completions", json={"model": "qwen", "prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert "authorization" not in {k.lower() for k in upstream.requests[-1].headers}
+    monkeypatch.setenv("QWEN_API_KEY", "sk-upstream")
+    table = RouteTable.from_dir(ROOT / "routes.d")
+    assert {r.config.default_headers["Authorization"] for r in table.routes} == {"Bearer sk-upstream"}
 
 
 def test_shipped_routes_follow_qwen_base_url(monkeypatch):

@@ -28,6 +28,8 @@ def test_a_preflight_from_an_allowed_origin_is_answered_without_a_key(base, upst
     allowed = r.headers["access-control-allow-headers"]
     for h in ("authorization", "x-api-key", "anthropic-version", "content-type", "x-stainless-os"):
         assert h in allowed
+    names = [n.strip() for n in allowed.split(",")]
+    assert len(names) == len(set(names)), f"a header named twice: {allowed}"
     assert upstream.requests == []
 
 

@@ -174,6 +174,65 @@ def test_the_readme_commands_name_real_files(docs):
     for line in updates:
         words = shlex.split(line.split("|")[0])
         assert words[3] == docs["ConfigMap"]["metadata"]["name"]  # the ConfigMap the Deployment mounts
+        # The shipped routes.d/ carries the ${QWEN_BASE_URL:-<seed address>} default the ConfigMap removed.
+        assert "--from-file=routes.d/" not in words and "--from-file=routes.d" not in words, line
+    assert "--from-file=routes.d" not in (K8S / "configmap.yaml").read_text()
+    docker_runs = [line for line in text.splitlines() if line.strip().startswith("docker run")]
+    assert docker_runs and all("host.docker.internal:host-gateway" in line for line in docker_runs)
+
+
+def _image_user() -> tuple[int, int | None]:
+    """The Dockerfile's `USER uid[:gid]` and, without a gid there, the gid `groupadd`/`useradd` gave it."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    (user,) = re.findall(r"^USER\s+(\S+)", text, re.M)
+    uid, _, gid = user.partition(":")
+    if gid:
+        return int(uid), int(gid)
+    m = re.search(r"--gid\s+(\d+)", text)
+    return int(uid), int(m.group(1)) if m else None  # None: a system gid chosen at build time
+
+
+def test_the_container_user_can_read_every_file_mounted_for_it(docs):
+    """Secret and ConfigMap volumes are owned by root, group root unless the pod sets `fsGroup`
+    (then group fsGroup, with group read added: kubelet `SetVolumeOwnership`), mode `defaultMode`
+    (0644 when unset). The process runs as runAsUser, with runAsGroup (else the image's group),
+    fsGroup and supplementalGroups as its groups; every such file must be readable to it."""
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = _container(docs)
+    ctx = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+    image_uid, image_gid = _image_user()
+    uid = ctx.get("runAsUser", image_uid)
+    assert uid == image_uid, "runAsUser is the image's user (its files, its HOME)"
+    fs_group = pod.get("securityContext", {}).get("fsGroup")
+    groups = {ctx.get("runAsGroup", image_gid), fs_group, *pod.get("securityContext", {}).get("supplementalGroups", [])}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    checked = []
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        source = volume.get("secret") or volume.get("configMap")
+        if source is None:
+            assert "emptyDir" in volume, mount  # emptyDir is 0777: writable by anyone
+            continue
+        mode = source.get("defaultMode", 0o644)
+        for item in source.get("items", []):
+            mode |= item.get("mode", 0)
+        gid = 0
+        if fs_group is not None:
+            gid, mode = fs_group, mode | 0o440
+        readable = uid == 0 or bool(mode & 0o004) or (gid in groups and bool(mode & 0o040))
+        assert readable, (f"volume {mount['name']!r} at {mount['mountPath']}: files root:{gid} mode {mode:o} are not "
+                          f"readable by uid {uid} with groups {sorted(g for g in groups if g is not None)}; set fsGroup")
+        checked.append(mount["mountPath"])
+    args = _args(container)
+    needed = [str(args["--routes"]), str(Path(str(args["--keys"])).parent)]
+    assert set(needed) <= set(checked), "the routes folder and the keys file are mounted volumes"
+    assert container["securityContext"].get("readOnlyRootFilesystem") is True
+
+
+def test_the_shipped_manifests_carry_no_private_default_address():
+    """The seed deployment's private server stays out of deploy/: a pod without QWEN_BASE_URL fails."""
+    for path in [*K8S.glob("*.yaml"), DEPLOY / "README.md", DEPLOY / "Dockerfile"]:
+        assert "10.103.232.66" not in path.read_text(), path
 
 
 def test_a_shared_state_store_runs_beside_the_replicas_with_its_url_from_a_secret(docs):

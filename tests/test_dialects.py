@@ -136,6 +136,7 @@ def test_context_lookup_failure_is_a_502_naming_the_route_and_the_fix(fake, serv
     assert err.value.status_code == 502
     message = err.value.body["message"]
     assert "'route'" in message and "POST /tokenize answered 404" in message and "body.defaults.max_tokens" in message
+    assert "set `dialect: openai`" in message and "`dialect: llama.cpp`" in message  # the dialect that fits
     assert not up.requests  # never a silent 16
 
 

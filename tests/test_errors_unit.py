@@ -125,7 +125,7 @@ def test_foreign_error_bodies_are_wrapped_readably(route, body, message):
     assert err.passthrough is None
     doc = json.loads(errors.render(err))
     assert doc == {"error": {"message": f"upstream of route 'r' answered 503: {message}", "type": "upstream_error",
-                             "param": None, "code": 503}}
+                             "param": None, "code": None}}  # a string or null, as OpenAI's API has it
 
 
 def test_openai_errors_pass_on_untouched_but_scrubbed(route):
@@ -342,8 +342,10 @@ async def test_header_with_control_characters_is_a_400_not_a_500(upstream, tmp_p
 
 def test_grace_period_must_not_be_negative(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text("path: /p\nupstream: http://127.0.0.1:9/p\n")
-    assert main(["serve", "--routes", str(tmp_path), "--grace-period", "-1"]) == 2
-    assert "--grace-period" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--routes", str(tmp_path), "--grace-period", "-1"])
+    assert exit_.value.code == 2
+    assert "argument --grace-period: must be a number from 0 to 86400" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("status", "kind"), [
@@ -371,3 +373,25 @@ def test_anthropic_face_retells_an_upstream_openai_error(tmp_path):
     assert json.loads(errors.render(exc))["error"]["message"] == "slow down"  # OpenAI faces: passed on
     body = json.loads(errors.render(exc, "anthropic"))
     assert body["error"]["type"] == "rate_limit_error" and "answered 429: slow down" in body["error"]["message"]
+
+
+# vLLM's ErrorResponse (`ErrorInfo.code: int`, type "BadRequestError"), llama.cpp's
+# `format_error_response` and SGLang's flat body: a prompt over the context, as each answers it.
+@pytest.mark.parametrize("body", [
+    b'{"error": {"message": "maximum context length is 32 tokens", "type": "BadRequestError", "param": "prompt", "code": 400}}',
+    b'{"error": {"code": 400, "message": "maximum context length is 32 tokens", "type": "invalid_request_error"}}',
+    b'{"object": "error", "message": "maximum context length is 32 tokens", "type": "BadRequestError", "param": null, "code": 400}',
+])
+def test_an_upstreams_400_reaches_clients_as_invalid_request_error(route, body):
+    err = errors.UpstreamStatus(400, body, route)
+    doc = json.loads(errors.render(err))["error"]
+    assert doc["type"] == "invalid_request_error" and doc["code"] is None
+    assert doc["message"] == "upstream of route 'r' answered 400: maximum context length is 32 tokens"
+    anthropic = json.loads(errors.render(err, "anthropic"))
+    assert anthropic["error"]["type"] == "invalid_request_error"
+    assert "maximum context length is 32 tokens" in anthropic["error"]["message"]
+
+
+def test_an_openai_shaped_400_passes_on_with_its_string_code(route):
+    body = b'{"error": {"message": "bad", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}'
+    assert errors.render(errors.UpstreamStatus(400, body, route)) == body

@@ -224,18 +224,18 @@ UPSTREAM_STATUS = [
     ("html-wrapped", "/v1/completions", False,
      {"x-mock-status": "502", "x-mock-content-type": "text/html",
       "x-mock-body": "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1><hr>nginx</body></html>"},
-     502, "upstream_error", 502, "upstream of route 'comp' answered 502: 502 Bad Gateway 502 Bad Gateway nginx"),
+     502, "upstream_error", None, "upstream of route 'comp' answered 502: 502 Bad Gateway 502 Bad Gateway nginx"),
     ("text-wrapped-stream", "/v1/completions", True,
      {"x-mock-status": "503", "x-mock-content-type": "text/plain", "x-mock-body": "model is loading"},
-     503, "upstream_error", 503, "upstream of route 'comp' answered 503: model is loading"),
+     503, "upstream_error", None, "upstream of route 'comp' answered 503: model is loading"),
     ("empty-wrapped", "/v1/completions", False, {"x-mock-status": "500", "x-mock-body": ""},
-     500, "upstream_error", 500, "upstream of route 'comp' answered 500: (empty body)"),
+     500, "upstream_error", None, "upstream of route 'comp' answered 500: (empty body)"),
     ("vllm-top-level-message", "/v1/completions", False,
      {"x-mock-status": "400", "x-mock-body": '{"object": "error", "message": "max_tokens is too large", "code": 400}'},
-     400, "upstream_error", 400, "upstream of route 'comp' answered 400: max_tokens is too large"),
+     400, "invalid_request_error", None, "upstream of route 'comp' answered 400: max_tokens is too large"),
     ("long-body-truncated", "/v1/completions", False,
      {"x-mock-status": "500", "x-mock-content-type": "text/plain", "x-mock-body": "x" * 2000},
-     500, "upstream_error", 500, "upstream of route 'comp' answered 500: " + "x" * 500 + "…"),
+     500, "upstream_error", None, "upstream of route 'comp' answered 500: " + "x" * 500 + "…"),
 ]
 
 

@@ -79,9 +79,10 @@ def test_when_every_upstream_is_out_requests_fail_fast_and_readyz_names_the_rout
         upstream: [{dead[0]}, {dead[1]}]
         health: {FAST}
     """))
-    until(lambda: httpx.get(f"{base}/readyz").status_code == 503)
-    ready = httpx.get(f"{base}/readyz").json()
-    assert ready["down"] == ["gone"] and "'gone'" in ready["reason"]
+    until(lambda: "down" in httpx.get(f"{base}/readyz").json())
+    # The process still serves (its clear 503 below): a dead model must not make the pod unready.
+    ready = httpx.get(f"{base}/readyz")
+    assert ready.status_code == 200 and ready.json()["down"] == ["gone"]
     start = time.monotonic()
     r = httpx.post(f"{base}/v1/completions", json=BODY)
     assert time.monotonic() - start < 0.5
@@ -160,3 +161,27 @@ def test_a_route_edit_keeps_what_the_checks_learned(routes_dir):
     a, b = holder.current.routes[0].pool.members
     assert a.down_until == math.inf and a.reason == "refused"  # still out: no fresh chance per edit
     assert b.down_until == 0.0
+
+
+def test_one_dead_upstream_leaves_the_pod_ready_unless_asked_otherwise(routes_dir, upstream, proxy_for):
+    """Readiness is about this process (issue 21): with one route's upstream dead, the other
+    route still serves, so /readyz stays 200 and names the dead one; `--ready-needs-upstreams`
+    (create_app's `ready_needs_upstreams`) turns it into a 503."""
+    dead = f"http://127.0.0.1:{free_port()}/v1/completions"
+    folder = routes_dir(gone=f"""
+        path: /v1/dead
+        upstream: {dead}
+        health: {FAST}
+    """, alive=f"""
+        path: /v1/completions
+        upstream: {upstream.url}/v1/completions
+        health: {FAST}
+    """)
+    lenient, strict = proxy_for(folder), proxy_for(folder, ready_needs_upstreams=True)
+    until(lambda: httpx.get(f"{strict}/readyz").status_code == 503)
+    until(lambda: "down" in httpx.get(f"{lenient}/readyz").json())
+    ready = httpx.get(f"{lenient}/readyz")
+    assert ready.status_code == 200 and ready.json() == {"status": "ok", "routes": 2, "down": ["gone"]}
+    assert httpx.post(f"{lenient}/v1/completions", json=BODY).status_code == 200
+    body = httpx.get(f"{strict}/readyz").json()
+    assert body["down"] == ["gone"] and "'gone'" in body["reason"]

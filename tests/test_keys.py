@@ -189,13 +189,13 @@ def test_a_changed_keys_file_is_picked_up_and_a_broken_one_keeps_the_previous_ke
         write_keys(keys_file, """\
             keys:
               - name: alice
-                key: sk-a-1111111111
+                key: sk-a-1111111111111
               - name: alice
-                key: sk-a-2222222222
+                key: sk-a-2222222222222
         """)
         time.sleep(0.5)
         assert status("sk-alice-rotated-000000") == 200  # the previous keys stay
-        assert status("sk-a-1111111111") == 401
+        assert status("sk-a-1111111111111") == 401
     errors_logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("keys not reloaded, the previous keys stay in service" in m and "keys[1].name: 'alice' is already used" in m
                for m in errors_logged), errors_logged
@@ -204,15 +204,16 @@ def test_a_changed_keys_file_is_picked_up_and_a_broken_one_keeps_the_previous_ke
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("keys:\n  - name: a\n    key: k1\n  - name: a\n    key: k2\n", ":4: keys[1].name: 'a' is already used by keys[0]"),
-        ("keys:\n  - name: a\n    key: k1\n  - name: b\n    key: k1\n", ":5: keys[1].key: the same key as keys[0] ('a')"),
+        ("keys:\n  - name: a\n    key: sk-k1-0000000000000\n  - name: a\n    key: sk-k2-0000000000000\n", ":4: keys[1].name: 'a' is already used by keys[0]"),
+        ("keys:\n  - name: a\n    key: sk-k1-0000000000000\n  - name: b\n    key: sk-k1-0000000000000\n", ":5: keys[1].key: the same key as keys[0] ('a')"),
         ("keys:\n  - name: a\n    key: ${NO_SUCH_KEY_VAR:-}\n", ":3: keys[0].key: must not be empty"),
         ("keys:\n  - name: a\n    key: ${NO_SUCH_KEY_VAR}\n", ":3: keys[0].key: environment variable NO_SUCH_KEY_VAR is not set"),
-        ("keys:\n  - name: a\n    key: 'k 1'\n", ":3: keys[0].key: must not contain white space"),
-        ("keys:\n  - name: a\n    key: k1\n    rutes: ['*']\n", ":4: keys[0].rutes: unknown field"),
-        ("keys:\n  - name: a\n    key: k1\n    max_concurrent: 0\n", ":4: keys[0].max_concurrent: must be at least 1"),
+        ("keys:\n  - name: a\n    key: 'sk-k1 000000000000'\n", ":3: keys[0].key: must not contain white space"),
+        ("keys:\n  - name: a\n    key: sk-k1-0000000000000\n    rutes: ['*']\n", ":4: keys[0].rutes: unknown field"),
+        ("keys:\n  - name: a\n    key: sk-k1-0000000000000\n    max_concurrent: 0\n", ":4: keys[0].max_concurrent: must be at least 1"),
         ("keys:\n  - name: a\n", ":2: keys[0].key: required field is missing"),
         ("keys: [\n", ":2: yaml: expected the node content"),
+        ("keys:\n  - name: a\n    key: short-key\n", ":3: keys[0].key: key 'a' is shorter than 16 characters"),
     ],
 )
 def test_check_keys_reports_file_line_field_and_reason(tmp_path, text, expected):
@@ -221,7 +222,7 @@ def test_check_keys_reports_file_line_field_and_reason(tmp_path, text, expected)
     with pytest.raises(ConfigError) as info:
         load_keys(path)
     assert str(info.value).startswith(f"{path}{expected}"), str(info.value)
-    assert "k1" not in str(info.value).replace("keys[", "")  # a key is never quoted
+    assert "sk-k1" not in str(info.value) and "short-key" not in str(info.value)  # a key is never quoted
 
 
 def test_llmproxy_check_keys_validates_and_lists_names_never_keys(two_routes, keys_file, capsys):

@@ -119,17 +119,17 @@ def test_a_stream_holds_its_slot_until_its_last_byte(limited, upstream):
 
 def test_a_keys_max_concurrent_limits_that_key_only(completions_route, proxy_for, tmp_path: Path):
     keys = tmp_path / "keys.yaml"
-    keys.write_text("keys:\n  - name: alice\n    key: sk-alice-1\n    max_concurrent: 1\n  - name: ci\n    key: sk-ci-1\n")
+    keys.write_text("keys:\n  - name: alice\n    key: sk-alice-1-0000000000\n    max_concurrent: 1\n  - name: ci\n    key: sk-ci-1-00000000000\n")
     base = proxy_for(completions_route, keys=KeysHolder.load(keys))
     url = f"{base}/v1/completions"
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=10) as c:
             return await asyncio.gather(
-                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-alice-1"}),
-                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-alice-1"}),
-                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-ci-1"}),
-                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-ci-1"}),
+                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-alice-1-0000000000"}),
+                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-alice-1-0000000000"}),
+                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-ci-1-00000000000"}),
+                c.post(url, json=BODY, headers={**SLOW, "x-api-key": "sk-ci-1-00000000000"}),
             )
 
     alice1, alice2, ci1, ci2 = asyncio.run(run())

@@ -175,11 +175,12 @@ def test_metrics_count_a_known_sequence_exactly(upstream, routes_dir, proxy_for,
         m = scrape(base)
 
     requests = "llmproxy_requests_total"
-    assert val(m, requests, route=ok, model="other", status="200") == 2  # success + the stream the client left
-    assert val(m, requests, route=ok, model="other", status="500") == 1
-    assert val(m, requests, route=refused, model="other", status="502") == 1
-    assert val(m, requests, route=broken, model="other", status="200") == 1
-    assert val(m, requests, route=strict, model="other", status="400") == 1
+    # Fallback routes label by the model the client asked for (bounded: FALLBACK_MODELS per route).
+    assert val(m, requests, route=ok, model="m", status="200") == 2  # success + the stream the client left
+    assert val(m, requests, route=ok, model="m", status="500") == 1
+    assert val(m, requests, route=refused, model="m", status="502") == 1
+    assert val(m, requests, route=broken, model="m", status="200") == 1
+    assert val(m, requests, route=strict, model="other", status="400") == 1  # not JSON: no model
     for status in ("404", "405"):
         unmatched = {"route": "unmatched", "model": "other", "status": status}
         assert val(m, requests, **unmatched) - val(before, requests, **unmatched) == 1
@@ -350,7 +351,7 @@ def test_tokens_are_counted_when_the_adapter_reports_usage(upstream, routes_dir,
     assert val(m, "llmproxy_completion_tokens_total", route=name, model="qwen2.5-*") == 10
     assert val(m, "llmproxy_completion_tokens_total", route=name, model="qwen") == 5
     # Passthrough does not parse bodies: no usage, no token series.
-    assert val(m, "llmproxy_requests_total", route=plain, model="other", status="200") == 1
+    assert val(m, "llmproxy_requests_total", route=plain, model="qwen", status="200") == 1
     assert not any(n.endswith("tokens_total") and ("route", plain) in labels for n, labels in m)
     lines = access_lines()
     assert [(line["model"], line["prompt_tokens"], line["completion_tokens"]) for line in lines] == [
@@ -401,8 +402,12 @@ def test_model_label_is_the_matching_glob():
     assert observe.model_label(route, "qwen2.5-7b") == "qwen2.5-*"
     assert observe.model_label(route, "llama") == "other"
     assert observe.model_label(route, None) == "other"
-    bare = Route(RouteConfig(name="b", path="/p", upstream="http://127.0.0.1:9"))
-    assert observe.model_label(bare, "qwen") == "other"
+    bare = Route(RouteConfig(name=f"bare-{id(route)}", path="/p", upstream="http://127.0.0.1:9"))
+    # A fallback route (the shipped ones): the client's name, for the first FALLBACK_MODELS names.
+    names = [f"model-{i}" for i in range(observe.FALLBACK_MODELS + 5)]
+    assert [observe.model_label(bare, n) for n in names] == names[:observe.FALLBACK_MODELS] + ["other"] * 5
+    assert observe.model_label(bare, "model-0") == "model-0"  # a name it has seen keeps its label
+    assert observe.model_label(bare, None) == "other" and observe.model_label(bare, "x" * 200) == "other"
 
 
 def test_text_format_is_one_readable_line():
@@ -548,8 +553,8 @@ def test_a_reload_drops_the_series_of_deleted_routes(upstream, routes_dir):
         (folder / "b.yaml").unlink()
         assert holder.reload() is True
         after = scrape(base)
-    assert val(before, "llmproxy_requests_total", route=gone, model="other", status="200") == 1
+    assert val(before, "llmproxy_requests_total", route=gone, model="m", status="200") == 1
     assert not any(("route", gone) in labels for _, labels in after), "a deleted route's series stay"
     assert any(("name", gone) in labels for _, labels in before)  # its limit's series (kind="route")
     assert not any(("name", gone) in labels for _, labels in after), "a deleted route's limit series stay"
-    assert val(after, "llmproxy_requests_total", route=kept, model="other", status="200") == 1
+    assert val(after, "llmproxy_requests_total", route=kept, model="m", status="200") == 1

@@ -415,3 +415,26 @@ def test_v1_models_lists_what_a_glob_only_routes_upstream_serves(upstream, route
     assert (asked.method, asked.path) == ("GET", "/v1/models")
     assert httpx.get(f"{base}/v1/models").json()["data"] == data
     assert len(upstream.requests) == 1
+
+
+def test_check_probe_asks_the_health_path_and_calls_a_404_not_openai(upstream, routes_dir, capsys):
+    """`health.path` is what the proxy itself asks, so `--probe` asks it too; a server that
+    answers 404 to /v1/models is not an OpenAI-compatible server, not "up" (issue 21)."""
+    from proxy.cli import main as cli
+
+    folder = routes_dir(h=f"""
+        path: /v1/completions
+        upstream: {upstream.url}/v1/completions
+        health: {{path: /health}}
+    """)
+    assert cli(["check", "--routes", str(folder), "--probe"]) == 0
+    assert re.search(r"\[up: GET /health 200 in \d+ ms \(health\.path\)\]", capsys.readouterr().out)
+    assert not [q for q in upstream.requests if q.path == "/v1/models"]
+
+    elsewhere = routes_dir(h=f"""
+        path: /v1/completions
+        upstream: {upstream.url}/elsewhere/v1/completions
+    """)  # the mock answers 404 to /elsewhere/v1/models
+    assert cli(["check", "--routes", str(elsewhere), "--probe"]) == 4
+    out = capsys.readouterr().out
+    assert re.search(r"\[down: GET /elsewhere/v1/models 404 in \d+ ms: not an OpenAI-compatible server", out), out

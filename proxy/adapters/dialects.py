@@ -433,7 +433,14 @@ class Dialect:
                                    allow_redirects=False) as response:
             raw = await response.read()
             if response.status != 200:
-                raise context_unknown(self.route, f"{method} {path} answered {response.status}")
+                hint = ""
+                if path == "/tokenize" and response.status == 404:
+                    # vLLM and SGLang serve POST /tokenize at the root, llama.cpp too (its own shape):
+                    # a server without one speaks some other completions API.
+                    hint = (f"; this server has no tokenizer endpoint, so it is not what `dialect: {self.facts.name}` "
+                            "says: for a strict OpenAI-compatible server set `dialect: openai` (with "
+                            "`body.defaults.max_tokens`), for llama.cpp `dialect: llama.cpp`")
+                raise context_unknown(self.route, f"{method} {path} answered {response.status}{hint}")
             try:
                 return decode(raw)
             except msgspec.DecodeError as exc:

@@ -1,0 +1,72 @@
+"""Key rotation on a Kubernetes Secret volume: the kubelet swaps `..data`, never the visible file.
+
+`serve --keys /etc/llmproxy/keys/keys.yaml` must read and watch that path as given: resolved
+once at start, it would name the first timestamped folder, which the kubelet deletes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from kubelet import project
+from servers import free_port, stop, wait_ready
+
+OLD = "sk-old-0123456789abcdef"
+NEW = "sk-new-fedcba9876543210"
+WITHIN = 2.0  # seconds the issue allows for a rotation to take effect
+
+
+def _keys(*pairs: tuple[str, str]) -> dict[str, str]:
+    return {"keys.yaml": "keys:\n" + "".join(f"  - name: {n}\n    key: {k}\n" for n, k in pairs)}
+
+
+def _status(base: str, key: str) -> int:
+    # A fresh connection each time, so that with --workers 2 both workers are asked.
+    return httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).status_code
+
+
+def _until(base: str, key: str, status: int, keep: str) -> None:
+    """Poll until `key` answers `status` 8 times in a row (both workers), within WITHIN s;
+    meanwhile `keep` must never be refused."""
+    deadline = time.monotonic() + WITHIN
+    streak = 0
+    while streak < 8:
+        assert time.monotonic() < deadline, f"key did not reach {status} within {WITHIN} s"
+        assert _status(base, keep) == 200, "a key that stays valid was refused during the rotation"
+        streak = streak + 1 if _status(base, key) == status else 0
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_key_rotated_on_a_secret_volume_works_and_the_revoked_one_is_refused(workers, completions_route, tmp_path):
+    volume = tmp_path / "secret"
+    project(volume, _keys(("old", OLD)), mode=0o440)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    err = tmp_path / "stderr"
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "LLMPROXY_KEYS")}
+    with err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--routes", str(completions_route), "--port", str(port),
+             "--workers", str(workers), "--keys", str(volume / "keys.yaml"), "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=tmp_path,
+        )  # fmt: skip
+    try:
+        wait_ready(proc, base, err)
+        assert _status(base, OLD) == 200 and _status(base, NEW) == 401
+        # The README's rotation: add the new key, move the clients, remove the old one.
+        project(volume, _keys(("old", OLD), ("new", NEW)), mode=0o440)
+        _until(base, NEW, 200, keep=OLD)
+        project(volume, _keys(("new", NEW)), mode=0o440)
+        _until(base, OLD, 401, keep=NEW)
+        assert [p.name for p in volume.iterdir() if p.name.startswith("..2")] != [], "the kubelet layout"
+    finally:
+        code = stop(proc)
+    assert code == 0, err.read_text()
+    assert "not reloaded" not in err.read_text()
