@@ -25,12 +25,18 @@ _venv spec +stamps:
     @set -- {{stamps}}; for s in "$@"; do [ {{venv}}/$s -nt pyproject.toml ] && exit 0; done; \
         {{py}} -m pip install -q --disable-pip-version-check -e '{{spec}}' && touch {{venv}}/$1
 
-# Run the test suite (unit + loopback integration). The shared-state tests need a real redis-server.
+# Run the test suite (unit + loopback integration; the real-engine tests are `just test-engine`). The shared-state
+# tests need a real redis-server.
 test *ARGS: install
     @command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] \
         || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
         || echo "redis-server could not be installed: tests/test_state.py's Redis tests will be skipped"
-    {{py}} -m pytest {{ARGS}}
+    {{py}} -m pytest --ignore=tests/engine {{ARGS}}
+
+# Test against llama.cpp's own llama-server: builds it once (~10-15 min on 2 cores, cached in ~/.cache/llmproxy/engine).
+test-engine *ARGS: install
+    tests/engine/build.sh >/dev/null
+    {{py}} -m pytest tests/engine {{ARGS}}
 
 # Start the mock upstream and the proxy on loopback, send one chat request, stream the answer.
 demo: install-demo

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from . import errors, headers, observe, served, tracing
+from . import errors, headers, observe, served, tracing, transport
 from .capacity import UNLIMITED, UpstreamSlots
 from .errors import ProxyError, UpstreamStatus
 
@@ -250,17 +250,26 @@ class Exchange:
 
     async def _attempt(self, client: aiohttp.ClientSession) -> aiohttp.ClientResponse:
         """One try at the current upstream, after the call's last word with it (`Call.ready`:
-        the context lookup of a request that set no max_tokens goes to the same server)."""
+        the context lookup of a request that set no max_tokens goes to the same server).
+
+        A request that a pooled connection swallowed (closed by the server as it went out, not
+        one byte answered) is sent once more on a new connection (`transport.unanswered_on_reused`)
+        and counted in `llmproxy_retries_total{reason="reused_connection"}`."""
         ready = self.call.ready
         if ready is not None:
             await ready(client, self.url, self.headers)
         if self.route.config.upstream_model == served.AUTO:  # after `ready`, which may rebuild the body
             name = await served.model(client, self.url, self.route)
             self.call.body = served.rename(self.call.body, name)
-        return await client.request(
-            self.method, self.url, headers=self.headers, data=self.call.body or None,
-            allow_redirects=False, timeout=self.route.client_timeout,
+        return await transport.send(
+            client, self.method, self.url, on_resend=self._resent, headers=self.headers,
+            data=self.call.body or None, allow_redirects=False, timeout=self.route.client_timeout,
         )  # fmt: skip
+
+    def _resent(self, exc: BaseException) -> None:
+        log.info("route %r: %s closed a reused connection without answering (%s); sending again on a new "
+                 "connection", self.route.name, self.upstream.label, type(exc).__name__)
+        observe.retried(self.route.name, "reused_connection")
 
     async def _send_retrying(self, client: aiohttp.ClientSession) -> aiohttp.ClientResponse:
         """`retry:`: send again, to the next upstream at once or to the same one after its

@@ -41,8 +41,13 @@ behaves on `/v1/completions` as that server does where the proxy depends on it (
 what it refuses and in which error shape, its `POST /tokenize` and `GET /v1/models` context
 (`context` tokens; a token is a whitespace-separated word, BOS one more when added). A completion
 is cut at `max_tokens` words (`finish_reason: "length"`). `x-mock-unconstrained: TEXT` is answered
-instead of the text when the request carries no constraint that dialect honours. Without a
-dialect the mock accepts any body and answers the whole text (`/tokenize` as vLLM's).
+instead of the text when the request carries no constraint that dialect honours. Asked for
+logprobs (`logprobs: N`; llama.cpp's `n_probs`, and none for 0), it gives one token per stream
+event (per word when whole) in the dialect's shape. As llama-server does (checked against it by
+`just test-engine`), the llama.cpp dialect answers `chatcmpl-` ids and chat-shaped logprobs, puts
+usage on each choice's last stream event, takes `n`, says `keep-alive: timeout=5, max=100` and yet closes the connection
+after every streamed answer and after every error. Without a dialect the mock accepts any body and
+answers the whole text (`/tokenize` as vLLM's).
 
 `GET /_mock/stats` answers `{"open_connections", "busy_connections", "connections"}`: the
 connections open now, those of them in the middle of a request (received, not yet fully
@@ -65,6 +70,8 @@ DEFAULT_TEXT = "Hello from the mock upstream."
 _json = msgspec.json.Encoder()
 _CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie", "api-key", "x-api-key"})
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error"}
+# What llama-server's head says on every answer it keeps open (cpp-httplib `write_response_core`).
+_LLAMA_KEEP_ALIVE = b"keep-alive: timeout=5, max=100\r\n"
 MALFORMED_EVENT = b'data: {"id": "cmpl-mock", "choices": [{"text": \n\n'
 MAX_STALL_S = 30.0  # a stall is a test fixture, never a way to hang the suite
 
@@ -234,13 +241,15 @@ class _Connection(asyncio.Protocol):
         that many body bytes (a fault)."""
         assert self.transport is not None
         keep = self.keep_alive if keep_alive is None else keep_alive
+        if status >= 400 and self.mock.dialect == "llama.cpp":
+            keep = False  # cpp-httplib: "Don't leave connections open after errors" (write_response_core)
         head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-mock-echo-headers: %s\r\n%s%s\r\n" % (
             status,
             _REASONS.get(status, b"Status"),
             content_type,
             len(body),
             self.echo if hasattr(self, "echo") else b"{}",
-            b"" if keep else b"connection: close\r\n",
+            (_LLAMA_KEEP_ALIVE if self.mock.dialect == "llama.cpp" else b"") if keep else b"connection: close\r\n",
             extra,
         )
         if cut_at is not None:
@@ -256,7 +265,8 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\ncache-control: no-cache\r\n"
-            b"x-mock-echo-headers: %s\r\n\r\n" % (status, _REASONS.get(status, b"Status"), content_type, self.echo)
+            b"x-mock-echo-headers: %s\r\n%s\r\n" % (status, _REASONS.get(status, b"Status"), content_type, self.echo,
+                                                   _LLAMA_KEEP_ALIVE if self.mock.dialect == "llama.cpp" else b"")
         )
 
     def chunk(self, data: bytes) -> None:
@@ -267,7 +277,11 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(b"0\r\n\r\n")
         self.busy = False
-        if not self.keep_alive:
+        if not self.keep_alive or self.mock.dialect == "llama.cpp":
+            # llama-server closes after every streamed answer although its head said Keep-Alive: its
+            # chunked provider returns false after `sink.done()` (tools/server/server-http.cpp
+            # `process_handler_response`), which cpp-httplib's `write_content_chunked` takes as
+            # `Error::Canceled` (vendor/cpp-httplib/httplib.cpp), ending the keep-alive loop.
             self.transport.close()
 
     def abort(self) -> None:
@@ -329,30 +343,37 @@ def _completions(conn: _Connection, hdrs: dict[str, str], body: bytes, query: st
         return fault
     text = completion_text(hdrs)
     finish = "stop"
-    if conn.mock.dialect is not None:
+    top: int | None = None
+    dialect = conn.mock.dialect
+    if dialect is not None:
         served = _as_dialect(conn, hdrs, body, text)
         if served is None:
             return None
-        text, finish = served
+        text, finish, top = served
     if req.stream:
-        return _stream(conn, hdrs, req, text, finish)
+        return _stream(conn, hdrs, req, text, finish, top)
+    lp = None if top is None else _logprobs(dialect, split_text(text, None), top)
     doc = {
-        "id": "cmpl-mock",
+        "id": _completion_id(dialect),
         "object": "text_completion",
         "created": int(time.time()),
         "model": req.model,
-        "choices": [_finish({"index": i, "text": text, "logprobs": None}, hdrs, finish) for i in range(req.n)],
-        "usage": _usage(req.prompt, text, req.n),
+        "choices": [_finish({"index": i, "text": text, "logprobs": lp}, hdrs, finish) for i in range(req.n)],
+        # llama-server's whole answer of several choices counts one choice's tokens (seen with n=3)
+        "usage": _usage(req.prompt, text, 1 if dialect == "llama.cpp" else req.n),
     }
     conn.write(200, _json.encode(doc), cut_at=_faults(hdrs).drop_after)
     return None
 
 
-async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, text: str, finish: str = "stop") -> None:
+async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, text: str, finish: str = "stop",
+                  top: int | None = None) -> None:
     events = int(hdrs["x-mock-events"]) if "x-mock-events" in hdrs else None
     interval = float(hdrs.get("x-mock-interval-ms", "0")) / 1000
     hold = hdrs.get("x-mock-hold")
     created = int(time.time())
+    dialect = conn.mock.dialect
+    cid = _completion_id(dialect)
     faults = _faults(hdrs)
     conn.start_chunked()
     if faults.drop_after == 0:
@@ -361,9 +382,10 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
     pieces = split_text(text, events)
     for k, piece in enumerate(pieces):
         for i in range(req.n):
+            lp = None if top is None else _logprobs(dialect, [piece], top, k)
             conn.chunk(b"data: " + _json.encode({
-                "id": "cmpl-mock", "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"index": i, "text": piece, "logprobs": None, "finish_reason": None}],
+                "id": cid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [{"index": i, "text": piece, "logprobs": lp, "finish_reason": None}],
             }) + b"\n\n")
         if k == 0 and hold:
             try:
@@ -376,18 +398,54 @@ async def _stream(conn: _Connection, hdrs: dict[str, str], req: _Completion, tex
             return
         if conn.closed:  # the caller left: stop, as a real server would
             return
+    if dialect == "llama.cpp":  # each choice's last event carries its finish and its own usage, asked or not
+        for i in range(req.n):
+            conn.chunk(b"data: " + _json.encode({
+                "id": cid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [_finish({"index": i, "text": "", "logprobs": None}, hdrs, finish)],
+                "usage": _usage(req.prompt, text, 1),
+            }) + b"\n\n")
+        conn.chunk(b"data: [DONE]\n\n")
+        conn.end_chunked()
+        return
     for i in range(req.n):
         conn.chunk(b"data: " + _json.encode({
-            "id": "cmpl-mock", "object": "text_completion", "created": created, "model": req.model,
+            "id": cid, "object": "text_completion", "created": created, "model": req.model,
             "choices": [_finish({"index": i, "text": "", "logprobs": None}, hdrs, finish)],
         }) + b"\n\n")
     if req.stream_options and req.stream_options.get("include_usage"):
         conn.chunk(b"data: " + _json.encode({
-            "id": "cmpl-mock", "object": "text_completion", "created": created, "model": req.model,
+            "id": cid, "object": "text_completion", "created": created, "model": req.model,
             "choices": [], "usage": _usage(req.prompt, text, req.n),
         }) + b"\n\n")
     conn.chunk(b"data: [DONE]\n\n")
     conn.end_chunked()
+
+
+def _completion_id(dialect: str | None) -> str:
+    """llama.cpp's completion ids are its chat ids: `"chatcmpl-" + random_string()`
+    (tools/server/server-common.cpp `gen_chatcmplid`, used by `/v1/completions` too)."""
+    return "chatcmpl-mock" if dialect == "llama.cpp" else "cmpl-mock"
+
+
+def _logprobs(dialect: str | None, tokens: list[str], top: int, first: int = 0) -> dict[str, Any]:
+    """Logprobs for these tokens (one per piece), in the dialect's shape, `top` alternatives each.
+
+    llama.cpp answers the chat shape on `/v1/completions` too: `{"content": [{id, token, bytes,
+    logprob, top_logprobs: [{id, token, bytes, logprob}]}]}` (tools/server/server-task.cpp
+    `completion_token_output::probs_vector_to_json`, in `server_task_result_cmpl_final::to_json_oaicompat`
+    and `..._partial::to_json_oaicompat`). vLLM, SGLang and OpenAI answer the legacy lists (`tokens`,
+    `token_logprobs`, `top_logprobs` as {token: logprob}, `text_offset`)."""
+    values = [-0.1 * ((first + k) % 7 + 1) for k in range(len(tokens))]
+    alts = [[(tok, lp)] + [(f"alt{j}", lp - j) for j in range(1, top)] for tok, lp in zip(tokens, values)]
+    if dialect == "llama.cpp":
+        def item(i: int, tok: str, lp: float) -> dict[str, Any]:
+            return {"id": 1000 + i, "token": tok, "bytes": list(tok.encode()), "logprob": lp}
+        return {"content": [{**item(first + k, tok, lp), "top_logprobs": [item(j, t, v) for j, (t, v) in enumerate(a[:top])]}
+                            for k, (tok, lp, a) in enumerate(zip(tokens, values, alts))]}
+    offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": [dict(a[:max(top, 1)]) for a in alts],
+            "text_offset": offsets}
 
 
 def _finish(choice: dict[str, Any], hdrs: dict[str, str], default: str = "stop") -> dict[str, Any]:
@@ -520,8 +578,9 @@ def _dialect_error(dialect: str | None, status: int, message: str, param: str | 
     return _json.encode({"error": {"message": message, "type": "BadRequestError", "param": param, "code": status}})
 
 
-def _as_dialect(conn: _Connection, hdrs: dict[str, str], body: bytes, text: str) -> tuple[str, str] | None:
-    """The text and finish reason this dialect's server would answer, or None after answering an error."""
+def _as_dialect(conn: _Connection, hdrs: dict[str, str], body: bytes, text: str) -> tuple[str, str, int | None] | None:
+    """The text, finish reason and logprobs' top-N this dialect's server would answer (None: no
+    logprobs), or None after answering an error."""
     dialect = conn.mock.dialect
     try:
         doc = msgspec.json.decode(body)
@@ -540,10 +599,17 @@ def _as_dialect(conn: _Connection, hdrs: dict[str, str], body: bytes, text: str)
         limit = 16  # vLLM's normalize_null_max_tokens; OpenAI's default
     if not _constrained(dialect, doc) and "x-mock-unconstrained" in hdrs:
         text = hdrs["x-mock-unconstrained"]
+    top = doc.get("logprobs")
+    if dialect == "llama.cpp":
+        # `n_probs`, with `logprobs` as its alias (tools/server/server-schema.cpp); 0 gives none at all.
+        top = doc.get("n_probs", top)
+        top = top if isinstance(top, int) and top > 0 else None
+    elif not isinstance(top, int) or isinstance(top, bool):
+        top = None
     pieces = split_text(text, None)
     if 0 <= limit < len(pieces):
-        return "".join(pieces[:limit]), "length"
-    return text, "stop"
+        return "".join(pieces[:limit]), "length", top
+    return text, "stop", top
 
 
 def _refusal(dialect: str | None, doc: dict[str, Any], context: int) -> tuple[str, str | None] | None:
@@ -568,16 +634,13 @@ def _refusal(dialect: str | None, doc: dict[str, Any], context: int) -> tuple[st
             return (f"This model's maximum context length is {context} tokens. However, you requested "
                     f"{count + max_tokens} tokens ({count} in the messages, {max_tokens} in the completion). "
                     "Please reduce the length of the messages or completion."), "max_tokens"
-    elif dialect == "llama.cpp":  # tools/server/server-common.cpp oaicompat_completion_params_parse
-        if doc.get("n", 1) != 1:
-            return "Only one completion choice is allowed", None
-        if doc.get("echo"):
-            return "Only no echo is supported", None
-        for param in ("best_of", "suffix"):
-            if param in doc:
-                return f"Unsupported param: {param}", None
+    elif dialect == "llama.cpp":
+        # The pinned llama-server reads completions fields through tools/server/server-schema.cpp: `n` is
+        # `n_cmpl`, `echo` a chat-parser flag, `best_of` and `suffix` are ignored (the older
+        # `oaicompat_completion_params_parse` that refused them is no longer called); tests/engine checks.
         if "json_schema" in doc and not isinstance(doc["json_schema"], dict):
-            return '"json_schema": JSON schema conversion failed', None
+            return ("Field 'json_schema': \"json_schema\": JSON schema conversion failed:\nJSON schema error at #: "
+                    "schema must be an object"), None
     elif dialect == "sglang":  # python/sglang/srt/entrypoints/openai/protocol.py CompletionRequest
         if "max_tokens" in doc and not isinstance(doc["max_tokens"], int):
             return "1 validation error: max_tokens: Input should be a valid integer", "max_tokens"

@@ -1,5 +1,10 @@
 """The only place the shared upstream client is made: one `aiohttp.ClientSession` per app.
 
+`send` is `session.request` that knows whether the connection came from the pool and whether any
+byte of answer came back on it, and so can send again a request that a server's closing of an idle
+keep-alive connection swallowed. The forwarder's requests and the dialects' lookups go through it
+(health probes are GETs, which aiohttp itself sends again in that case: `IDEMPOTENT_METHODS`).
+
 Measured with `just bench` (passthrough, CPU per request at c=1 / c=32): the
 httpx client over its aiohttp transport cost 455 / 314 µs, the same
 aiohttp session used directly 218 / 136 µs. httpx's Request/Response models,
@@ -11,6 +16,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -18,7 +25,21 @@ from aiohttp.client_proto import ResponseHandler
 ClientFactory = Callable[[], aiohttp.ClientSession]
 
 
-class LazyReadTimeout(ResponseHandler):
+class Heard(ResponseHandler):
+    """aiohttp's connection protocol, noting whether the request in flight got any byte back.
+
+    One more Python call per received chunk: 75 ns (timeit, this VM), against the 31-39 µs a
+    relayed event costs at the least (README "Performance")."""
+
+    heard = False  # reset by `Connector` when the connection is taken from the pool
+
+    def data_received(self, data: bytes) -> None:
+        if data:  # (aiohttp calls it empty itself, to resume decompressing)
+            self.heard = True
+        super().data_received(data)
+
+
+class LazyReadTimeout(Heard):
     """aiohttp's connection protocol with the same `sock_read` deadline, kept by one timer per
     `timeout.read` seconds instead of one per received chunk.
 
@@ -69,14 +90,89 @@ class LazyReadTimeout(ResponseHandler):
 _LAZY_OK = all(hasattr(ResponseHandler, a) for a in ("_reschedule_timeout", "_drop_timeout", "_on_read_timeout"))
 
 
+class Attempt:
+    """One send, as the connector saw it: `pooled` is the protocol of the keep-alive connection it
+    reused (None: a new connection); `fresh` makes the connector open a new one whatever the pool holds."""
+
+    __slots__ = ("fresh", "pooled")
+
+    def __init__(self) -> None:
+        self.fresh = False
+        self.pooled: Any = None
+
+
+# The send in progress in this task (set by `send` around `session.request`).
+ATTEMPT: ContextVar[Attempt | None] = ContextVar("llmproxy_attempt", default=None)
+
+
+class Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, telling the current `Attempt` whether its connection came from the pool."""
+
+    async def _get(self, key: Any, traces: Any) -> Any:
+        attempt = ATTEMPT.get()
+        if attempt is not None and attempt.fresh:
+            return None  # a resend: never on a pooled connection, which may be as stale as the last
+        conn = await super()._get(key, traces)
+        if attempt is not None and conn is not None and isinstance(conn.protocol, Heard):
+            conn.protocol.heard = False
+            attempt.pooled = conn.protocol  # (only our protocol can tell whether an answer began)
+        return conn
+
+
+# `_get` is an aiohttp internal (3.10 to 3.14 at least); without it nothing is known about reuse,
+# and nothing is resent.
+_REUSE_OK = hasattr(aiohttp.TCPConnector, "_get")
+
+
+def unanswered_on_reused(attempt: Attempt, exc: BaseException) -> bool:
+    """Did `exc` end a send on a pooled connection before any byte of answer came back?
+
+    Then the server had closed that idle connection as the request went out (llama-server closes
+    after every streamed answer although its head said keep-alive; any server may at the end of its
+    keep-alive timeout), and it never processed the request: resending it once on a new connection is
+    safe even for a POST, as browsers do (Chromium `HttpNetworkTransaction::ShouldResendRequest`: a
+    reused socket, no response bytes; RFC 9112 §9.3.1). A byte of answer, or a new connection that
+    fails, is never resent.
+    """
+    proto = attempt.pooled
+    return (
+        proto is not None
+        and not proto.heard
+        and isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError))
+        and not isinstance(exc, aiohttp.ClientConnectorError)
+    )
+
+
+async def send(session: aiohttp.ClientSession, method: str, url: str, *,
+               on_resend: Callable[[BaseException], None] | None = None, **kw: Any) -> aiohttp.ClientResponse:
+    """`session.request(method, url, **kw)`, sent once more on a new connection when a pooled one
+    swallowed it (`unanswered_on_reused`); `on_resend` hears of that (a log line, a metric)."""
+    attempt = Attempt()
+    token = ATTEMPT.set(attempt)
+    try:
+        try:
+            return await session.request(method, url, **kw)
+        except aiohttp.ClientError as exc:
+            if not unanswered_on_reused(attempt, exc):
+                raise
+            if on_resend is not None:
+                on_resend(exc)
+        attempt.fresh, attempt.pooled = True, None
+        return await session.request(method, url, **kw)
+    finally:
+        ATTEMPT.reset(token)
+
+
 def make_client() -> aiohttp.ClientSession:
     """One session per app (and per worker). Timeouts are set per request from the route."""
     # No pool limit: aiohttp parks a request past its limit (default 100, then 1000 here) until an
     # earlier stream ends, which under minute-long LLM streams is a silent wait of minutes. The one
     # cap is `--max-upstream-connections`, which refuses at once (capacity.UpstreamSlots).
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
-    if _LAZY_OK and isinstance(getattr(connector, "_factory", None), functools.partial):
-        connector._factory = functools.partial(LazyReadTimeout, loop=connector._loop)
+    factory = Connector if _REUSE_OK else aiohttp.TCPConnector
+    connector = factory(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
+    if isinstance(getattr(connector, "_factory", None), functools.partial):
+        protocol = LazyReadTimeout if _LAZY_OK else Heard
+        connector._factory = functools.partial(protocol, loop=connector._loop)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,  # passthrough relays bytes as they came, Content-Encoding included

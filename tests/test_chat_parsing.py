@@ -115,8 +115,10 @@ def test_think_block_splits_reasoning_from_content():
         "Let me think.", "The answer is 4.")
 
 
-def test_closing_without_opening_splits_the_same_way():
-    assert reasoning.split_all("Let me think.</think>\n\nThe answer is 4.") == ("Let me think.", "The answer is 4.")
+def test_closing_without_opening_splits_only_after_a_prefilled_think():
+    text = "Let me think.</think>\n\nThe answer is 4."
+    assert reasoning.split_all(text, prefilled=True) == ("Let me think.", "The answer is 4.")
+    assert reasoning.split_all(text) == ("", text)  # the prompt left no thought open: the answer, streamed at once
 
 
 def test_prefilled_think_in_the_prompt():

@@ -13,25 +13,31 @@ import pytest
 
 from test_dialects import TIME, USER, WEATHER, client, fake, last_body, serve  # noqa: F401 (fixtures)
 
-# --- llama.cpp: one choice only; `n_predict` does not escape the route's limit ---------------------------
+# --- llama.cpp: `n` choices; `n_predict` does not escape the route's limit --------------------------------
 
 
-def test_llama_cpp_fake_refuses_n_like_the_real_server(fake):
+def test_llama_cpp_fake_answers_n_choices_like_the_real_server(fake):
+    """The pinned llama-server reads `n` as `n_cmpl` (tools/server/server-schema.cpp); older builds refused
+    it. tests/engine checks the real one."""
     up = fake("llama.cpp")
     r = httpx.post(f"{up.url}/v1/completions", json={"prompt": "Hi", "n": 2})
-    assert r.status_code == 400 and r.json()["error"]["message"] == "Only one completion choice is allowed"
-    assert httpx.post(f"{up.url}/v1/completions", json={"prompt": "Hi", "n": 1}).status_code == 200
+    assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == [0, 1]
 
 
-def test_llama_cpp_route_refuses_n_by_name_before_sending(fake, serve):
+@pytest.mark.parametrize("stream", [False, True])
+def test_llama_cpp_route_forwards_n(fake, serve, stream):
     up = fake("llama.cpp")
     c = client(serve(up, "llama.cpp"))
-    with pytest.raises(openai.BadRequestError) as err:
-        c.chat.completions.create(model="m", messages=USER, n=2)
-    assert err.value.body["param"] == "n" and "one completion choice" in err.value.message
-    assert not up.requests
-    c.chat.completions.create(model="m", messages=USER, n=1)
-    assert last_body(up)["n"] == 1
+    if stream:
+        chunks = list(c.chat.completions.create(model="m", messages=USER, n=2, stream=True,
+                                                stream_options={"include_usage": True}))
+        indexes = {ch.choices[0].index for ch in chunks if ch.choices}
+        # each choice's last event carries its own usage: they add up
+        assert chunks[-1].usage.completion_tokens == 2 * len("Hello from the mock upstream.".split())
+    else:
+        indexes = {ch.index for ch in c.chat.completions.create(model="m", messages=USER, n=2).choices}
+    assert indexes == {0, 1}
+    assert last_body(up)["n"] == 2
 
 
 @pytest.mark.parametrize(("n_predict", "max_tokens", "sent"), [(5000, None, 100), (50, None, 50), (50, 30, 30),

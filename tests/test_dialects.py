@@ -86,7 +86,7 @@ def test_fakes_refuse_what_their_servers_refuse(fake):
     assert post(sglang, {"max_tokens": None}).json()["object"] == "error"
     assert post(sglang, {"json_schema": {"type": "object"}}).status_code == 400
     assert post(sglang, {"no_such_field": 1}).status_code == 200  # dropped silently: why the proxy refuses it
-    assert post(llama, {"echo": True}).status_code == 400
+    assert post(llama, {"json_schema": '{"type": "object"}'}).status_code == 400  # an object, not a string
     assert post(strict, {"top_k": 5}).json()["error"]["message"] == "Unrecognized request argument supplied: top_k"
 
 

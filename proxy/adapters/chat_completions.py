@@ -12,7 +12,6 @@ encode between pre-encoded byte fragments.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ from .call import AdapterBase
 from .core_types import ChatCompletion, ChatRequest, OutChoice, OutFunction, OutMessage, OutToolCall, StrictChatRequest
 from .core_types import Usage as ChatUsage
 from .core import NULL, Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, TurnCall, Usage, \
-    decode_logprobs
+    id_tail
 
 if TYPE_CHECKING:
     from ..config import RouteConfig
@@ -188,7 +187,7 @@ class ChatCall(TurnCall):
             content, thought, calls = parts.setdefault(ev.choice, ([], [], []))
             if isinstance(ev, Text):
                 content.append(ev.text)
-                if ev.logprobs != b"null":
+                if ev.logprobs != NULL:
                     lps[ev.choice] = ev.logprobs
             elif isinstance(ev, Reasoning):
                 thought.append(ev.text)
@@ -204,7 +203,7 @@ class ChatCall(TurnCall):
                 message.tool_calls = calls
             if self.adapter.reasoning:
                 message.reasoning_content = message.reasoning = "".join(thought) or None
-            lp = _chat_logprobs(lps.get(index, NULL)) if self.logprobs else None
+            lp = msgspec.Raw(_chat_logprobs(lps.get(index, NULL))) if self.logprobs else None
             choices.append(OutChoice(index, message, finish.get(index), lp))
         out = ChatCompletion(_chat_id(start.id), start.created, self.model, choices)
         if usage is not None:
@@ -243,7 +242,7 @@ class ChatCall(TurnCall):
     def _text_chunk(self, ev: Text) -> bytes:
         """The hot path: a text delta on its own (no finish in the same read)."""
         st = self._out(ev.choice)
-        lp = _encode(_chat_logprobs(ev.logprobs)) if self.logprobs else b"null"
+        lp = _chat_logprobs(ev.logprobs) if self.logprobs else b"null"
         if ev.text:
             delta = (_DELTA_CONTENT if st.role_sent else _DELTA_ROLE) + _encode(ev.text) + b"}"
         elif not st.role_sent:
@@ -276,7 +275,7 @@ class ChatCall(TurnCall):
                     delta = {}
                 if ev.text:
                     delta["content"] = delta.get("content", "") + ev.text
-                if ev.logprobs != b"null":
+                if ev.logprobs != NULL:
                     lp_raw = ev.logprobs
             elif kind is ToolCall:
                 if delta:
@@ -292,7 +291,7 @@ class ChatCall(TurnCall):
         if not st.role_sent:
             deltas[0] = {"role": "assistant", **deltas[0]}
             st.role_sent = True
-        lp = _encode(_chat_logprobs(lp_raw)) if self.logprobs else b"null"
+        lp = _chat_logprobs(lp_raw) if self.logprobs else b"null"
         return b"".join(st.head + _encode(d) + _TAIL_OPEN for d in deltas[:-1]) + st.head + _encode(deltas[-1]) \
             + _tail(lp, reason)
 
@@ -340,23 +339,9 @@ def _tail(lp: bytes, finish: str | None) -> bytes:
 
 
 def _chat_id(upstream_id: str | None) -> str:
-    if upstream_id:
-        return "chatcmpl-" + upstream_id.removeprefix("cmpl-")
-    return "chatcmpl-" + os.urandom(12).hex()
+    return "chatcmpl-" + id_tail(upstream_id)
 
 
-def _chat_logprobs(raw: msgspec.Raw) -> dict[str, Any] | None:
-    """Completions logprobs (`tokens`, `token_logprobs`, `top_logprobs`) -> chat's `{"content": [...]}`."""
-    lp = decode_logprobs(raw)
-    if lp is None:
-        return None
-    tops = lp.top_logprobs or []
-    content = []
-    for k, (token, logprob) in enumerate(zip(lp.tokens, lp.token_logprobs, strict=False)):
-        top = tops[k] if k < len(tops) and tops[k] else {}
-        content.append({
-            "token": token, "logprob": logprob if logprob is not None else -9999.0,
-            "bytes": list(token.encode("utf-8")),
-            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, v in top.items()],
-        })
-    return {"content": content}
+def _chat_logprobs(items: msgspec.Raw) -> bytes:
+    """The core's logprob items (already chat's) -> chat's `{"content": [...]}`, or `null`."""
+    return b"null" if items == NULL else b'{"content":' + items + b"}"

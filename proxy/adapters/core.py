@@ -28,9 +28,13 @@ from .. import sse
 from ..errors import BadRequest, UpstreamBroken
 from . import reasoning as think
 from .call import CallBase
-from .core_types import Completion, CompletionChoice, CompletionLogprobs, FunctionCall, Message
+from .core_types import Completion, CompletionChoice, FunctionCall, Message
+from .core_types import Usage as CompletionUsage
 from .core_types import ToolCall as ToolCallMsg
 from .dialects import Dialect, Plan
+from .logprobs import NULL, UnreadableLogprobs, to_raw
+from .logprobs import items as logprob_items
+from .logprobs import join as join_logprobs
 from .tags import StopFilter
 from .templates import load_template, render_prompt
 from .toolcalls import ToolCallSplitter
@@ -39,9 +43,7 @@ if TYPE_CHECKING:
     from ..config import RouteConfig
 
 _decode_completion = msgspec.json.Decoder(Completion).decode
-_decode_logprobs = msgspec.json.Decoder(CompletionLogprobs | None).decode
 _encode = msgspec.json.Encoder().encode
-NULL = msgspec.Raw(b"null")
 
 
 class Generation(msgspec.Struct, kw_only=True):
@@ -81,7 +83,8 @@ class Start(NamedTuple):
 
 class Text(NamedTuple):
     """Answer text for one choice. An empty `text` marks a choice's first event (faces may
-    open their message there) or carries logprobs whose text is still held back."""
+    open their message there) or carries logprobs whose text is still held back. `logprobs`: a
+    JSON list of chat logprob items (logprobs.py), or null."""
 
     choice: int
     text: str
@@ -249,7 +252,7 @@ class _Choice:
         end = finish is not None
         if self.seen and not end and self.think is None and self.tools is None:  # the hot path: plain text
             text = self.stop.feed(text)
-            if text or lp != b"null":
+            if text or lp != NULL:
                 out.append(Text(self.index, text, lp))
             return
         first = not self.seen
@@ -259,7 +262,7 @@ class _Choice:
             text += self.stop.finish()
             self.finished = True
         if self.think is None and self.tools is None:
-            if text or first or lp != b"null":
+            if text or first or lp != NULL:
                 out.append(Text(self.index, text, lp))
         else:
             self._split(text, end, first, lp, out)
@@ -282,7 +285,7 @@ class _Choice:
         if reasoning:
             out.append(Reasoning(self.index, reasoning))
         if self.tools is None:
-            if text or (first and not reasoning) or lp != b"null":
+            if text or (first and not reasoning) or lp != NULL:
                 out.append(Text(self.index, text, lp))
             return
         items = self.tools.feed(text)
@@ -299,7 +302,7 @@ class _Choice:
                 out.append(ToolCall(self.index, self.calls, call_id(), item.name, item.arguments))
                 self.calls += 1
             wrote = True
-        if (first and not wrote) or lp != b"null":
+        if (first and not wrote) or lp != NULL:
             out.append(Text(self.index, "", lp))
 
 
@@ -307,7 +310,7 @@ class Turn:
     """One request in flight: the upstream body, and the answer turned into events."""
 
     __slots__ = ("core", "gen", "plan", "body", "upstream_stream", "parse_tools", "prefilled", "forced", "usage",
-                 "_states", "_decoder", "_started", "_events", "done")
+                 "_states", "_decoder", "_started", "_events", "done", "_top", "_choice_usage")
 
     def __init__(self, core: Core, gen: Generation, plan: Plan, *, upstream_stream: bool, parse_tools: bool,
                  prefilled: bool, forced: bool = False) -> None:
@@ -327,6 +330,8 @@ class Turn:
         self._started = False
         self._events = 0  # upstream events seen
         self.done = False  # `[DONE]` came
+        self._top = gen.logprobs  # None: the client asked for no logprobs (upstream ones are dropped)
+        self._choice_usage: dict[int, Usage] | None = None  # per choice, when the upstream counts so
 
     async def ready(self, session: Any, url: str, headers: list[tuple[str, str]] | None = None) -> None:
         """Just before sending to `url`: finish a body that waits for the context remainder."""
@@ -396,9 +401,13 @@ class Turn:
                 state = states.get(c.index)
                 if state is None:
                     state = states[c.index] = _Choice(self, c.index)
-                state.events(c.text, c.finish_reason, c.logprobs, out, c.stop_reason or c.matched_stop)
+                try:
+                    lp = NULL if self._top is None else self._logprobs(c.logprobs)
+                except UpstreamBroken as exc:
+                    return out, exc
+                state.events(c.text, c.finish_reason, lp, out, c.stop_reason or c.matched_stop)
             if ev.usage is not None:
-                self.usage = (ev.usage.prompt_tokens, ev.usage.completion_tokens)
+                self.usage = self._count(ev)
         return out, None
 
     def _end(self, out: list[Event]) -> list[Event]:
@@ -414,21 +423,23 @@ class Turn:
 
     def whole(self, body: bytes) -> list[Event]:
         """A whole upstream answer (JSON, or SSE under `stream: always`) -> every event, choices in order."""
-        doc = self._aggregate(body) if body.lstrip()[:1] != b"{" else self._decode(body, "completion")
+        streamed = body.lstrip()[:1] != b"{"
+        doc = self._aggregate(body) if streamed else self._decode(body, "completion")
         if doc.choices is None:
             raise UpstreamBroken(f"upstream of route {self.core.route!r} sent a completion without "
                                  f"`choices`: {excerpt(body)}")
         out: list[Event] = [Start(doc.id, doc.created or int(time.time()))]
         self._started = True
         for c in sorted(doc.choices, key=lambda c: c.index):
-            _Choice(self, c.index).events(c.text, c.finish_reason or "stop", c.logprobs, out, c.stop_reason or c.matched_stop)
+            lp = c.logprobs if streamed or self._top is None else self._logprobs(c.logprobs)  # aggregated: read
+            _Choice(self, c.index).events(c.text, c.finish_reason or "stop", lp, out, c.stop_reason or c.matched_stop)
         if doc.usage is not None:
             self.usage = (doc.usage.prompt_tokens, doc.usage.completion_tokens)
             out.append(Usage(*self.usage))
         return out
 
     def _aggregate(self, body: bytes) -> Completion:
-        """SSE events -> one completion: texts joined, last finish_reason, usage."""
+        """SSE events -> one completion: texts joined, last finish_reason, usage, logprobs read and joined."""
         dec = sse.SSEDecoder()
         texts: dict[int, list[str]] = {}
         finish: dict[int, str | None] = {}
@@ -440,30 +451,55 @@ class Turn:
         if not events:
             raise UpstreamBroken(f"upstream of route {self.core.route!r} sent neither a completion nor "
                                  f"stream events: {excerpt(body)}")
-        logprobs = self.gen.logprobs is not None
+        logprobs = self._top is not None
         for data in events:
             if data == sse.DONE:
                 break
             ev = self._event(data)
             first = first or ev
-            usage = ev.usage or usage
+            if ev.usage is not None:
+                counted = self._count(ev)
+                usage = CompletionUsage(counted[0], counted[1], sum(counted))
             for c in ev.choices or ():
                 texts.setdefault(c.index, []).append(c.text)
                 if c.finish_reason is not None:
                     finish[c.index] = c.finish_reason
                     matched[c.index] = c.stop_reason or c.matched_stop
                 if logprobs:
-                    lps.setdefault(c.index, []).append(c.logprobs)
+                    lps.setdefault(c.index, []).append(self._logprobs(c.logprobs))
         choices = [CompletionChoice("".join(t), i, finish.get(i), stop_reason=matched.get(i)) for i, t in texts.items()]
         if logprobs:
             for c in choices:
-                c.logprobs = msgspec.Raw(_merge_logprobs(lps.get(c.index, [])))
+                c.logprobs = join_logprobs(lps.get(c.index, []))
         return Completion(choices, first.id if first else None, first.created if first else None, usage)
+
+    def _count(self, ev: Completion) -> tuple[int, int]:
+        """(prompt, completion) tokens so far. An event that carries choices and usage counts that
+        choice alone: llama.cpp ends each of `n` streamed choices with its own usage
+        (tools/server/server-task.cpp, one child task per choice); they add up."""
+        u = ev.usage
+        assert u is not None
+        if not ev.choices:
+            return u.prompt_tokens, u.completion_tokens
+        per = self._choice_usage = self._choice_usage or {}
+        per[ev.choices[0].index] = Usage(u.prompt_tokens, u.completion_tokens)
+        return max(c.prompt_tokens for c in per.values()), sum(c.completion_tokens for c in per.values())
+
+    def _logprobs(self, raw: msgspec.Raw) -> msgspec.Raw:
+        """An upstream choice's logprobs -> the faces' items (logprobs.py), read in the dialect's shape."""
+        if raw == NULL:
+            return NULL
+        dialect = self.core.dialect.facts
+        try:
+            return to_raw(logprob_items(raw, dialect.logprobs, self._top or 0))
+        except UnreadableLogprobs as exc:
+            raise UpstreamBroken(f"upstream of route {self.core.route!r} sent logprobs not in the {dialect.logprobs} "
+                                 f"shape its dialect ({dialect.name}) answers ({exc}): {excerpt(bytes(raw))}") from None
 
     def _event(self, data: bytes) -> Completion:
         ev = self._decode(data, "stream event")
         if ev.choices is None and ev.usage is None:
-            if ev.error != b"null":
+            if ev.error != NULL:
                 raise UpstreamBroken(f"upstream of route {self.core.route!r} failed mid-stream: "
                                      f"{excerpt(bytes(ev.error))}")
             raise UpstreamBroken(f"upstream of route {self.core.route!r} sent a stream event without "
@@ -512,23 +548,13 @@ def excerpt(data: bytes, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def decode_logprobs(raw: msgspec.Raw) -> CompletionLogprobs | None:
-    if raw == b"null":
-        return None
-    try:
-        return _decode_logprobs(raw)
-    except msgspec.DecodeError:
-        return None
-
-
-def _merge_logprobs(raws: list[msgspec.Raw]) -> bytes:
-    """The logprobs of one choice's stream events joined into one completions logprobs object."""
-    merged = CompletionLogprobs([], [], [])
-    for raw in raws:
-        lp = decode_logprobs(raw)
-        if lp is None:
-            continue
-        merged.tokens += lp.tokens
-        merged.token_logprobs += lp.token_logprobs
-        merged.top_logprobs += lp.top_logprobs or [None] * len(lp.tokens)  # type: ignore[operator]
-    return _encode(merged) if merged.tokens else b"null"
+def id_tail(upstream_id: str | None) -> str:
+    """The upstream completion id without its kind prefix, for a face to put its own in front
+    (`chatcmpl-`, `msg_`, `resp_`): vLLM and SGLang answer `cmpl-…`, llama.cpp `chatcmpl-…` on
+    completions too (tools/server/server-common.cpp `gen_chatcmplid`). Random when there is none."""
+    if not upstream_id:
+        return os.urandom(12).hex()
+    for prefix in ("chatcmpl-", "cmpl-"):
+        if upstream_id.startswith(prefix):
+            return upstream_id[len(prefix):]
+    return upstream_id

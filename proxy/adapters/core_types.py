@@ -104,12 +104,6 @@ class Usage(msgspec.Struct):
     total_tokens: int = 0
 
 
-class CompletionLogprobs(msgspec.Struct):
-    tokens: list[str] = []
-    token_logprobs: list[float | None] = []
-    top_logprobs: list[dict[str, float] | None] | None = None
-
-
 class CompletionChoice(msgspec.Struct):
     text: str = ""
     index: int = 0

@@ -11,11 +11,12 @@ each server's own source (README "Upstream dialects" has the table):
   (`OpenAIBaseModel`, `extra="allow"`). Constraints: `structured_outputs`
   {json, json_object, regex, choice, grammar} or `response_format`. BOS is
   added unless `add_special_tokens: false`.
-- llama.cpp (`tools/server/server-common.cpp` `oaicompat_completion_params_parse`,
-  `tools/server/server-task.cpp` `params_from_json_cmpl`): `n_predict`/`max_tokens`
-  default −1, unlimited (`null` counts as absent); every other field is
-  copied through (unknown ones ignored); `echo`, `best_of`, `suffix` are
-  refused; constraints are `json_schema` (an object) or `grammar`;
+- llama.cpp (`tools/server/server-schema.cpp`, `tools/server/server-task.cpp`
+  `params_from_json_cmpl`; checked against the server itself by `just test-engine`):
+  `n_predict`/`max_tokens` default −1, unlimited (`null` counts as absent); every
+  other field is copied through (unknown ones ignored; `n` is its `n_cmpl`; `echo`,
+  `best_of`, `suffix`, which builds before it refused, change nothing);
+  logprobs come in the chat shape (logprobs.py); constraints are `json_schema` (an object) or `grammar`;
   `response_format` is not read on completions; BOS is always added, with a warning
   when the prompt then starts with two (`src/llama-vocab.cpp` `check_double_bos_eos`).
 - SGLang (`python/sglang/srt/entrypoints/openai/protocol.py` `CompletionRequest`):
@@ -45,7 +46,8 @@ import aiohttp
 import msgspec
 
 from ..errors import BadRequest, connect_failure, context_unknown
-from ..transport import route_timeout
+from ..transport import route_timeout, send
+from .logprobs import Shape
 
 if TYPE_CHECKING:
     from ..config import Body, RouteConfig
@@ -92,16 +94,18 @@ class Facts(NamedTuple):
     constraint: Literal["structured_outputs", "json_schema_object", "json_schema_string"] | None
     bos: Literal["flag", "strip", "keep"]  # prompt starts with BOS: add_special_tokens false / strip it / keep it
     context: Literal["tokenize", "tokenize+models"] | None  # how `auto` learns the context remainder
+    logprobs: Shape  # how its completions answer logprobs (logprobs.py)
 
 
 # The one list of dialect names (the first is the default): route-file validation
 # (config.RouteConfig.dialect), `mock-upstream --dialect` and the README's dialect table
 # (tests/test_architecture.py) read it; `context` says which can size `max_tokens: auto`.
 FACTS = {
-    "vllm": Facts("vllm", "auto", True, frozenset(), "structured_outputs", "flag", "tokenize"),
-    "llama.cpp": Facts("llama.cpp", "omit", True, frozenset(), "json_schema_object", "strip", None),
-    "sglang": Facts("sglang", "auto", False, SGLANG_FIELDS, "json_schema_string", "strip", "tokenize+models"),
-    "openai": Facts("openai", "required", False, OPENAI_FIELDS, None, "keep", None),
+    "vllm": Facts("vllm", "auto", True, frozenset(), "structured_outputs", "flag", "tokenize", "completions"),
+    "llama.cpp": Facts("llama.cpp", "omit", True, frozenset(), "json_schema_object", "strip", None, "chat"),
+    "sglang": Facts("sglang", "auto", False, SGLANG_FIELDS, "json_schema_string", "strip", "tokenize+models",
+                    "completions"),
+    "openai": Facts("openai", "required", False, OPENAI_FIELDS, None, "keep", None, "completions"),
 }
 # llama.cpp names vLLM's `repetition_penalty` `repeat_penalty` (server-task.cpp).
 _RENAMED = {"llama.cpp": {"repetition_penalty": "repeat_penalty"}}
@@ -247,7 +251,9 @@ class Dialect:
                 refused.append(key)
             doc[key] = value
         if gen.logprobs is not None:
-            doc["logprobs"] = gen.logprobs
+            # llama.cpp reads `logprobs` as `n_probs`, and 0 gives no logprobs at all (not even the
+            # sampled token's): ask for one alternative; the turn trims to what the client asked.
+            doc["logprobs"] = max(gen.logprobs, 1) if facts.logprobs == "chat" else gen.logprobs
         add_special = True
         if bos_token and prompt.startswith(bos_token):
             # The template wrote BOS, and the server adds its own: one must go.
@@ -429,8 +435,9 @@ class Dialect:
     async def _get(self, session: aiohttp.ClientSession, method: str, root: str, path: str,
                    headers: list[tuple[str, str]], data: bytes | None, decode: Any) -> Any:
         hdrs = headers + [("content-type", "application/json")] if data is not None else headers
-        async with session.request(method, root + path, data=data, headers=hdrs, timeout=self.timeout,
-                                   allow_redirects=False) as response:
+        response = await send(session, method, root + path, data=data, headers=hdrs, timeout=self.timeout,
+                              allow_redirects=False)
+        async with response:
             raw = await response.read()
             if response.status != 200:
                 hint = ""
@@ -450,17 +457,14 @@ class Dialect:
 def _llama_cpp(doc: dict[str, Any]) -> None:
     """What llama.cpp would refuse or let escape the route's limits, settled before the body policy.
 
-    - `n` other than 1: `oaicompat_completion_params_parse` (tools/server/server-common.cpp) throws
-      "Only one completion choice is allowed"; answered here, by name, before sending.
+    - `n` is forwarded: llama-server reads it as `n_cmpl` (tools/server/server-schema.cpp, alias `n`)
+      and answers that many choices (older builds refused it, "Only one completion choice is
+      allowed", a 400 that reaches the client as it is).
     - `n_predict`: `params_from_json_cmpl` (tools/server/server-task.cpp) reads `n_predict` before
       `max_tokens`, so a client's `n_predict` would escape `body.limit.max_tokens`. It is folded into
       `max_tokens` (the smaller positive of the two; a negative `n_predict` is llama.cpp's "unlimited"
       and adds no limit), which the policy then caps.
     """
-    n = doc.get("n")
-    if n is not None and n != 1:
-        raise BadRequest("`n` must be 1 on this route: its upstream (dialect llama.cpp) allows only one completion "
-                         "choice", param="n", code="unsupported_parameter")
     if "n_predict" not in doc:
         return
     n_predict = doc.pop("n_predict")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -31,7 +30,7 @@ from .. import sse
 from ..errors import BadRequest, bad_body
 from .call import AdapterBase
 from .core_types import FunctionCall, Message, ToolCall as ChatToolCall
-from .core import Core, Finish, Generation, Start, ToolCall, Turn, Usage
+from .core import Core, Finish, Generation, Start, ToolCall, Turn, Usage, id_tail
 from .agent_base import FaceCall, TokenCounter, json_schema_format, left_out
 from .messages_types import Block, MessagesRequest
 
@@ -216,7 +215,7 @@ def _count_answer(count: int) -> bytes:
 
 
 def _message_id(upstream_id: str | None) -> str:
-    return "msg_" + (upstream_id.removeprefix("cmpl-") if upstream_id else os.urandom(12).hex())
+    return "msg_" + id_tail(upstream_id)
 
 
 def _tool_id(call_id: str) -> str:

@@ -1,14 +1,14 @@
 """`<think>…</think>` out of completion text, for routes with `reasoning: think`.
 
-Where reasoning starts:
-- at a `<think>` that opens the completion (after optional white space), or
-- at the very start when the prompt itself ends with `<think>` (templates that
-  pre-fill it in the generation prompt), or
-- at the very start when the completion closes `</think>` without opening it.
-The last case is undecidable until `</think>` arrives (or the completion
-ends, and then the text was plain content), so such text is held back; the
-first two stream at once. White space next to the tags is dropped. As with
-tool calls, one incremental parser serves the whole and the streamed paths.
+The proxy rendered the prompt, so it knows where the answer starts:
+- inside a thought when the prompt itself ends with `<think>` (templates that pre-fill it in
+  the generation prompt: the completion then closes `</think>` without opening it);
+- otherwise in a thought only if the completion opens with `<think>` (after optional white
+  space), and as answer text, streamed at once, as soon as its first characters cannot be that
+  tag — vLLM's reasoning parsers decide as early. Only a start that could still be `<think>`
+  is held.
+White space next to the tags is dropped. As with tool calls, one incremental parser serves the
+whole and the streamed paths.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .tags import held
 
 OPEN = "<think>"
 CLOSE = "</think>"
-_START, _UNDECIDED, _THINK, _ANSWER = range(4)
+_START, _THINK, _ANSWER = range(3)
 
 
 def prefills_think(prompt: str) -> bool:
@@ -28,13 +28,12 @@ def prefills_think(prompt: str) -> bool:
 class ThinkSplitter:
     """Feed completion text; get back `(reasoning, content)` decided so far."""
 
-    __slots__ = ("_state", "_pending", "_lead", "_scanned")
+    __slots__ = ("_state", "_pending", "_lead")
 
     def __init__(self, prefilled: bool = False) -> None:
         self._state = _THINK if prefilled else _START
         self._pending = ""
         self._lead = True  # drop white space at the start of the current part
-        self._scanned = 0  # undecided text already searched for `</think>`
 
     def feed(self, text: str) -> tuple[str, str]:
         s, self._pending = self._pending + text, ""
@@ -46,17 +45,10 @@ class ThinkSplitter:
             elif not stripped or OPEN.startswith(stripped):
                 self._pending = s
                 return "", ""
-            else:
-                self._state = _UNDECIDED
-        if self._state == _UNDECIDED:
-            j = s.find(CLOSE, max(0, self._scanned - len(CLOSE) + 1))
-            if j < 0:
-                self._pending, self._scanned = s, len(s)
-                return "", ""
-            reasoning = s[:j].strip()
-            s = s[j + len(CLOSE):]
-            self._state, self._lead = _ANSWER, True
-        elif self._state == _THINK:
+            else:  # not a thought: the answer, as it came (its leading white space kept)
+                self._state, self._lead = _ANSWER, False
+                return "", s
+        if self._state == _THINK:
             j = s.find(CLOSE)
             if j < 0:
                 keep = held(s, CLOSE)
@@ -73,7 +65,7 @@ class ThinkSplitter:
         s, self._pending = self._pending, ""
         if self._state == _THINK:
             return self._lead_strip(s), ""  # an unfinished thought (e.g. cut by max_tokens)
-        return "", s  # no `</think>` came: it was plain content, as it came
+        return "", s  # a start that never became `<think>`: plain content, as it came
 
     def _lead_strip(self, text: str) -> str:
         if self._lead and text:

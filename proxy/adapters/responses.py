@@ -122,6 +122,10 @@ class ResponsesToCompletions(AdapterBase):
                              param="background", code="unsupported_parameter")
         if req.input is None or req.input == []:
             raise BadRequest("input: required (a string or a list of items)", param="input", code="missing_field")
+        if req.top_logprobs or "message.output_text.logprobs" in (req.include or ()):
+            # Said, rather than answered with the empty `logprobs` lists every output_text carries.
+            raise BadRequest("logprobs are not offered on this face: use the chat completions route",
+                             param="include" if req.include else "top_logprobs", code="unsupported_parameter")
         tools, echoed = self._tools(req)
         gen = Generation(messages=_history(req), model=req.model, stream=req.stream, tools=tools,
                          tool_choice=_tool_choice(req.tool_choice), max_tokens=req.max_output_tokens,

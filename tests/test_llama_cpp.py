@@ -1,0 +1,110 @@
+"""What llama.cpp's `/v1/completions` answers differently, through the proxy, against the mock's
+llama.cpp dialect (checked against the real llama-server in tests/engine/):
+
+- its completion ids already start with `chatcmpl-` (tools/server/server-common.cpp `gen_chatcmplid`);
+- its logprobs come in the chat shape, `{"content": [{id, token, bytes, logprob, top_logprobs}]}`
+  (tools/server/server-task.cpp `probs_vector_to_json`), and `logprobs: 0` gives none at all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from servers import MockServer, run_mock
+
+USER = [{"role": "user", "content": "Hi"}]
+TEXT = "Paris is the capital."
+
+
+@pytest.fixture
+def llama() -> Iterator[MockServer]:
+    with run_mock("llama.cpp") as server:
+        yield server
+
+
+@pytest.fixture
+def base(llama, routes_dir, proxy_for) -> str:
+    routes = {
+        name: f"path: {path}\nupstream: {llama.url}/v1/completions\nadapter: {adapter}\ndialect: llama.cpp\n"
+        for name, path, adapter in [("chat", "/v1/chat/completions", "chat-to-completions"),
+                                    ("messages", "/v1/messages", "messages-to-completions"),
+                                    ("responses", "/v1/responses", "responses-to-completions")]
+    }
+    return proxy_for(routes_dir(**routes))
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0, timeout=10,
+                         default_headers={"x-mock-text": TEXT})
+
+
+# --- ids -------------------------------------------------------------------------------------------
+
+def test_ids_carry_one_prefix_on_every_face(base):
+    c = client(base)
+    assert c.chat.completions.create(model="m", messages=USER).id == "chatcmpl-mock"
+    assert {chunk.id for chunk in c.chat.completions.create(model="m", messages=USER, stream=True)} == {"chatcmpl-mock"}
+    rid = c.responses.create(model="m", input="Hi").id  # its own, unique: it names a stored response
+    assert rid.startswith("resp_") and "chatcmpl" not in rid
+    a = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0, timeout=10,
+                            default_headers={"x-mock-text": TEXT})
+    assert a.messages.create(model="m", max_tokens=32, messages=USER).id == "msg_mock"
+
+
+# --- logprobs --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_reach_the_chat_client(base, stream):
+    kw = {"model": "m", "messages": USER, "logprobs": True, "top_logprobs": 2}
+    if stream:
+        items = [i for ch in client(base).chat.completions.create(stream=True, **kw)
+                 if ch.choices and ch.choices[0].logprobs for i in ch.choices[0].logprobs.content]
+    else:
+        items = client(base).chat.completions.create(**kw).choices[0].logprobs.content
+    assert "".join(i.token for i in items) == TEXT
+    assert [len(i.top_logprobs) for i in items] == [2] * 4
+    for i in items:
+        assert i.logprob < 0 and i.bytes == list(i.token.encode())
+        assert i.top_logprobs[0].token == i.token and i.top_logprobs[0].logprob == i.logprob
+        assert "id" not in (i.model_extra or {})  # OpenAI's shape, not the engine's
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_without_alternatives_still_give_each_tokens_logprob(base, llama, stream):
+    """`logprobs: true` alone: llama.cpp gives nothing for `n_probs` 0, so the proxy asks for one."""
+    kw = {"model": "m", "messages": USER, "logprobs": True}
+    if stream:
+        items = [i for ch in client(base).chat.completions.create(stream=True, **kw)
+                 if ch.choices and ch.choices[0].logprobs for i in ch.choices[0].logprobs.content]
+    else:
+        items = client(base).chat.completions.create(**kw).choices[0].logprobs.content
+    assert "".join(i.token for i in items) == TEXT
+    assert all(i.logprob < 0 and i.top_logprobs == [] for i in items)
+    assert json.loads(llama.requests[-1].body)["logprobs"] == 1
+
+
+def test_the_responses_face_says_it_gives_no_logprobs_rather_than_an_empty_list(base):
+    with pytest.raises(openai.BadRequestError) as err:
+        client(base).responses.create(model="m", input="Hi", include=["message.output_text.logprobs"])
+    assert err.value.code == "unsupported_parameter" and "logprobs" in err.value.message
+    with pytest.raises(openai.BadRequestError):
+        client(base).responses.create(model="m", input="Hi", top_logprobs=2)
+    assert client(base).responses.create(model="m", input="Hi", include=["reasoning.encrypted_content"]).output_text
+
+
+def test_no_logprobs_unless_asked(base):
+    assert client(base).chat.completions.create(model="m", messages=USER).choices[0].logprobs is None
+
+
+def test_stream_always_route_aggregates_llama_cpp_logprobs(llama, routes_dir, proxy_for):
+    folder = routes_dir(chat=f"path: /v1/chat/completions\nupstream: {llama.url}/v1/completions\n"
+                             "adapter: chat-to-completions\ndialect: llama.cpp\nstream: always\n")
+    r = httpx.post(f"{proxy_for(folder)}/v1/chat/completions", headers={"x-mock-text": TEXT}, timeout=10,
+                   json={"model": "m", "messages": USER, "logprobs": True, "top_logprobs": 1}).json()
+    assert "".join(i["token"] for i in r["choices"][0]["logprobs"]["content"]) == TEXT
