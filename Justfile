@@ -50,7 +50,7 @@ serve *ARGS: install-runtime
 check *ARGS: install-runtime
     {{venv}}/bin/llmproxy check {{ARGS}}
 
-# Benchmark: mock upstream direct vs through the proxy on loopback (bench/README.md). ARGS: --quick, --seconds N, --profile, --scale.
+# Benchmark: mock upstream direct vs through the proxy on loopback (bench/README.md). ARGS: --quick, --seconds N, --profile, --scale, --fleet.
 bench *ARGS: install
     @command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
         || echo "wrk could not be installed: non-stream load falls back to the asyncio client"

@@ -219,6 +219,15 @@ def _check_chat(python: str, env: dict[str, str], src: Path, folder: Path) -> st
     return lines[-1].strip() if lines else f"check exited {done.returncode}"
 
 
+def bench_env(src: Path) -> dict[str, str]:
+    """The servers' environment: no HTTP proxy variables, and the `proxy` package under test first."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    # `python -m proxy` must import the copy under test first (the editable install comes after).
+    env["PYTHONPATH"] = str(src) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
 @contextmanager
 def start(src: Path, python: str = sys.executable, chat: bool = True, serve_args: tuple[str, ...] = ()) -> Iterator[Stack]:
     """Start the mock upstream and the proxy (`src` holds the `proxy` package); stop both on exit.
@@ -226,10 +235,7 @@ def start(src: Path, python: str = sys.executable, chat: bool = True, serve_args
     `serve_args`: more `llmproxy serve` options (`--workers 2`)."""
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmproxy-bench-")))
-        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-        # `python -m proxy` must import the copy under test first (the editable install comes after).
-        env["PYTHONPATH"] = str(src) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env = bench_env(src)
         mock_port = free_port()
         upstream = f"http://{HOST}:{mock_port}"
         env["QWEN_BASE_URL"] = upstream  # belt and braces: never the shipped default address

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fleet
 import loadclient
 import procs
 import wrkload
@@ -255,6 +256,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ramp", action="store_true",
                    help="with --profile --scale: record the first 2 s (streams starting) instead of the steady state")
     p.add_argument("--clients", type=int, default=1, help="with --scale: load client processes (default 1)")
+    fleet.add_args(p)
     p.add_argument("--state", action="store_true",
                    help="measure the cost of a shared limit per request: in-process vs serve --state (a real "
                    "redis-server on loopback; bench/state_cost.py)")
@@ -285,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         import scale
 
         return scale.main(args, src)
+    if args.fleet:
+        return fleet.main(args, src)
     use_wrk = wrkload.available() and not args.no_wrk
     if not use_wrk and not args.no_wrk:
         print("wrk not found: non-stream load uses the asyncio client (apt-get install wrk)", file=sys.stderr)

@@ -18,6 +18,7 @@ import yaml
 from .adapters.registry import ADAPTERS
 from .adapters.dialects import FACTS
 from .adapters.templates import BUILTIN
+from .balance import DEFAULT_MARGIN, DEFAULT_PROMPTS, Policy
 from .errors import AUTH_SCHEMES, ConfigError, invalid_field
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -113,6 +114,22 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return " ".join(out)
 
 
+class Session(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where a client names its conversation: a header, else body fields (dotted paths), first found."""
+
+    header: str | None = None  # e.g. x-session-id
+    fields: tuple[str, ...] = ()  # e.g. prompt_cache_key, user, metadata.user_id
+
+
+class Balance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`balance:` (README "Upstream lists"); `balance: prefix` is short for `{policy: prefix}`."""
+
+    policy: Policy = "round-robin"
+    spill_margin: int = DEFAULT_MARGIN  # requests in flight: prefix / session yield to the least busy past it
+    session: Session | None = None
+    prompts: int = DEFAULT_PROMPTS  # served prompts remembered (their last block's hash, LRU)
+
+
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One route file, validated. See README "Route files" for each field."""
 
@@ -133,6 +150,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     limits: Limits | None = None
     retry: Retry | None = None
     health: Health | None = None
+    balance: Policy | Balance = "round-robin"
     # Messages / Responses faces: tools a local model cannot run (web_search, code_interpreter, ...)
     # are left out of the prompt (logged, counted), or the request is refused naming them.
     hosted_tools: Literal["ignore", "reject"] = "ignore"
@@ -145,6 +163,11 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     @property
     def upstreams(self) -> tuple[str, ...]:
         return (self.upstream,) if isinstance(self.upstream, str) else tuple(self.upstream)
+
+    @property
+    def balancing(self) -> Balance:
+        """`balance:` in its long form."""
+        return self.balance if isinstance(self.balance, Balance) else Balance(policy=self.balance)
 
 
 def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None,
@@ -367,13 +390,17 @@ def _literal_values(field: str, root: type[msgspec.Struct] = RouteConfig) -> tup
     import typing
 
     tp: Any = root
-    for part in field.split("."):
+    parts = field.split(".")
+    for k, part in enumerate(parts):
         if not (isinstance(tp, type) and issubclass(tp, msgspec.Struct)):
             return ()
         tp = typing.get_type_hints(tp).get(part)
+        last = k == len(parts) - 1
         for member in typing.get_args(tp) if typing.get_origin(tp) is not Literal else ():
-            if isinstance(member, type) and issubclass(member, msgspec.Struct) or typing.get_origin(member) is Literal:
-                tp = member  # `X | None`: the struct or literal inside
+            # `X | None`: the struct or literal inside (`balance: Policy | Balance`: the literal at the end)
+            if (isinstance(member, type) and issubclass(member, msgspec.Struct) and not last) or (
+                    typing.get_origin(member) is Literal and last):
+                tp = member
                 break
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
@@ -498,6 +525,7 @@ def _check_resilience(r: RouteConfig, fail: Any) -> None:
         for i, w in enumerate(r.retry.when):
             if isinstance(w, int) and not 400 <= w <= 599:
                 raise fail(f"retry.when[{i}]", f"{w} is not an HTTP error status (400-599), 'connect' or 'timeout'")
+    _check_balance(r.balancing, fail)
     h = r.health
     if h is not None:
         if not h.path.startswith("/"):
@@ -508,6 +536,23 @@ def _check_resilience(r: RouteConfig, fail: Any) -> None:
         for f in ("unhealthy_after", "healthy_after"):
             if getattr(h, f) < 1:
                 raise fail(f"health.{f}", "must be at least 1")
+
+
+def _check_balance(b: Balance, fail: Any) -> None:
+    if b.spill_margin < 0:
+        raise fail("balance.spill_margin", "must be >= 0 requests")
+    if b.prompts < 2:
+        raise fail("balance.prompts", "must be at least 2")
+    s = b.session
+    if s is None:
+        return
+    if s.header is None and not s.fields:
+        raise fail("balance.session", "name a `header` or `fields` (e.g. header: x-session-id)")
+    if s.header is not None and not _TOKEN.match(s.header):
+        raise fail("balance.session.header", f"{s.header!r} is not a header name")
+    for i, f in enumerate(s.fields):
+        if not f or any(not part for part in f.split(".")):
+            raise fail(f"balance.session.fields[{i}]", f"{f!r} is not a field path (e.g. metadata.user_id)")
 
 
 def _check_limits(max_concurrent: int | None, queue: int, queue_timeout: float, field: str, fail: Any) -> None:

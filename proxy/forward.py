@@ -23,6 +23,7 @@ from .errors import ProxyError, UpstreamStatus
 if TYPE_CHECKING:
     from .adapters import Call
     from .engines import Engine
+    from .balance import Hint
     from .retry import RetryPolicy
     from .routes import Route
     from .upstreams import Upstream
@@ -60,7 +61,11 @@ def prepare(route: Route, scope: dict[str, Any], body: bytes, strip: frozenset[b
         out.append((b"accept-encoding", b"identity"))
     # A face's query (Claude Code's `?beta=true`) means nothing to the completions upstream.
     query = scope.get("query_string", b"") if call.upstream_query else b""
-    return Exchange(route, call, scope["method"], query, out, rid, route.pool.pick())
+    balancer = route.pool.balancer
+    if balancer is None:
+        return Exchange(route, call, scope["method"], query, out, rid, route.pool.pick())
+    # `balance:`: the upstream is chosen when the exchange starts (after any queue), from this hint.
+    return Exchange(route, call, scope["method"], query, out, rid, None, balancer.hint(call, body, client_headers))
 
 
 class Exchange:
@@ -71,10 +76,10 @@ class Exchange:
     """
 
     __slots__ = ("route", "call", "method", "query", "headers", "url", "rid", "upstream", "disconnected", "error",
-                 "span", "engine_wait", "_complete")  # fmt: skip
+                 "span", "engine_wait", "hint", "choice", "_complete")  # fmt: skip
 
     def __init__(self, route: Route, call: Call, method: str, query: bytes, out: headers.Headers, rid: bytes,
-                 upstream: Upstream) -> None:  # fmt: skip
+                 upstream: Upstream | None, hint: Hint | None = None) -> None:  # fmt: skip
         self.route = route
         self.call = call
         self.method = method
@@ -82,8 +87,11 @@ class Exchange:
         # aiohttp takes str pairs; latin-1 maps header bytes one to one.
         self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out]
         self.rid = rid
-        self.upstream = upstream  # which of the route's upstreams the request goes to
-        self.url = self._target(upstream)
+        # Which of the route's upstreams the request goes to; with `balance:` (`hint` set) chosen in `__call__`.
+        self.upstream: Upstream = upstream  # type: ignore[assignment]
+        self.url = self._target(upstream) if upstream is not None else ""
+        self.hint = hint
+        self.choice: str | None = None  # why that upstream (balance.REASONS), on routes with `balance:`
         self.disconnected = False
         self.error: ProxyError | None = None  # what failed, for `observe`
         self.span: tracing.Span | None = None  # only when tracing is on
@@ -91,6 +99,14 @@ class Exchange:
         self._complete = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.hint is not None:
+            try:
+                upstream, self.choice = self.route.pool.balancer.choose(self.hint)  # type: ignore[union-attr]
+            except ProxyError as exc:  # every upstream out by health checks
+                observe.rejected(scope, exc, self.rid, self.route.face)
+                await send_error(send, exc, self.rid, self.route.face)
+                return
+            self._move(upstream)
         state = scope["app"].state
         client: aiohttp.ClientSession = state.client
         slots: UpstreamSlots = getattr(state, "slots", UNLIMITED)  # an app made by create_app has its own
@@ -136,6 +152,8 @@ class Exchange:
             if engine is not None:
                 engine.leave()
             watcher.cancel()
+            if self.hint is not None:
+                self.route.pool.balancer.release(self.upstream)  # type: ignore[union-attr]
             observe.finish(meter, self, scope)
             if self.span is not None:
                 self.span.end(self, meter)
@@ -335,6 +353,9 @@ class Exchange:
         return True
 
     def _move(self, upstream: Upstream) -> None:
+        if self.hint is not None and self.url and upstream is not self.upstream:  # a failover, not the first choice
+            self.route.pool.balancer.moved(self.hint, self.upstream, upstream)  # type: ignore[union-attr]
+            self.choice = "failover"
         self.upstream = upstream
         self.url = self._target(upstream)
 

@@ -44,6 +44,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .balance import REASONS
 from .errors import ProxyError, render
 from .request_model import UNREAD, Unread, model_or_none
 from .scope_keys import CALLER_KEY, METER_KEY
@@ -124,6 +125,10 @@ limit_rejections = Counter(
 )
 retries = Counter("llmproxy_retries", "Upstream requests sent again, by the reason (status, connect, timeout).",
                   ["route", "reason"])
+upstream_choices = Counter(
+    "llmproxy_upstream_choices", "Requests sent to each upstream of a route with `balance:`, by why it was chosen: "
+    f"{', '.join(REASONS)}.", ["route", "upstream", "reason"],
+)
 upstream_up = Gauge(
     "llmproxy_upstream_up", "1 while the upstream takes requests, 0 while it is skipped as down.", ["route", "upstream"],
     multiprocess_mode="livemin",
@@ -189,6 +194,7 @@ _completion_tokens = _Children(completion_tokens)
 _key_requests = _Children(key_requests)
 limit_children = (_Children(limit_in_flight), _Children(limit_queued), _Children(limit_wait), _Children(limit_rejections))
 _ttft = _Children(ttft)
+_upstream_choices = _Children(upstream_choices)
 _tpot = _Children(tpot)
 
 
@@ -216,6 +222,7 @@ class RequestRecord(msgspec.Struct, tag_field="event", tag="access"):
     key: str | None = None  # the keys file entry's name, never the key
     ttft_ms: float | None = None  # streams: time to the first token event
     tpot_ms: float | None = None  # streams with usage: time per output token after the first
+    choice: str | None = None  # routes with `balance:`: why this upstream (affinity, spill, session, ...)
     engine_wait_ms: float | None = None  # `engine:` routes: time spent waiting for the engine to start; null: it ran
 
 
@@ -294,6 +301,7 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
             upstream=exchange.upstream.label,
             error=name,
             usage=usage,
+            choice=exchange.choice,
             engine_wait=exchange.engine_wait,
         ),
         model=model_label(route, model),
@@ -340,6 +348,8 @@ def record(rec: RequestRecord, *, model: str = OTHER, kind: str | None = None) -
         _key_requests(rec.key, rec.status).inc()
     if rec.status in (401, 403):
         auth_failures.labels(status=str(rec.status)).inc()
+    if rec.choice is not None:
+        _upstream_choices(route, rec.upstream, rec.choice).inc()
     if rec.ttft_ms is not None:
         _ttft(route, model).observe(rec.ttft_ms / 1000)
         if rec.tpot_ms is not None:
@@ -480,6 +490,7 @@ def _record(
     upstream: str | None = None,
     error: str | None = None,
     usage: tuple[int, int] | None = None,
+    choice: str | None = None,
     engine_wait: float | None = None,
 ) -> RequestRecord:
     now = perf_counter()
@@ -517,6 +528,7 @@ def _record(
         key=_caller_name(scope),
         ttft_ms=ttft_ms,
         tpot_ms=tpot_ms,
+        choice=choice,
         engine_wait_ms=round(engine_wait * 1000, 3) if engine_wait is not None else None,
     )
 

@@ -58,7 +58,7 @@ class Route:
         # An engine's `${PORT}` is known once it starts: until then the URL names port 0 (nothing is
         # sent before the engine runs; `Engine` moves the upstream to its port at each start).
         self.upstreams = tuple(u.replace(PORT, "0") for u in config.upstreams) if config.engine else config.upstreams
-        self.pool = Pool(config.name, self.upstreams, config.health)
+        self.pool = Pool(config.name, self.upstreams, config.health, config.balancing)
         self.limits = config.limits  # None: the gate takes no slot (one attribute test per request)
         self.retry = RetryPolicy(config.retry) if config.retry is not None else None
         self.defaults: Headers = normalize(config.default_headers)

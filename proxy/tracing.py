@@ -198,6 +198,9 @@ class Span:
             span.set_attribute("gen_ai.response.finish_reasons", list(dict.fromkeys(self.finish_reasons)))
         if meter.status is not None:
             span.set_attribute("http.response.status_code", meter.status)
+        if exchange.choice is not None:  # `balance:`: which upstream served, and why
+            span.set_attribute("llmproxy.upstream", exchange.upstream.label)
+            span.set_attribute("llmproxy.upstream.choice", exchange.choice)
         err = exchange.error
         if err is not None or (meter.status or 0) >= 500 or exchange.disconnected:
             # An upstream's own status is the error type (OTel's HTTP convention); its `code` is a string or null.

@@ -1,10 +1,8 @@
 """A route's upstream list: which base URL gets the next request, and which ones are down.
 
-Round-robin rather than least-outstanding: it costs one counter step per
-request and no accounting that every exit path of the forwarder (client gone,
-upstream reset, shutdown) would have to undo; with `--workers N` each worker
-only sees its own share anyway, so "least outstanding" would be per-worker
-guesswork; and LLM servers (vLLM, llama.cpp) queue and batch internally.
+Round-robin by default: one counter step per request and no accounting.
+`balance:` chooses otherwise (least-busy, prefix affinity, sessions:
+proxy/balance.py), for LLM servers whose prefix caches make replicas unequal.
 
 Without `health:`, health is passive: a connect failure marks an upstream
 down for `DOWN_FOR` seconds, during which the others get its turn; after that
@@ -21,6 +19,11 @@ A skipped upstream's turn goes to the next one up, and the turn then resumes
 after the one picked: with one of three down, the other two share its
 traffic evenly (resuming at the fixed next slot gave the first one up after
 the down one twice the share of the other).
+
+With `balance:` (proxy/balance.py) the route's `Balancer` chooses instead, and
+then each member counts its requests in flight (`busy`): the one place that
+ends an exchange (`Exchange.__call__`'s `finally`) gives the count back. A
+member marked down forgets the prompts it served.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from . import observe
 from .errors import NoHealthyUpstream
 
 if TYPE_CHECKING:
-    from .config import Health
+    from .balance import Balancer
+    from .config import Balance, Health
 
 log = logging.getLogger("llmproxy.upstreams")
 
@@ -46,7 +50,7 @@ DOWN_FOR = 10.0  # seconds an upstream sits out after a connect failure
 class Upstream:
     """One base URL of a route, with its passive health."""
 
-    __slots__ = ("url", "label", "origin", "down_until", "reason", "fails", "passes", "next_check")
+    __slots__ = ("url", "label", "origin", "down_until", "reason", "fails", "passes", "next_check", "busy", "epoch")
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -58,6 +62,12 @@ class Upstream:
         self.fails = 0  # consecutive failures (with `health:`)
         self.passes = 0  # consecutive passed checks while out
         self.next_check = 0.0  # monotonic time of the next health check
+        self.busy = 0  # requests in flight here (counted only on routes with `balance:`)
+        self.epoch = 0  # `balance: prefix` ignores the prompts it remembers of an older epoch
+
+    def forget(self) -> None:
+        """Marked down: its engine may come back with an empty cache."""
+        self.epoch += 1
 
     def moved(self, url: str) -> None:
         """The server behind it now listens at `url` (a route's `engine:` started on a new port):
@@ -95,13 +105,19 @@ def models_url(upstream: str) -> str:
 class Pool:
     """The upstreams of one route, in file order."""
 
-    __slots__ = ("route", "members", "health", "_turn")
+    __slots__ = ("route", "members", "health", "balancer", "_turn")
 
-    def __init__(self, route: str, urls: Sequence[str], health: Health | None = None) -> None:
+    def __init__(self, route: str, urls: Sequence[str], health: Health | None = None,
+                 balance: Balance | None = None) -> None:  # fmt: skip
         self.route = route
         self.members = tuple(Upstream(u) for u in urls)
         self.health = health
         self._turn = 0
+        self.balancer: Balancer | None = None  # None: round-robin by `pick`, nothing counted
+        if balance is not None and (balance.policy != "round-robin" or balance.session is not None):
+            from .balance import Balancer
+
+            self.balancer = Balancer(self, balance)
 
     def pick(self) -> Upstream:
         """The upstream for a new request: the next one in turn that is not sitting out.
@@ -124,6 +140,25 @@ class Pool:
             raise self.all_out_error()
         self._turn = (start + 1) % n
         return members[start]  # all down: try anyway rather than refuse; it may be back
+
+    def least_busy(self, among: Sequence[Upstream]) -> Upstream:
+        """The member of `among` with the fewest requests in flight; ties go in turn (`turned`
+        moves the turn past the one chosen), so an idle fleet is not served by its first member."""
+        members = self.members
+        n = len(members)
+        start = self._turn
+        best: Upstream | None = None
+        for k in range(n):
+            i = (start + k) % n
+            m = members[i]
+            if m in among and (best is None or m.busy < best.busy):
+                best = m
+        assert best is not None
+        return best
+
+    def turned(self, member: Upstream) -> None:
+        """`member` was chosen as the least busy: the next tie starts after it."""
+        self._turn = (self.members.index(member) + 1) % len(self.members)
 
     def next_after(self, tried: Sequence[Upstream]) -> Upstream | None:
         """Failover: the next upstream not tried yet for this request, healthy ones first
@@ -158,6 +193,7 @@ class Pool:
         member.down_until = now + DOWN_FOR
         member.reason = reason
         if was_up:
+            member.forget()
             self._publish(member, False)
         if not logged:
             log.warning(
@@ -195,6 +231,7 @@ class Pool:
         member.reason = reason
         if member.down_until != math.inf and member.fails >= health.unhealthy_after:
             member.down_until = math.inf
+            member.forget()
             self._publish(member, False)
             log.warning("upstream %s of route %r is out after %d failure(s) in a row, until its health checks "
                         "pass: %s", member.url, self.route, member.fails, reason)

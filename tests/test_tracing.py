@@ -208,3 +208,12 @@ def test_serve_exports_over_otlp_http(upstream, routes_dir, tmp_path):
 )
 def test_output_content_is_read_from_every_face(answer):
     assert tracing._output_messages(answer) == '[{"role":"assistant","content":"Hi there"}]'
+
+
+def test_a_balanced_route_names_the_upstream_and_why_on_the_span(upstream, routes_dir, spans):
+    folder = routes_dir(c=f"path: /v1/completions\nupstream: [{upstream.url}/v1/completions]\nbalance: least-busy\n")
+    with run_app(create_app(RouteTable.from_dir(folder))) as base:
+        assert httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": "p"}).status_code == 200
+    (span,) = spans.get_finished_spans()
+    assert span.attributes["llmproxy.upstream"] == f"{upstream.url}/v1/completions"
+    assert span.attributes["llmproxy.upstream.choice"] == "least-busy"

@@ -49,6 +49,9 @@ class Call(Protocol):
     # (prompt_tokens, completion_tokens) the upstream reported, for metrics and traces, once
     # the answer is read. Default None: not known.
     usage: tuple[int, int] | None
+    # The text the upstream will put in its prefix cache: a translating call's rendered prompt,
+    # which `balance: prefix` hashes. Default None: the balancer reads the client's body.
+    prompt: str | None
     # `kept(owner)`: (id, record) to store once the whole answer is made, for a later request to
     # continue (the Responses face's `previous_response_id`; proxy/state.py keeps it). Default
     # None: the call keeps nothing, and the gateway does not look.
@@ -79,6 +82,7 @@ class CallBase:
     upstream_query = True
     drop_headers: frozenset[bytes] = frozenset()
     usage: tuple[int, int] | None = None
+    prompt: str | None = None
     kept: Callable[[str], tuple[str, bytes] | None] | None = None
 
     def retarget(self, url: str) -> str | None:

@@ -533,6 +533,11 @@ class TurnCall(CallBase):
             await turn.ready(session, url, headers)
             self.body = turn.body
 
+    @property
+    def prompt(self) -> str:
+        """The rendered prompt as sent: what the engine caches (`balance: prefix` keys on it)."""
+        return self.turn.plan.doc["prompt"]  # type: ignore[no-any-return]
+
 
 def call_id() -> str:
     return "call_" + os.urandom(12).hex()
