@@ -3,7 +3,7 @@ stopped when idle, swapped within a group, restarted after a crash, never left b
 
 The engine is tests/engine_script.py, a small loopback server with knobs (slow to load,
 failing, crashing, deaf to SIGTERM) that writes a file per process start and exit; the
-same behaviours run against the real llama-server in tests/engine/test_ondemand.py.
+same behaviours run against the real llama-server in tests/engine/test_engine_ondemand.py.
 """
 
 from __future__ import annotations
