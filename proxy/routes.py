@@ -24,7 +24,7 @@ from .headers import Headers, normalize
 from .request_model import UNREAD, Unread, model_of
 from .retry import RetryPolicy
 from .transport import route_timeout
-from .upstreams import Pool
+from .upstreams import Pool, upstream_label
 
 
 class _ModelEntry(msgspec.Struct):
@@ -59,6 +59,8 @@ class Route:
         # sent before the engine runs; `Engine` moves the upstream to its port at each start).
         self.upstreams = tuple(u.replace(PORT, "0") for u in config.upstreams) if config.engine else config.upstreams
         self.pool = Pool(config.name, self.upstreams, config.health, config.balancing)
+        if config.engine:  # logs and metrics name the URL as written: a series per start would grow without end
+            self.pool.members[0].label = upstream_label(config.upstreams[0])
         self.limits = config.limits  # None: the gate takes no slot (one attribute test per request)
         self.retry = RetryPolicy(config.retry) if config.retry is not None else None
         self.defaults: Headers = normalize(config.default_headers)

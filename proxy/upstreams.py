@@ -72,8 +72,7 @@ class Upstream:
     def moved(self, url: str) -> None:
         """The server behind it now listens at `url` (a route's `engine:` started on a new port):
         a fresh start, its passive health forgotten."""
-        self.url = url
-        self.label = upstream_label(url)
+        self.url = url  # `label` stays: the URL as written, so restarts add no metric series
         parts = urlsplit(url)
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.down_until = 0.0
@@ -88,7 +87,10 @@ class Upstream:
 def upstream_label(url: str) -> str:
     """`scheme://host:port/path`: no user-info (a password), no query (a key)."""
     parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # an `engine:` route's `${PORT}`, kept as written: one label whatever port a start picks
+        port = ":" + parts.netloc.rpartition(":")[2]
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 

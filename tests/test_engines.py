@@ -259,6 +259,22 @@ def test_idle_stop_never_cuts_a_stream_and_the_next_request_starts_it_again(rout
     assert len(starts(log_dir)) == 2
 
 
+def test_restarts_keep_one_upstream_label_in_logs_and_metrics(routes_dir, serve_holder, log_dir, access_lines):
+    """Each start picks a new `${PORT}`; the access log's `upstream` and the metric series keep
+    the URL as written, so a long-lived proxy does not grow one series per restart."""
+    name = unique("label")
+    base = serve_holder(routes_dir(a=engine_route(name, log_dir, engine="idle_ttl: 0.3\n") + "balance: least-busy\n"))
+    for n in (1, 2, 3):
+        assert complete(base).status_code == 200
+        wait_for(lambda n=n: metric("llmproxy_engine_stops_total", route=name, cause="idle") == n, what="idle stop")
+    assert len(starts(log_dir)) == 3, "three processes, three ports"
+    wait_for(lambda: len(access_lines()) == 3, what="three access lines")
+    assert {line["upstream"] for line in access_lines()} == {"http://127.0.0.1:${PORT}/v1/completions"}
+    series = {s.labels["upstream"] for family in observe.REGISTRY.collect() for s in family.samples
+              if s.labels.get("route") == name and "upstream" in s.labels}  # fmt: skip
+    assert series == {"http://127.0.0.1:${PORT}/v1/completions"}, series
+
+
 def test_each_request_starts_the_idle_clock_again(routes_dir, serve_holder, log_dir):
     base = serve_holder(routes_dir(a=engine_route(unique("busy"), log_dir, engine="idle_ttl: 1\n")))
     pid = int(complete(base).headers["x-engine-pid"])
