@@ -101,6 +101,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Someone binds `port` now. SO_REUSEADDR, as servers set it: a closed connection's TIME_WAIT
+    does not count, a listener (on this address or on all) does."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
 class _Start:
     """One start under way and the requests waiting for it: admitted together when it succeeds
     (before anything else can run), so a group switch or a reload cannot strand them."""
@@ -335,7 +347,25 @@ class Engine:
             self._idle_from_now()
 
     async def _launch(self) -> None:
-        """Spawn the command on a fresh port and poll its health until it passes."""
+        """Spawn the command on a fresh port and poll its health until it passes. The port is
+        free when picked but not held (the engine binds it later): if the engine exits before it
+        is ready while another process holds that port now, it lost that race, and is started once
+        more on another port, within the same `start_timeout`. (llama-server logs "couldn't bind
+        HTTP server socket" and exits, tools/server/server.cpp; uvicorn under vLLM exits on
+        EADDRINUSE.)"""
+        deadline = time.monotonic() + self.config.start_timeout
+        try:
+            await self._spawn(deadline)
+        except EngineStartFailed:
+            proc = self.proc
+            if proc is None or proc.returncode is None or not port_taken(self.port):
+                raise
+            log.warning("engine of route %r exited before it was ready, and port %d is now held by another "
+                        "process: starting it again on another port", self.name, self.port)  # fmt: skip
+            await self._kill()  # it has exited: this takes what it left in its process group
+            await self._spawn(deadline)
+
+    async def _spawn(self, deadline: float) -> None:
         cfg = self.config
         self.port = port = free_port()
         argv = [a.replace(PORT, str(port)) for a in cfg.argv]
@@ -355,12 +385,12 @@ class Engine:
         self._spawn_task(self._pump(proc))
         self._spawn_task(self._watch(proc))
         health = self._origin() + cfg.health
-        deadline = time.monotonic() + cfg.start_timeout
         pause = HEALTH_POLL[0]
         while True:
             if proc.returncode is not None:
                 await asyncio.sleep(0.05)  # the last lines may still be in the pipe
-                raise self._start_error(f"exited with code {proc.returncode} before it was ready")
+                taken = f" (port {port}, its ${{PORT}}, is held by another process)" if port_taken(port) else ""
+                raise self._start_error(f"exited with code {proc.returncode} before it was ready{taken}")
             if await self._healthy(health):
                 return
             now = time.monotonic()

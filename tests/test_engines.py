@@ -216,6 +216,43 @@ def test_a_timed_out_start_is_answered_before_the_engine_is_made_to_exit(routes_
     wait_for(lambda: not alive(pid), within=15, what="the deaf engine killed after stop_timeout")
 
 
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another process holds: listening on 127.0.0.1, never answering."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_an_engine_that_lost_its_port_to_another_process_starts_once_more_on_another(
+        routes_dir, serve_holder, log_dir, taken_port, monkeypatch):  # fmt: skip
+    """`${PORT}` is free when picked, but the engine binds it later: taken meanwhile, the start
+    is tried once more on a new port instead of answering 503."""
+    from proxy import engines
+
+    picks = iter([taken_port])
+    monkeypatch.setattr(engines, "free_port", lambda: next(picks, None) or free_port())
+    base = serve_holder(routes_dir(a=engine_route(unique("race"), log_dir)))
+    r = complete(base)
+    assert r.status_code == 200, r.text
+    first, second = starts(log_dir)
+    assert int(r.headers["x-engine-pid"]) == second, "the second process, on its own port, served"
+    assert not alive(first)
+
+
+def test_an_engine_whose_port_is_always_taken_says_so(routes_dir, serve_holder, log_dir, taken_port, monkeypatch):
+    from proxy import engines
+
+    monkeypatch.setattr(engines, "free_port", lambda: taken_port)
+    base = serve_holder(routes_dir(a=engine_route(unique("taken"), log_dir)))
+    r = complete(base)
+    assert r.status_code == 503, r.text
+    assert f"(port {taken_port}, its ${{PORT}}, is held by another process)" in r.json()["error"]["message"]
+
+
 def test_a_crash_is_noticed_restarted_and_repeated_crashes_back_off(routes_dir, serve_holder, log_dir):
     name = unique("crashy")
     base = serve_holder(routes_dir(a=engine_route(name, log_dir, "--exit-after", "1")))
