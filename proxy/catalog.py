@@ -39,9 +39,11 @@ _cache: dict[str, Any] = {"table": None, "at": 0.0, "found": []}  # the ids each
 def learners(table: RouteTable) -> list[Route]:
     """Routes whose names can only be learned from their upstream: glob-only routes, and
     fallback routes with `upstream_model: auto` (listed under the model their upstream serves,
-    which is a name they accept, instead of their route name)."""
-    return [r for r in table.routes if (r.models and all(is_glob(g) for g in r.models) and not r.config.upstream_model)
-            or (not r.models and r.config.upstream_model == served.AUTO)]
+    which is a name they accept, instead of their route name). Never a route with `engine:`: its
+    names would come and go as its engine starts and stops; it is listed by its file."""
+    return [r for r in table.routes if r.engine is None and (
+            (r.models and all(is_glob(g) for g in r.models) and not r.config.upstream_model)
+            or (not r.models and r.config.upstream_model == served.AUTO))]  # fmt: skip
 
 
 class _EngineEntry(msgspec.Struct):

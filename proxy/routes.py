@@ -272,6 +272,10 @@ def _route_warnings(r: Route) -> list[str]:
         f"{', '.join(c.upstreams)}; set {var} to your model server's address"
         for var in dict.fromkeys(c.env_defaults)
     ]
+    if r.engine is not None and r.models and all(is_glob(g) for g in r.models):
+        out.append(f"{c.source}: models: names only globs, and a route with engine: is listed in /v1/models by the "
+                   "exact names of its file (its engine is not asked: it may be stopped), so none of its models is "
+                   "listed; add the model's exact name to models:")
     family = _template_family(c)
     return [*out, family] if family else out
 

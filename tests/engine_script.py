@@ -5,6 +5,7 @@ Speaks what the proxy needs of llama-server / vLLM: `GET /health` (503 while "lo
 
   --port P              where to listen (the route passes ${PORT})
   --name N              put in every answer (tells two engines apart)
+  --model-id ID         what `GET /v1/models` lists (default: the name)
   --load-seconds S      /health answers 503 for S seconds first (a model loading)
   --fail TEXT           print TEXT on stderr and exit 1 at once (a bad model path)
   --exit-after N        exit with code 3 after answering N completions (a crash)
@@ -33,6 +34,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--name", default="engine")
+    p.add_argument("--model-id", default=None)
     p.add_argument("--load-seconds", type=float, default=0.0)
     p.add_argument("--fail", default=None)
     p.add_argument("--exit-after", type=int, default=0)
@@ -88,6 +90,9 @@ def main() -> None:
                     self._json(503, {"error": {"code": 503, "message": "Loading model"}})
                 else:
                     self._json(200, {"status": "ok"})
+                return
+            if self.path == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": a.model_id or a.name, "object": "model"}]})
                 return
             self._json(404, {"error": "not found"})
 

@@ -24,11 +24,12 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy import observe
+from proxy import catalog, observe
 from proxy.app import create_app
 from proxy.config import load_dir
 from proxy.errors import ConfigError
 from proxy.reload import TableHolder
+from proxy.routes import RouteTable
 from servers import free_port, run_app, stop, wait_ready
 
 SCRIPT = Path(__file__).resolve().parent / "engine_script.py"
@@ -580,6 +581,28 @@ def test_a_replaced_worker_never_loads_an_engine_route(routes_dir, upstream, log
     monkeypatch.setenv(LAST_GOOD_ENV, str(last_good))
     assert holder.reload(force=True) is False, "a worker's own reload refuses it too"
     assert [r.name for r in holder.current.routes] == ["plain"]
+
+
+def test_an_engine_route_is_listed_by_its_file_whether_its_engine_runs_or_not(routes_dir, serve_holder, log_dir,
+                                                                              monkeypatch):  # fmt: skip
+    """`/v1/models` never asks an engine for its names: they would come and go with the engine.
+    Names a glob only stands for are not listed, and `check` says so."""
+    name = unique("globbed")
+    folder = routes_dir(a=engine_route(name, log_dir, "--model-id", "qwen-7b", models="'qwen*'",
+                                       engine="idle_ttl: 0.5\n"))  # fmt: skip
+    monkeypatch.setattr(catalog, "TTL", 0.0)  # each listing asks again whatever it would ask
+    base = serve_holder(folder)
+    assert models(base) == {}
+    assert complete(base, "qwen-7b").status_code == 200
+    assert models(base) == {}, "the running engine's own list is not asked"
+    assert httpx.get(f"{base}/v1/models/qwen-7b", timeout=5).json()["status"] == {"value": "loaded"}
+    wait_for(lambda: metric("llmproxy_engine_stops_total", route=name, cause="idle") == 1, what="idle stop")
+    assert httpx.get(f"{base}/v1/models/qwen-7b", timeout=5).json()["status"] == {"value": "unloaded"}
+
+    (warning,) = [w for w in RouteTable.from_dir(folder).warnings() if "engine" in w]
+    assert "a.yaml: models: names only globs, and a route with engine: is listed in /v1/models" in warning
+    (folder / "a.yaml").write_text(engine_route(name, log_dir, models="'qwen*', qwen-7b"))
+    assert RouteTable.from_dir(folder).warnings() == []
 
 
 def test_preload_starts_an_engine_before_any_request_and_never_evicts_one(routes_dir, serve_holder, log_dir):
