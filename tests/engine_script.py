@@ -9,6 +9,8 @@ Speaks what the proxy needs of llama-server / vLLM: `GET /health` (503 while "lo
   --load-seconds S      /health answers 503 for S seconds first (a model loading)
   --fail TEXT           print TEXT on stderr and exit 1 at once (a bad model path)
   --exit-after N        exit with code 3 after answering N completions (a crash)
+  --die-on PROMPT       exit with code 3 on a completion of this prompt, before answering it
+                        (or, streamed, after its first event): a crash with requests in flight
   --ignore-term         ignore SIGTERM (only SIGKILL stops it)
   --events N --interval S   streamed answers: N events, S seconds apart
   --log DIR             write DIR/<pid>.start at start and DIR/<pid>.exit at exit (monotonic
@@ -39,6 +41,7 @@ def main() -> None:
     p.add_argument("--fail", default=None)
     p.add_argument("--exit-after", type=int, default=0)
     p.add_argument("--ignore-term", action="store_true")
+    p.add_argument("--die-on", default=None)
     p.add_argument("--events", type=int, default=3)
     p.add_argument("--interval", type=float, default=0.0)
     p.add_argument("--log", default=None)
@@ -99,6 +102,10 @@ def main() -> None:
         def do_POST(self) -> None:  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
             text = f"{a.name} pid {pid}" + (f" {os.environ['ENGINE_GREETING']}" if "ENGINE_GREETING" in os.environ else "")
+            dies = a.die_on is not None and body.get("prompt") == a.die_on
+            if dies and not body.get("stream"):
+                print(f"engine {a.name}: dying on a request", flush=True)
+                os._exit(3)
             if body.get("stream"):
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
@@ -110,6 +117,9 @@ def main() -> None:
                              "choices": [{"index": 0, "text": f"{text} #{i} ", "finish_reason": None}]}
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
+                    if dies:
+                        print(f"engine {a.name}: dying in a stream", flush=True)
+                        os._exit(3)
                     time.sleep(a.interval)
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()

@@ -278,6 +278,25 @@ def test_a_crash_is_noticed_restarted_and_repeated_crashes_back_off(routes_dir, 
     assert len(starts(log_dir)) == 3
 
 
+def test_a_crash_with_requests_in_flight_gives_them_the_usual_upstream_error(routes_dir, serve_holder, log_dir):
+    name = unique("dies")
+    base = serve_holder(routes_dir(a=engine_route(name, log_dir, "--die-on", "die")))
+    assert complete(base).status_code == 200
+    r = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": "die"}, timeout=30)
+    # It died on a reused connection without a byte of answer: sent once more on a new connection
+    # (README "Reused connections"), which its port refuses.
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable", r.text
+    wait_for(lambda: metric("llmproxy_engine_stops_total", route=name, cause="crash") == 1, what="the crash seen")
+    assert complete(base).status_code == 200, "the next request starts it again"
+
+    streamed = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": "die", "stream": True}, timeout=30)
+    # The script ends its streams by closing the connection (no chunked encoding), so a death looks
+    # like an end to HTTP: the client sees the stream stop before `[DONE]`.
+    assert streamed.status_code == 200 and streamed.text.count("data: ") == 1, streamed.text
+    wait_for(lambda: metric("llmproxy_engine_stops_total", route=name, cause="crash") == 2, what="the second crash")
+    assert len(starts(log_dir)) == 2
+
+
 # --- idle ------------------------------------------------------------------------------------------
 
 
