@@ -11,6 +11,7 @@ import pydantic
 import pytest
 
 from faces_util import said, sse_events, tokenized
+from servers import run_mock
 
 ROUTE = """
     name: qwen-responses
@@ -351,3 +352,62 @@ def test_store_false_keeps_nothing(responses):
     assert r.store is False
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="q", input="again", previous_response_id=r.id)
+
+
+# --- logprobs ------------------------------------------------------------------------------------
+
+LP_TEXT = "Paris is the capital."
+
+
+@pytest.mark.parametrize("dialect", ["llama.cpp", "vllm"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_are_carried_in_the_output_text(routes_dir, proxy_for, dialect, stream):
+    """`include: ["message.output_text.logprobs"]` + `top_logprobs`: each token's logprob in the
+    `output_text` part, and streamed in each `response.output_text.delta` (the SDK's types)."""
+    with run_mock(dialect) as mock:
+        folder = routes_dir(responses=f"path: /v1/responses\nupstream: {mock.url}/v1/completions\n"
+                                      f"adapter: responses-to-completions\ndialect: {dialect}\n")
+        client = openai.OpenAI(base_url=f"{proxy_for(folder)}/v1", api_key="k", max_retries=0, timeout=10)
+        kw = {"model": "m", "input": "Hi", "include": ["message.output_text.logprobs"], "top_logprobs": 2,
+              "extra_headers": said(LP_TEXT)}
+        if stream:
+            with client.responses.stream(**kw) as s:
+                events = list(s)
+                final = s.get_final_response()
+            deltas = [e for e in events if e.type == "response.output_text.delta"]
+            streamed = [lp for e in deltas for lp in e.logprobs]
+            assert "".join(lp.token for lp in streamed) == LP_TEXT
+            assert all(len(e.logprobs) == 1 and e.logprobs[0].token == e.delta for e in deltas)
+            (done,) = [e for e in events if e.type == "response.output_text.done"]
+            assert [lp.token for lp in done.logprobs] == [lp.token for lp in streamed]
+        else:
+            final = client.responses.create(**kw)
+        sent = json.loads(mock.requests[-1].body)
+    assert sent["logprobs"] == 2
+    part = final.output[0].content[0]
+    assert part.text == LP_TEXT and "".join(lp.token for lp in part.logprobs) == LP_TEXT
+    for lp in part.logprobs:
+        assert lp.logprob < 0 and lp.bytes == list(lp.token.encode())
+        assert len(lp.top_logprobs) == 2 and lp.top_logprobs[0].token == lp.token
+
+
+@pytest.mark.parametrize("ask", [{"include": ["message.output_text.logprobs"]}, {"top_logprobs": 3}, {}])
+def test_logprobs_only_when_asked(responses, ask):
+    """The `include` entry alone gives the sampled tokens' logprobs; `top_logprobs` alone asks too
+    (rather than an empty list); neither: none asked upstream, `logprobs: []` as OpenAI answers."""
+    with run_mock("vllm") as mock:
+        client, _ = responses(upstream_url=mock.url)
+        part = client.responses.create(model="m", input="Hi", extra_headers=said(LP_TEXT), **ask).output[0].content[0]
+        sent = json.loads(mock.requests[-1].body)
+    if ask:
+        assert sent["logprobs"] == ask.get("top_logprobs", 0)
+        assert "".join(lp.token for lp in part.logprobs) == LP_TEXT
+    else:
+        assert "logprobs" not in sent and part.logprobs == []
+
+
+def test_top_logprobs_out_of_range_is_a_400(responses):
+    client, _ = responses()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="m", input="Hi", top_logprobs=21)
+    assert err.value.param == "top_logprobs"
