@@ -105,14 +105,16 @@ def test_logprobs_reach_the_responses_client(base, stream):
 
 
 @pytest.mark.parametrize("field", [{"logprobs": True}, {"top_logprobs": 2}])
-def test_the_messages_face_says_it_has_no_logprobs_rather_than_ignoring_them(base, field):
-    """The Messages API has no logprobs; a client that asks for them gets a 400, not an answer without."""
+def test_the_messages_face_says_it_has_no_logprobs_rather_than_ignoring_them(base, llama, field):
+    """The Messages API has no logprobs; a client that asks for them gets a 400, not an answer without.
+    (Other fields it does not define are ignored and not sent upstream, as the README says.)"""
     a = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0, timeout=10,
                             default_headers={"x-mock-text": TEXT})
     with pytest.raises(anthropic.BadRequestError) as err:
         a.messages.create(model="m", max_tokens=32, messages=USER, extra_body=field)
     assert "no logprobs" in err.value.message
-    assert a.messages.create(model="m", max_tokens=32, messages=USER, extra_body={"logprobs": False}).content
+    assert a.messages.create(model="m", max_tokens=32, messages=USER, extra_body={"logprobs": False, "seed": 7}).content
+    assert not {"logprobs", "seed"} & set(json.loads(llama.requests[-1].body))
 
 
 def test_no_logprobs_unless_asked(base):
