@@ -3,6 +3,7 @@ with the mock legacy-completions upstream behind the proxy."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -11,6 +12,8 @@ import pydantic
 import pytest
 
 from faces_util import said, sse_events, tokenized
+from proxy.adapters.registry import make_adapter
+from proxy.config import RouteConfig
 from servers import run_mock
 
 ROUTE = """
@@ -411,3 +414,42 @@ def test_top_logprobs_out_of_range_is_a_400(responses):
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model="m", input="Hi", top_logprobs=21)
     assert err.value.param == "top_logprobs"
+
+
+def test_logprobs_of_held_back_text_are_each_reported_once():
+    """Tokens whose text the proxy held (a template stop string begun, then completed and cut) still
+    reach the client once: streamed in a last, empty delta, and in the part's list, as the whole answer."""
+    config = RouteConfig(name="r", path="/v1/responses", upstream="http://127.0.0.1:9/v1/completions",
+                         adapter="responses-to-completions", dialect="llama.cpp")
+    adapter = make_adapter(config)
+    tokens = ["Paris", " is", "<|im", "_end|>"]
+
+    def event(tok: str | None) -> dict:
+        lp = None if tok is None else {"content": [{"id": 1, "token": tok, "bytes": list(tok.encode()),
+                                                    "logprob": -0.5, "top_logprobs": []}]}
+        return {"id": "chatcmpl-x", "created": 1, "choices": [{"index": 0, "text": tok or "", "logprobs": lp,
+                                                               "finish_reason": None if tok else "stop"}]}
+
+    sse = [b"data: " + json.dumps(event(t)).encode() + b"\n\n" for t in [*tokens, None]] + [b"data: [DONE]\n\n"]
+    body = {"model": "m", "input": "Hi", "include": ["message.output_text.logprobs"], "stream": True}
+    call = adapter.request(json.dumps(body).encode())
+
+    async def relay() -> bytes:
+        async def chunks():
+            for c in sse:
+                yield c
+        return b"".join([out async for out in call.events(chunks())])
+
+    events = [json.loads(line[6:]) for line in asyncio.run(relay()).split(b"\n") if line.startswith(b"data: {")]
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert "".join(e["delta"] for e in deltas) == "Paris is"
+    assert [i["token"] for e in deltas for i in e["logprobs"]] == tokens
+    (done,) = [e for e in events if e["type"] == "response.output_text.done"]
+    assert [i["token"] for i in done["logprobs"]] == tokens
+
+    whole = adapter.request(json.dumps({**body, "stream": False}).encode())
+    items = [event(t)["choices"][0]["logprobs"]["content"][0] for t in tokens]
+    doc = {"id": "chatcmpl-x", "created": 1, "choices": [{"index": 0, "text": "Paris is<|im_end|>",
+                                                          "finish_reason": "stop", "logprobs": {"content": items}}]}
+    part = json.loads(whole.response(json.dumps(doc).encode()))["output"][0]["content"][0]
+    assert part["text"] == "Paris is" and [i["token"] for i in part["logprobs"]] == tokens
