@@ -337,12 +337,12 @@ def test_in_process_quota_windows_move_with_the_clock():
     local = Local()
     now = [60 * 20_000 + 20.0]  # 20 s into a minute
     local.clock = lambda: now[0]
-    assert local.admit("k", 30, 0, 0) == ("", 0, 0)
+    assert local.admit("k", 30, 0, 0) == ("", 20_000, 20_000 * 60 // 86400)  # counted in this minute and day
     local.charge("k", 20, 25)
     assert local.admit("k", 30, 0, 0) == ("tokens_per_minute", 45, 40)
     assert local.admit("k", 0, 0, 1) == ("requests_per_minute", 1, 40)
     now[0] += 40
-    assert local.admit("k", 30, 0, 1) == ("", 0, 0)
+    assert local.admit("k", 30, 0, 1)[0] == ""
     (u,) = local.usage(["k"])
     assert (u.minute_requests, u.day_tokens, u.requests, u.prompt_tokens) == (1, 45, 2, 20)
 
@@ -400,3 +400,45 @@ def test_without_a_store_a_messages_route_refuses_over_quota_in_anthropics_shape
         assert "requests_per_minute quota (1 of 1 used in this minute)" in err["error"]["message"]
         (usage,) = c.get(f"{base}/v1/usage").json()["data"]
         assert usage["shared"] is False and usage["minute"]["requests"] == 1 and usage["total"]["tokens"] > 0
+
+
+DAVE = "sk-dave-0123456789abcdefg"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "store"])
+def test_a_request_refused_by_its_slots_is_not_counted_toward_requests_per_minute(shared, request, routes_dir,
+                                                                                   upstream, proxy_for, tmp_path):
+    """dave: `max_concurrent: 1`, no queue, `requests_per_minute: 2`. Three requests refused with a
+    concurrency 429 while one runs never reached the upstream: they leave the quota as it was (the
+    second forwarded request is admitted, the third refused by the quota), and /v1/usage shows 2."""
+    from proxy.keys import KeysHolder
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"keys:\n  - name: dave\n    key: {DAVE}\n    max_concurrent: 1\n    requests_per_minute: 2\n")
+    if shared:
+        store = request.getfixturevalue("store")
+        state = State(store.url)
+        now = int(store.client().time()[0])
+        store.client().set("llmproxy:clock", 61 - now % 60)  # 1 s into a minute: the test ends inside it
+    else:
+        state = State()
+        state.local.clock = lambda: 60 * 20_000 + 1.0
+    base = proxy_for(routes_dir(c=f"""
+        path: /v1/completions
+        upstream: {upstream.url}/v1/completions
+    """), keys=KeysHolder.load(keys), state=state)
+    with httpx.Client(timeout=10, headers=auth(DAVE)) as c:
+        with c.stream("POST", f"{base}/v1/completions", json={**COMPLETION, "stream": True},
+                      headers={"x-mock-hold": "dave"}) as held:  # fmt: skip
+            assert held.status_code == 200
+            for _ in range(3):
+                refused = c.post(f"{base}/v1/completions", json=COMPLETION)
+                assert refused.status_code == 429 and "max_concurrent 1" in refused.json()["error"]["message"]
+            httpx.post(f"{upstream.url}/_mock/release?key=dave")
+            held.read()
+        assert c.post(f"{base}/v1/completions", json=COMPLETION).status_code == 200
+        over = c.post(f"{base}/v1/completions", json=COMPLETION)
+        assert over.status_code == 429 and "requests_per_minute quota (2 of 2" in over.json()["error"]["message"]
+        (usage,) = c.get(f"{base}/v1/usage").json()["data"]
+    assert usage["shared"] is shared
+    assert usage["minute"]["requests"] == 2 and usage["day"]["requests"] == 2 and usage["total"]["requests"] == 2
