@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from .errors import ConfigError, Overloaded, StateUnavailable
 
@@ -49,6 +49,11 @@ log = logging.getLogger("llmproxy.state")
 
 FAILURE_POLICIES = ("open", "closed")  # `--state-failure`: the one list the CLI and the README use
 SCHEMES = ("redis", "rediss")
+# The query parameters a rediss:// URL may carry, handed to redis-py as they are (`parse_url` passes
+# a parameter it has no parser for as a string, redis/asyncio/connection.py; `SSLConnection` takes
+# them). Others are refused: one such as `socket_timeout` would override the timeouts below.
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")  # the CA to trust; a client certificate
+TLS_PARAMETERS = (*TLS_FILES, "ssl_cert_reqs", "ssl_check_hostname")
 CALL_TIMEOUT = 0.3  # seconds, a whole store call (connect, one retry, answer)
 SOCKET_TIMEOUT = 0.15  # seconds, one connect or one answer
 RETRY_DOWN = 1.0  # seconds a failed store is skipped before it is tried again
@@ -95,6 +100,12 @@ def check_url(url: str) -> str:
     db = parts.path.strip("/")
     if db and not db.isdigit():
         raise ConfigError(f"--state: {redact(url)}: the database must be a number, got {db!r}")
+    for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+        if name not in TLS_PARAMETERS or parts.scheme != "rediss":
+            raise ConfigError(f"--state: {redact(url)}: query parameter {name!r} not taken; a rediss:// URL takes "
+                              f"{', '.join(TLS_PARAMETERS)}")  # fmt: skip
+        if name in TLS_FILES and not os.path.isfile(values[-1]):
+            raise ConfigError(f"--state: {name}: no such file: {values[-1]}")
     return url
 
 

@@ -369,6 +369,15 @@ def test_the_store_url_is_checked_and_its_password_never_shown():
         assert PASSWORD not in str(err.value)
     with pytest.raises(ConfigError, match="--state-failure"):
         State(failure="maybe")
+    # A rediss:// URL names its CA (redis-py's own parameter); nothing else may ride in the query.
+    assert check_url(f"rediss://:{PASSWORD}@h:1/0?ssl_ca_certs={__file__}")
+    for bad, why in ((f"redis://:{PASSWORD}@h:1/0?socket_timeout=30", "query parameter 'socket_timeout' not taken"),
+                     (f"redis://:{PASSWORD}@h:1/0?ssl_ca_certs={__file__}", "'ssl_ca_certs' not taken"),
+                     (f"rediss://h:1/0?password={PASSWORD}", "'password' not taken"),
+                     (f"rediss://:{PASSWORD}@h:1/0?ssl_ca_certs=/no/ca.pem", "ssl_ca_certs: no such file: /no/ca.pem")):
+        with pytest.raises(ConfigError, match=why) as err:
+            check_url(bad)
+        assert PASSWORD not in str(err.value)
 
 
 def test_serve_refuses_a_bad_state_url_naming_it_without_the_password(folder: Path):
@@ -442,3 +451,75 @@ def test_a_request_refused_by_its_slots_is_not_counted_toward_requests_per_minut
         (usage,) = c.get(f"{base}/v1/usage").json()["data"]
     assert usage["shared"] is shared
     assert usage["minute"]["requests"] == 2 and usage["day"]["requests"] == 2 and usage["total"]["requests"] == 2
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 it signed (openssl): (ca, cert, key)."""
+    ca, ca_key, cert, key, csr = (folder / n for n in ("ca.crt", "ca.key", "server.crt", "server.key", "server.csr"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=30)  # noqa: E731
+    run("req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=llmproxy test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "1",
+        "-extfile", ext)
+    return ca, cert, key
+
+
+def test_a_quota_through_rediss_with_the_operators_ca(redis_server, routes_dir, upstream, proxy_for, tmp_path: Path):
+    """`rediss://…?ssl_ca_certs=/path/ca.pem`: redis-py verifies the store's certificate (and its
+    host name) against that CA; a quota counts in the store through TLS. Without the CA the store's
+    certificate is refused: the store is unavailable, never used unverified."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a throwaway CA for the rediss:// test")
+    from proxy.keys import KeysHolder
+
+    ca, cert, key = _tls_files(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(
+        [redis_server.exe, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", str(cert),
+         "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+         "--requirepass", PASSWORD, "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, ssl=True, ssl_ca_certs=str(ca))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start with TLS"
+                time.sleep(0.05)
+        url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
+        keys = tmp_path / "keys.yaml"
+        keys.write_text(f"keys:\n  - name: dave\n    key: {DAVE}\n    requests_per_minute: 1\n")
+        base = proxy_for(routes_dir(c=f"""
+            path: /v1/completions
+            upstream: {upstream.url}/v1/completions
+        """), keys=KeysHolder.load(keys), state=State(f"{url}?ssl_ca_certs={ca}", failure="closed"))
+        with httpx.Client(timeout=10, headers=auth(DAVE)) as c:
+            assert c.post(f"{base}/v1/completions", json=COMPLETION).status_code == 200
+            refused = c.post(f"{base}/v1/completions", json=COMPLETION)
+            assert refused.status_code == 429 and "requests_per_minute" in refused.json()["error"]["message"]
+            assert c.get(f"{base}/v1/usage").json()["data"][0]["shared"] is True
+        assert client.hget("llmproxy:key:dave:total", "requests") == b"1"  # counted in the store, over TLS
+
+        from proxy.errors import StateUnavailable
+
+        unverified = State(url, failure="closed")  # no CA: the system's, which does not know this one
+
+        async def refused_without_the_ca() -> None:
+            with pytest.raises(StateUnavailable) as err:
+                await unverified.admit(load_keys(keys)[0])
+            assert PASSWORD not in str(err.value) and f"rediss://***@127.0.0.1:{port}/0" in str(err.value)
+
+        asyncio.run(refused_without_the_ca())
+    finally:
+        proc.terminate()
+        proc.wait(10)
