@@ -140,7 +140,8 @@ class Proxy:
         self.proc, self.base, self.err = proc, base, err
 
     def log(self) -> str:
-        return self.err.read_text()
+        """What it wrote: its log (stderr), then its access lines (stdout)."""
+        return self.err.read_text() + self.err.with_suffix(".stdout").read_text()
 
 
 @pytest.fixture
@@ -154,11 +155,11 @@ def serve(folder: Path, tmp_path: Path) -> Iterator[Any]:
         def start(*args: str) -> Proxy:
             port = free_port()
             err = tmp_path / f"serve-{port}.stderr"
-            with err.open("wb") as stderr:
+            with err.open("wb") as stderr, err.with_suffix(".stdout").open("wb") as stdout:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "proxy", "serve", "--routes", str(folder), "--keys", str(keys),
                      "--port", str(port), "--log-format", "text", *args],
-                    stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+                    stdout=stdout, stderr=stderr, env=env,
                 )  # fmt: skip
             stack.callback(lambda: proc.poll() is None and stop(proc))
             base = f"http://127.0.0.1:{port}"
@@ -523,3 +524,40 @@ def test_a_quota_through_rediss_with_the_operators_ca(redis_server, routes_dir, 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_wrong_or_unreachable_stores_password_shows_nowhere(store, serve, folder: Path, tmp_path: Path):
+    """The password is never shown: not by a store that refuses it (closed: 503s), not by one that
+    does not listen (open), not in the debug log with its access lines, /metrics, /v1/usage, a
+    refused Responses continuation, `check` or `--help` with LLMPROXY_STATE set, nor a bad URL."""
+    wrong = "pw-Wr0ngButSecret-Too"
+    dead = free_port()
+    refused = serve("--state", f"redis://:{wrong}@127.0.0.1:{store.port}/0", "--state-failure", "closed",
+                    "--log-level", "debug")
+    unreachable = serve("--state", f"redis://default:{wrong}@127.0.0.1:{dead}/0", "--log-level", "debug")
+    seen = []
+    with httpx.Client(timeout=10) as c:
+        for p, want in ((refused, 503), (unreachable, 200)):
+            r = c.post(f"{p.base}/v1/completions", json=COMPLETION, headers=auth(CAROL))
+            assert r.status_code == want, r.text
+            r2 = c.post(f"{p.base}/v1/responses", json={"model": "q", "input": "x", "previous_response_id": "resp_1"},
+                        headers=auth(ALICE))  # fmt: skip
+            assert r2.status_code == (503 if want == 503 else 404), r2.text
+            r3 = c.get(f"{p.base}/v1/usage", headers=auth(ROOT))
+            assert r3.status_code == want, r3.text
+            seen += [r.text, r2.text, r3.text, c.get(f"{p.base}/metrics").text]
+        assert "redis://***@127.0.0.1" in seen[0]  # the 503 names the store, masked
+    env = {**os.environ, "LLMPROXY_STATE": f"redis://:{wrong}@127.0.0.1:{dead}/0"}
+    for args in (["check", "--routes", str(folder)], ["serve", "--help"],
+                 ["serve", "--routes", str(folder), "--state", f"redis://:{wrong}@/0"],
+                 ["serve", "--routes", str(folder), "--state", f"rediss://:{wrong}@h:1/0?ssl_ca_certs=/no"]):
+        r = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, env=env, timeout=30)
+        seen += [r.stdout, r.stderr]
+    for p in (refused, unreachable):
+        p.proc.send_signal(signal.SIGTERM)
+        p.proc.wait(15)
+        seen.append(p.log())
+    assert "POST /v1/responses" in seen[-1] and "POST /v1/responses" in seen[-2]  # the access lines were looked at
+    assert "unavailable" in seen[-1] and "unavailable" in seen[-2]
+    for text in seen:
+        assert wrong not in text
