@@ -300,30 +300,56 @@ def test_a_responses_conversation_started_on_one_process_continues_on_the_other(
 
 
 def test_store_stopped_mid_run_open_serves_closed_answers_503_and_both_recover(store, serve):
+    """Every path that asks the store (a key's slot and quota, /v1/usage, a stored response's load
+    and save) answers at once while it is down, by its policy; and uses it again when it is back,
+    restarted empty on the same port, without a restart of the proxy."""
     opened = serve("--state", store.url)
     closed = serve("--state", store.url, "--state-failure", "closed")
+    previous = {"model": "q", "input": "x", "previous_response_id": "resp_unknown"}
+
+    def timed(method: str, url: str, **kw: Any) -> httpx.Response:
+        started = time.monotonic()
+        r = c.request(method, url, **kw)
+        assert time.monotonic() - started < 2.5, f"{method} {url} hung on the dead store"
+        return r
+
     with httpx.Client(timeout=10) as c:
         for p in (opened, closed):
             assert c.post(f"{p.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code == 200
         store.stop()
         for _ in range(3):
             for p, want in ((opened, 200), (closed, 503)):
-                started = time.monotonic()
-                r = c.post(f"{p.base}/v1/completions", json=COMPLETION, headers=auth(CAROL))
+                r = timed("POST", f"{p.base}/v1/completions", json=COMPLETION, headers=auth(CAROL))
                 assert r.status_code == want, r.text
-                assert time.monotonic() - started < 2.5  # nothing hangs on the dead store
                 if want == 503:
                     error = r.json()["error"]
                     assert error["code"] == "state_store_unavailable"
                     assert f"redis://***@127.0.0.1:{store.port}/0" in error["message"]
                     assert PASSWORD not in r.text
+                usage = timed("GET", f"{p.base}/v1/usage", headers=auth(CAROL))
+                assert usage.status_code == want, usage.text
+                r = timed("POST", f"{p.base}/v1/responses", json=previous, headers=auth(BOB))
+                assert r.status_code == (404 if want == 200 else 503), r.text
+                r = timed("POST", f"{p.base}/v1/responses", json={"model": "q", "input": "hi"}, headers=auth(BOB))
+                assert r.status_code == want, r.text
+        # open: the figures are this process's own while the store is down, and say so
+        assert c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]["shared"] is False
         store.start()
         deadline = time.monotonic() + 10
         while c.post(f"{closed.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code != 200:
             assert time.monotonic() < deadline, "closed did not recover when the store came back"
             time.sleep(0.2)
+        time.sleep(1.2)  # past the second after opened's last failure, when it looks again
+        for p in (opened, closed):  # slots, quotas and usage: through the store again
+            assert c.post(f"{p.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code == 200
         usage = c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]
-        assert usage["shared"] is True
+        assert usage["shared"] is True and usage["total"]["requests"] == 3  # counted in the restarted store
+        first = c.post(f"{opened.base}/v1/responses", json={"model": "q", "input": "My name is Ada."},
+                       headers=auth(BOB)).json()  # fmt: skip
+        assert store.client().exists(f"llmproxy:resp:{first['id']}")  # saved in the store again
+        second = c.post(f"{closed.base}/v1/responses", json={"model": "q", "input": "And?",
+                                                             "previous_response_id": first["id"]}, headers=auth(BOB))
+        assert second.status_code == 200, second.text  # loaded from it by the other process
     for p in (opened, closed):
         log = p.log()
         assert "unavailable" in log and PASSWORD not in log
