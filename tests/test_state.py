@@ -374,6 +374,17 @@ def test_in_process_quota_windows_move_with_the_clock():
     assert (u.minute_requests, u.day_tokens, u.requests, u.prompt_tokens) == (1, 45, 2, 20)
 
 
+def test_in_process_responses_are_bounded_in_number_and_time():
+    """Without --state: at most `--responses-max` kept (the oldest dropped first), each for `--responses-ttl`."""
+    local = Local(responses_max=2)
+    for rid in ("a", "b", "c"):
+        local.save(rid, rid.encode(), ttl=60)
+    assert (local.load("a"), local.load("b"), local.load("c")) == (None, b"b", b"c")
+    local.save("d", b"d", ttl=0.05)
+    time.sleep(0.2)
+    assert local.load("d") is None and local.load("c") == b"c"
+
+
 def test_quota_fields_are_checked_in_the_keys_file(tmp_path: Path):
     from proxy.errors import ConfigError
 
