@@ -334,6 +334,10 @@ def test_store_stopped_mid_run_open_serves_closed_answers_503_and_both_recover(s
                 assert r.status_code == want, r.text
         # open: the figures are this process's own while the store is down, and say so
         assert c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]["shared"] is False
+        for p, policy in ((opened, "open"), (closed, "closed")):
+            metrics = c.get(f"{p.base}/metrics").text
+            assert "llmproxy_state_up 0.0" in metrics
+            assert f'llmproxy_state_unavailable_total{{policy="{policy}"}}' in metrics
         store.start()
         deadline = time.monotonic() + 10
         while c.post(f"{closed.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code != 200:
@@ -481,6 +485,7 @@ def test_a_request_refused_by_its_slots_is_not_counted_toward_requests_per_minut
             for _ in range(3):
                 refused = c.post(f"{base}/v1/completions", json=COMPLETION)
                 assert refused.status_code == 429 and "max_concurrent 1" in refused.json()["error"]["message"]
+                assert int(refused.headers["retry-after"]) >= 1  # the limit's 429, as without a store
             httpx.post(f"{upstream.url}/_mock/release?key=dave")
             held.read()
         assert c.post(f"{base}/v1/completions", json=COMPLETION).status_code == 200
@@ -598,3 +603,59 @@ def test_a_wrong_or_unreachable_stores_password_shows_nowhere(store, serve, fold
     assert "unavailable" in seen[-1] and "unavailable" in seen[-2]
     for text in seen:
         assert wrong not in text
+
+
+def test_a_store_that_accepts_but_never_answers_holds_no_request(store, serve):
+    """redis-server stopped with SIGSTOP: the kernel still accepts connections, nothing answers (what
+    a partition or a hung store looks like). Every call gives up within its timeout: open serves,
+    closed answers 503, both at once; after SIGCONT both use the store again."""
+    opened = serve("--state", store.url)
+    closed = serve("--state", store.url, "--state-failure", "closed")
+    assert store.proc is not None
+    with httpx.Client(timeout=10) as c:
+        for p in (opened, closed):
+            assert c.post(f"{p.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code == 200
+        store.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                for p, want in ((opened, 200), (closed, 503)):
+                    for method, path, body in (("POST", "/v1/completions", COMPLETION), ("GET", "/v1/usage", None),
+                                               ("POST", "/v1/responses", {"model": "q", "input": "hi"})):
+                        started = time.monotonic()
+                        r = c.request(method, f"{p.base}{path}", json=body, headers=auth(CAROL))
+                        assert r.status_code == want, r.text
+                        assert time.monotonic() - started < 2.5, f"{path} waited on a store that does not answer"
+                time.sleep(0.5)
+        finally:
+            store.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while c.post(f"{closed.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code != 200:
+            assert time.monotonic() < deadline, "closed did not recover after SIGCONT"
+            time.sleep(0.2)
+        time.sleep(1.2)
+        assert c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]["shared"] is True
+
+
+def test_tokens_per_day_in_the_store_refuses_until_the_day_ends(store, tmp_path: Path):
+    """tokens_per_day counted in the store: the 429 names it and its Retry-After is the seconds to the
+    store's UTC midnight (more than a minute away here: the store's clock is moved to noon)."""
+    from proxy.errors import Overloaded
+
+    (tmp_path / "keys.yaml").write_text(f"keys:\n  - name: erin\n    key: {ALICE}\n    tokens_per_day: 10\n")
+    keys = load_keys(tmp_path / "keys.yaml")
+    now = int(store.client().time()[0])
+    store.client().set("llmproxy:clock", 43_200 - now % 86_400)  # 12:00 UTC in the store's clock
+    state = State(store.url)
+
+    async def run() -> Overloaded:
+        await state.admit(keys[0])
+        await state.charge("erin", 4, 8)  # 12 of 10: the answer overshot by its own tokens
+        with pytest.raises(Overloaded) as err:
+            await state.admit(keys[0])
+        await state.redis.aclose()
+        return err.value
+
+    refused = asyncio.run(run())
+    assert "tokens_per_day quota (12 of 10 used in this day)" in refused.message
+    assert 43_000 <= int(refused.headers["retry-after"]) <= 43_200
+
