@@ -405,6 +405,7 @@ def test_the_store_url_is_checked_and_its_password_never_shown():
 
     assert redact(f"redis://:{PASSWORD}@10.0.0.1:6379/2") == "redis://***@10.0.0.1:6379/2"
     assert redact("rediss://user:pw@h:6380/0") == "rediss://***@h:6380/0"
+    assert redact(check_url("redis://:p%40s%2Fs%23w@h:1/0")) == "redis://***@h:1/0"  # percent-encoded, as redis-py decodes
     for bad in (f"http://:{PASSWORD}@h:1/0", f"redis://:{PASSWORD}@h:99999999/0", f"redis://:{PASSWORD}@h:1/x"):
         with pytest.raises(ConfigError) as err:
             check_url(bad)
