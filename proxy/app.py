@@ -31,6 +31,7 @@ from litestar.exceptions import HTTPException
 from . import capacity, catalog, errors, headers, observe, tracing
 from .cors import Cors
 from .capacity import UpstreamSlots, default_connections, raise_open_files
+from .engines import Engines
 from .errors import Overloaded, ProxyError
 from .forward import Exchange, prepare, send_error
 from .health import Monitor
@@ -83,22 +84,26 @@ def create_app(
         raise ValueError("reload=True needs a TableHolder that knows its routes folder")
     key_holder = KeysHolder(keys) if isinstance(keys, Keyring) else keys
     monitor = Monitor(holder)
+    engines = Engines()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with client() as session, state.running(), anyio.create_task_group() as tg:
             app.state.client = session
+            engines.session = session  # before any request: engine health checks use it
             if reload:
                 tg.start_soon(holder.watch, poll_interval)
             if key_holder is not None and key_holder.source is not None:
                 tg.start_soon(key_holder.watch, poll_interval)
             tg.start_soon(monitor.run, session)
             tg.start_soon(capacity.watch)
+            tg.start_soon(engines.run, holder, session)
             try:
                 with holder.reload_on_sighup():
                     yield
             finally:
                 app.state.stopping = True
+                await engines.close()  # after uvicorn let running responses finish (--grace-period)
                 holder.stop()
                 if key_holder is not None:
                     key_holder.stop()
@@ -116,6 +121,7 @@ def create_app(
         debug=False,
     )
     app.state.holder = holder
+    app.state.engines = engines
     app.state.ready_needs_upstreams = ready_needs_upstreams
     app.state.stopping = False
     app.state.max_body_size = max_body_size  # named in the 413 message
@@ -354,7 +360,7 @@ async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
     models of routes the caller's key may use."""
     caller: Caller | None = request.scope.get(CALLER_KEY)  # type: ignore[call-overload]
     body = await catalog.models_json(request.app.state.holder.current, getattr(request.app.state, "client", None),
-                                     None if caller is None else caller.may_use)
+                                     None if caller is None else caller.may_use, request.app.state.engines)
     return Response(body, media_type="application/json")
 
 
@@ -364,7 +370,8 @@ def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
     A path parameter: model ids carry slashes (`Qwen/Qwen2.5-7B-Instruct`)."""
     name = model_id.lstrip("/")
     caller: Caller | None = request.scope.get(CALLER_KEY)  # type: ignore[call-overload]
-    entry = request.app.state.holder.current.model(name, None if caller is None else caller.may_use)
+    entry = catalog.model_json(request.app.state.holder.current, name, None if caller is None else caller.may_use,
+                               request.app.state.engines)  # fmt: skip
     if entry is None:
         raise errors.ModelNotFound(f"model {name!r} is not served by any route", param="model")
     return Response(entry, media_type="application/json")
