@@ -41,7 +41,7 @@ from .reload import LAST_GOOD_ENV, POLL_INTERVAL, TableHolder
 from .routes import Route, RouteTable
 from .scope_keys import CALLER_KEY
 from .settings import DEFAULT_MAX_BODY, WorkerSettings
-from .state import State
+from .state import Admission, State
 from .transport import ClientFactory, make_client
 
 GC_YOUNG = 100_000  # allocations between young-generation collections (CPython's default: 700)
@@ -182,6 +182,7 @@ class Gateway:
     async def _proxy(self, scope: Any, receive: Any, send: Any, table: RouteTable, path: str) -> None:
         meter = observe.Meter(scope)  # the clock starts; `reject` finds it in the scope
         caller: Caller | None = None
+        admitted: Admission | None = None
         route: Route | None = None
         try:
             if self.keys is not None:  # before the body: an unknown client costs no read
@@ -201,7 +202,7 @@ class Gateway:
             if caller is None:
                 exchange = prepare(route, scope, body)
             else:
-                await self.shared.admit(caller.config)  # its quotas; counts the request
+                admitted = await self.shared.admit(caller.config)  # its quotas; counts the request
                 exchange = prepare(route, scope, body, CREDENTIAL_HEADERS)
         except ProxyError as exc:
             await reject(scope, send, exc, _face(table, path, route))
@@ -213,14 +214,15 @@ class Gateway:
             return
         if exchange.call.kept is not None:
             send = self._keeping(send, exchange, _owner(caller))
+        forwarded = True
         try:
             if route.limits is None and (caller is None or caller.config.max_concurrent is None):
                 await exchange(scope, receive, send)
             else:
-                await self._limited(scope, receive, send, exchange, caller)
+                forwarded = await self._limited(scope, receive, send, exchange, caller)
         finally:
-            if caller is not None:
-                await self.shared.charge(caller.name, *_tokens(exchange, meter))
+            if caller is not None:  # a request refused by its slots is not one of its requests_per_minute
+                await self.shared.charge(caller.name, *_tokens(exchange, meter), None if forwarded else admitted)
 
     def _keeping(self, send: Any, exchange: Exchange, owner: str) -> Any:
         """`send`, storing a Responses answer before its last bytes go out (a client that continues
@@ -240,8 +242,9 @@ class Gateway:
 
         return keeping
 
-    async def _limited(self, scope: Any, receive: Any, send: Any, exchange: Exchange, caller: Caller | None) -> None:
-        """The exchange inside the key's and the route's slots (in that order), queued if need be."""
+    async def _limited(self, scope: Any, receive: Any, send: Any, exchange: Exchange, caller: Caller | None) -> bool:
+        """The exchange inside the key's and the route's slots (in that order), queued if need be;
+        False when it never ran (refused by a limit or the store, or the client left the queue)."""
         route = exchange.route
         wanted: list[Limiter] = []
         if caller is not None and (k := caller.config).max_concurrent is not None:
@@ -255,13 +258,14 @@ class Gateway:
                     hold = await limiter.acquire(receive)
                 except ProxyError as exc:  # 429 from the limit; 503 from a store down under --state-failure closed
                     await reject(scope, send, exc, route.face, rid=exchange.rid)
-                    return
+                    return False
                 if hold is None:
                     observe.rejected(scope, errors.ClientLeftQueue("the client left while queued"), exchange.rid,
                                      face=None)  # fmt: skip
-                    return
+                    return False
                 held.append((limiter, hold))
             await exchange(scope, receive, send)
+            return True
         finally:
             for limiter, hold in held:
                 limiter.release(hold)
@@ -382,8 +386,8 @@ async def usage(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         raise errors.NotFound("usage is counted per API key: serve with --keys to see it")
     keys = [c.config for c in holder.current.callers] if caller.config.admin else [caller.config]
     state: State = request.app.state.shared
-    rows = await state.usage([k.name for k in keys])
-    return Response({"object": "list", "data": [u.as_json(k, state.shared) for u, k in zip(rows, keys)]})
+    rows, shared = await state.usage([k.name for k in keys])
+    return Response({"object": "list", "data": [u.as_json(k, shared) for u, k in zip(rows, keys)]})
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=True)

@@ -132,8 +132,9 @@ def _state_options(s: argparse.ArgumentParser) -> None:
     d = WorkerSettings()
     g = s.add_argument_group("shared state (limits, quotas, usage and stored responses across processes and replicas)")
     g.add_argument("--state", metavar="URL", default=env_default("state"),
-                   help="a Redis or Valkey: redis://[:PASSWORD@]HOST:PORT/DB, rediss://… for TLS (default: "
-                   "$LLMPROXY_STATE; unset: every limit, quota and stored response is per process)")
+                   help="a Redis or Valkey: redis://[:PASSWORD@]HOST:PORT/DB, rediss://…[?ssl_ca_certs=CA.pem] for "
+                   "TLS (default: $LLMPROXY_STATE, better than the flag, which ps shows; unset: every limit, quota "
+                   "and stored response is per process)")
     g.add_argument("--state-failure", choices=FAILURE_POLICIES, default=env_default("state_failure") or d.state_failure,
                    help="when the store does not answer: open serves with in-process limits (a warning each minute), "
                    "closed answers 503 (default: $LLMPROXY_STATE_FAILURE or open)")
