@@ -98,7 +98,6 @@ def create_app(
                 with holder.reload_on_sighup():
                     yield
             finally:
-                app.state.stopping = True
                 holder.stop()
                 if key_holder is not None:
                     key_holder.stop()
@@ -117,7 +116,6 @@ def create_app(
     )
     app.state.holder = holder
     app.state.ready_needs_upstreams = ready_needs_upstreams
-    app.state.stopping = False
     app.state.max_body_size = max_body_size  # named in the 413 message
     app.state.slots = UpstreamSlots(max_upstream_connections or default_connections())
     app.state.shared = state
@@ -320,19 +318,22 @@ def healthz() -> dict[str, str]:
 
 @get("/readyz", include_in_schema=False, sync_to_thread=False)
 def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    """Whether *this process* can serve: a route table with routes is loaded, the shared client
-    is open, and the app is not shutting down. Routes whose every upstream is out by health
-    checks are named in `down` but do not make the process unready (they answer their own 503
-    `no_healthy_upstream`): one dead model must not take every replica out of a Service, as
-    Envoy's `/ready` and nginx's readiness speak for the proxy, not its backends. With
-    `--ready-needs-upstreams` they do."""
+    """Whether *this process* can serve: a route table with routes is loaded and the shared
+    client is open. Routes whose every upstream is out by health checks are named in `down` but
+    do not make the process unready (they answer their own 503 `no_healthy_upstream`): one dead
+    model must not take every replica out of a Service, as Envoy's `/ready` and nginx's readiness
+    speak for the proxy, not its backends. With `--ready-needs-upstreams` they do.
+
+    It never answers "shutting down": on SIGTERM uvicorn closes the listener first
+    (uvicorn/server.py `Server.shutdown`: `server.close()`, then the drain, then the lifespan's
+    end), so a probe is refused from then on. A terminating pod leaves the Service's endpoints
+    without it; the Deployment's preStop sleep delays SIGTERM until that has spread (deploy/README.md)."""
     state = request.app.state
     holder: TableHolder = state.holder
     routes = holder.current.routes
     down = [r.name for r in routes if r.pool.all_out()]
     why = ("no routes are loaded" if not routes
            else "the upstream client is not open" if getattr(state, "client", None) is None
-           else "shutting down" if getattr(state, "stopping", False)
            else "every upstream is down (health checks) on route(s) " + ", ".join(repr(d) for d in down)
            if down and getattr(state, "ready_needs_upstreams", False) else "")  # fmt: skip
     body: dict[str, Any] = {"status": "not ready" if why else "ok", "routes": len(routes)}

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy import cli
 from proxy.app import create_app
 from proxy.config import RESERVED_PATHS, load_dir
 from proxy.routes import RouteTable
@@ -345,3 +346,25 @@ def test_a_shared_state_store_runs_beside_the_replicas_with_its_url_from_a_secre
     assert service["spec"]["selector"] == store["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
     url = f"redis://:$PASSWORD@{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
     assert url in (DEPLOY / "README.md").read_text()  # the README's command makes the URL the Service serves
+
+
+def test_the_pod_leaves_the_service_before_sigterm_and_drains_within_the_grace_period(docs):
+    """uvicorn closes its listener first thing on SIGTERM (uvicorn/server.py `Server.shutdown`), so
+    readiness cannot fail *before* it: the preStop sleep is what keeps the pod serving while the
+    endpoint removal spreads. The kubelet's countdown starts with preStop, so sleep + drain must fit."""
+    pod = docs["Deployment", "llmproxy"]["spec"]["template"]["spec"]
+    container = _container(docs)
+    pre_stop = container["lifecycle"]["preStop"]
+    if "sleep" in pre_stop:  # the native sleep action (Kubernetes 1.30+)
+        pause = float(pre_stop["sleep"]["seconds"])
+    else:
+        command = pre_stop["exec"]["command"]
+        assert command[0] == "sleep", command
+        pause = float(command[1])
+        base = re.search(r"^FROM (\S+)", (DEPLOY / "Dockerfile").read_text(), re.M).group(1)  # type: ignore[union-attr]
+        assert "slim" in base and "distroless" not in base, "the image must carry a `sleep` binary"
+    assert pause >= 5, "kube-proxy and ingresses need seconds to drop an endpoint"
+    drain = float(_args(container).get("--grace-period", cli._parser().parse_args(["serve"]).grace_period))
+    assert pause + drain + 5 <= pod["terminationGracePeriodSeconds"], "the kubelet would SIGKILL running streams"
+    text = (DEPLOY / "README.md").read_text()
+    assert f"`sleep {pause:g}`" in text and f"terminationGracePeriodSeconds: {pod['terminationGracePeriodSeconds']}" in text
