@@ -180,3 +180,31 @@ def test_config_long_form(tmp_path):
     f.write_text(ROUTE + "balance: prefix\ndialect: llama.cpp\nbalance_load: {from: metrics, interval: 5}\n")
     load = load_file(f).balance_load
     assert load is not None and (load.source, load.interval, load.timeout) == ("metrics", 5.0, 1.0)
+
+
+def test_check_shows_the_engine_load(routes_dir, capsys):
+    from proxy.cli import main as cli
+
+    folder = routes_dir(m=ROUTE + "balance: least-busy\nbalance_load: {interval: 5}\n")
+    assert cli(["check", "--routes", str(folder)]) == 0
+    assert "(balance: least-busy, engine load every 5 s)" in capsys.readouterr().out
+
+
+def test_the_guard_moves_a_session_off_an_engine_loaded_from_elsewhere(fleet, routes_dir, proxy_for, caplog):
+    """A session sticks to its upstream unless the guard moves it: here because its engine reports a queue."""
+    caplog.set_level(logging.INFO, logger="llmproxy.access")
+    a, b = fleet[:2]
+    a.mock.metrics_text = b.mock.metrics_text = vllm_text(0, 0)
+    base = proxy_for(routes_dir(r=route([a, b], balance="{policy: least-busy, spill_margin: 2, "
+                                                        "session: {header: x-session-id}}", balance_load=LOAD)))
+    hdrs = {"x-session-id": "s-9"}
+    for k in range(2):
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": f"q{k}"}, headers=hdrs).status_code == 200
+    home, other = (a, b) if a.requests else (b, a)
+    assert len(home.requests) == 2
+    home.mock.metrics_text = vllm_text(2, 1)
+    _scraped(a, b)
+    for k in range(2):
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": f"r{k}"}, headers=hdrs).status_code == 200
+    assert len(other.requests) == 2  # moved, and stays on its new upstream
+    assert [rec["choice"] for rec in access(caplog)] == ["session", "session", "spill", "session"]
