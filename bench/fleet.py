@@ -341,14 +341,10 @@ def balancer_cost(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(n):
         balancer.hint(raw, bodies[i % len(bodies)], [])
     body_us = (time.process_time() - t0) / n * 1e6
-    # next turns: each continues one remembered prompt, its tail checked against the prompt's bytes
-    nxt = [balancer.hint(Call(c.prompt + words(f"next{i}", args.turn_tokens)), b"", []) for i, c in enumerate(calls)]
-    data = [h.data for h in nxt]  # `choose` lets go of them: given back before each choice
+    nxt = [Hint(h.blocks + [h.blocks[-1] ^ 1], None) for h in hints]  # next turns: a new tip past the old
     t0 = time.process_time()
     for i in range(n):
-        h = nxt[i % len(nxt)]
-        h.data = data[i % len(nxt)]
-        m, _ = balancer.choose(h)
+        m, _ = balancer.choose(nxt[i % len(nxt)])
         balancer.release(m)
     choose_us = (time.process_time() - t0) / n * 1e6
     new = [Hint([random.getrandbits(63) for _ in range(len(h.blocks))], None) for h in hints]

@@ -31,23 +31,18 @@ hash k names the prompt's first k + 1 KiB. A block of 1 KiB is about 250
 tokens, coarse next to an engine's 16, but a turn appends thousands of tokens,
 and it keeps hashing (xxh3, in C) to one call per KiB. What is remembered is
 each served prompt's *tip*, the hash of its last full block, with the
-upstream that served it and its *tail* (the length and hash of its bytes past
-that block): a later prompt holding that hash among its own, and the same
-tail bytes right after it, continues that prompt. Matching tips rather than
-any shared block is what tells a new conversation from a continuation: every
-conversation of an agent shares its long system prompt, and sending all that
-share it to the one upstream that saw it first would pile the whole fleet's
-traffic onto it. The tail is what tells them apart when a first turn is that
-system prompt and a short question: its last full block then lies in the
-shared text, and so does every other first turn's (one tip holds up to
-`PER_TIP` such prompts, the newest kept). (The byte before the end is left
-out of the blocks and the tail: a passthrough body's `messages` ends with
-`]`, which the next turn replaces with `,`.)
+upstream that served it: a later prompt holding that hash among its own
+continues that prompt. Matching tips rather than any shared block is what
+tells a new conversation from a continuation: every conversation of an agent
+shares its long system prompt, and sending all that share it to the one
+upstream that saw it first would pile the whole fleet's traffic onto it.
+(The byte before the end is left out of the blocks: a passthrough body's
+`messages` ends with `]`, which the next turn replaces with `,`.)
 
 Memory is bounded: the tips live in two generations of dicts of `prompts` / 2
 entries each; each served prompt's tip goes to the young one, and when that
 is full the old one is dropped (an approximate LRU at O(1) per request, about
-300 bytes per entry). An upstream marked down forgets its tips (its engine may
+100 bytes per entry). An upstream marked down forgets its tips (its engine may
 come back empty): each upstream has an epoch, and a tip of an older epoch is
 ignored.
 
@@ -89,10 +84,9 @@ REASONS = ("round-robin", "least-busy", "affinity", "session", "spill", "failove
 
 BLOCK = 1024  # bytes of UTF-8 prompt per hashed block (~250 tokens)
 MAX_BLOCKS = 4096  # a longer prompt is hashed up to its first 4 MiB (its tip is that block)
-DEFAULT_PROMPTS = 16384  # prompt tips remembered per route (LRU): ~4.6 MiB (tracemalloc)
+DEFAULT_PROMPTS = 16384  # prompt tips remembered per route (LRU): ~1.6 MiB
 DEFAULT_MARGIN = 4  # requests: see README "Upstream lists" for the measurement behind it
 MAX_SESSIONS = 16384  # session keys remembered per route (LRU)
-PER_TIP = 64  # prompts remembered that end at one tip (first turns sharing a system prompt), newest kept
 
 _xxh = xxhash.xxh3_64_intdigest
 _EMPTY = msgspec.Raw(b"")
@@ -114,79 +108,47 @@ def block_hashes(text: str | bytes, limit: int = MAX_BLOCKS) -> list[int]:
 
 
 class Hint:
-    """What a request tells the balancer: its prompt's block hashes, its session key, and (until the
-    choice) the prompt's bytes, to check an earlier prompt's tail against."""
+    """What a request tells the balancer: its prompt's block hashes and its session key."""
 
-    __slots__ = ("blocks", "session", "data", "tail")
+    __slots__ = ("blocks", "session")
 
-    def __init__(self, blocks: Sequence[int], session: str | None, data: bytes = b"") -> None:
+    def __init__(self, blocks: Sequence[int], session: str | None) -> None:
         self.blocks = blocks
         self.session = session
-        self.data = data
-        self.tail = tail_of(data, blocks) if data and blocks else None
-
-
-def tail_of(data: bytes, blocks: Sequence[int]) -> tuple[int, int]:
-    """The prompt's bytes past its last full block, but its last byte: (length, hash chained on the
-    blocks). A later prompt continues this one only if it holds these bytes there too."""
-    start = len(blocks) * BLOCK
-    end = len(data) - 1
-    return end - start, _xxh(memoryview(data)[start:end], blocks[-1])
-
-
-_Record = tuple["Upstream", int, "tuple[int, int] | None"]  # upstream, its epoch then, the prompt's tail
 
 
 class Tips:
-    """Served prompts' tips -> the prompts that ended there (upstream, its epoch then, their tail),
-    the newest last, at most `PER_TIP`: two generations of dicts (module docstring)."""
+    """Served prompts' tips -> (upstream, its epoch then): two generations of dicts (module docstring)."""
 
     __slots__ = ("young", "old", "half")
 
     def __init__(self, capacity: int) -> None:
-        self.young: dict[int, tuple[_Record, ...]] = {}
-        self.old: dict[int, tuple[_Record, ...]] = {}
+        self.young: dict[int, tuple[Upstream, int]] = {}
+        self.old: dict[int, tuple[Upstream, int]] = {}
         self.half = max(1, capacity // 2)
 
     def __len__(self) -> int:
         return len(self.young) + len(self.old)
 
-    def find(self, blocks: Sequence[int], up: Sequence[Upstream], data: bytes = b"") -> tuple[Upstream | None, int]:
+    def find(self, blocks: Sequence[int], up: Sequence[Upstream]) -> tuple[Upstream | None, int]:
         """The upstream in `up` that served the longest earlier prompt `blocks` continues, and that
-        prompt's length in blocks (0: none). With the prompt's bytes (`data`), an earlier prompt
-        whose tail they do not hold is not continued: it ended inside text they only share."""
+        prompt's length in blocks (0: none)."""
         young, old = self.young, self.old
         if young.keys().isdisjoint(blocks) and old.keys().isdisjoint(blocks):
             return None, 0  # a new conversation: settled at C speed
         for k in range(len(blocks) - 1, -1, -1):
             h = blocks[k]
-            records = young.get(h) or old.get(h)
-            if records is None:
-                continue
-            for member, epoch, tail in reversed(records):
-                if member.epoch == epoch and member in up and (
-                        not data or tail is None or _holds(data, k + 1, h, tail)):
-                    return member, k + 1
+            hit = young.get(h) or old.get(h)
+            if hit is not None and hit[0].epoch == hit[1] and hit[0] in up:
+                return hit[0], k + 1
         return None, 0
 
-    def add(self, tip: int, member: Upstream, tail: tuple[int, int] | None = None) -> None:
+    def add(self, tip: int, member: Upstream) -> None:
         young = self.young
-        records = young.get(tip) or self.old.get(tip)
-        record = (member, member.epoch, tail)
-        if records is None or len(records) == 1 and records[0][2] == tail:
-            young[tip] = (record,)  # the common case: one conversation ended here
-        else:
-            young[tip] = (*(r for r in records if r[2] != tail), record)[-PER_TIP:]
+        young[tip] = (member, member.epoch)
         if len(young) >= self.half:
             self.old = young
             self.young = {}
-
-
-def _holds(data: bytes, blocks: int, chain: int, tail: tuple[int, int]) -> bool:
-    """`data` continues past its first `blocks` blocks (hashed `chain`) with `tail`'s bytes."""
-    start = blocks * BLOCK
-    length, digest = tail
-    return start + length <= len(data) and _xxh(memoryview(data)[start:start + length], chain) == digest
 
 
 def _hints_type(fields: Sequence[str]) -> type[msgspec.Struct]:
@@ -245,15 +207,13 @@ class Balancer:
         if session is None and doc is not None:
             session = self._session(doc)
         blocks: Sequence[int] = ()
-        data = b""
         if self.policy == "prefix":
             text = prompt if prompt is not None else (doc.p or doc.m) if doc is not None else None  # type: ignore[attr-defined]
             if isinstance(text, msgspec.Raw):
                 text = bytes(text)
             if isinstance(text, (str, bytes)) and text:
-                data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-                blocks = block_hashes(data)
-        return Hint(blocks, session, data if blocks else b"")
+                blocks = block_hashes(text)
+        return Hint(blocks, session)
 
     def _session(self, doc: Any) -> str | None:
         for attr, path in self._tops:
@@ -286,7 +246,7 @@ class Balancer:
                 home = self._rendezvous(hint.session, up)
             reason = "session"
         if home is None and hint.blocks:
-            home, _ = self.tips.find(hint.blocks, up, hint.data)
+            home, _ = self.tips.find(hint.blocks, up)
             reason = "affinity"
         if home is not None:
             load = home.busy + home.reported - least.busy - least.reported
@@ -298,7 +258,6 @@ class Balancer:
         if chosen is least:
             pool.turned(chosen)  # ties among the least busy go round
         self._took(chosen, hint)
-        hint.data = b""  # not held for the rest of the request
         return chosen, reason
 
     def _rendezvous(self, session: str, up: Sequence[Upstream]) -> Upstream:
@@ -319,7 +278,7 @@ class Balancer:
     def _took(self, m: Upstream, hint: Hint) -> None:
         m.busy += 1
         if hint.blocks:
-            self.tips.add(hint.blocks[-1], m, hint.tail)
+            self.tips.add(hint.blocks[-1], m)
         if hint.session is not None:
             sessions = self.sessions
             sessions[hint.session] = m

@@ -347,20 +347,3 @@ def test_session_from_an_anthropic_body_on_a_messages_route(fleet, routes_dir, p
         assert r.status_code == 200, r.text
     assert sum(1 for m in fleet if m.requests) == 1
     assert [rec["choice"] for rec in access(caplog)] == ["session"] * 3
-
-
-def test_a_new_conversation_whose_first_prompt_ends_in_a_shared_block_is_new(fleet, routes_dir, proxy_for, caplog):
-    """Agents' first turns are a long shared system prompt and a short question: the last full block
-    of each lies in the shared text, so its hash alone would send every new conversation to the
-    upstream of the first one. The bytes past it (the question) tell them apart."""
-    caplog.set_level(logging.INFO, logger="llmproxy.access")
-    base = proxy_for(routes_dir(r=route(fleet, balance="prefix")))
-    shared = "S" * (BLOCK * 8)
-    for k in range(2):
-        for conv in ("ann", "bob", "cy"):
-            prompt = shared + f"[{conv}] hi" + "".join(f" turn {j} of {conv}" * 80 for j in range(k))
-            r = httpx.post(f"{base}/v1/completions", json={"prompt": prompt}, timeout=10)
-            assert r.status_code == 200, r.text
-    homes = {c: served(fleet, f"[{c}] hi") for c in ("ann", "bob", "cy")}
-    assert sorted(h[0] for h in homes.values()) == [0, 1, 2] and all(len(h) == 1 for h in homes.values()), homes
-    assert [rec["choice"] for rec in access(caplog)] == ["least-busy"] * 3 + ["affinity"] * 3
