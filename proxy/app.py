@@ -31,6 +31,7 @@ from litestar.exceptions import HTTPException
 from . import capacity, catalog, errors, headers, observe, tracing
 from .cors import Cors
 from .capacity import UpstreamSlots, default_connections, raise_open_files
+from .engines import Engines
 from .errors import Overloaded, ProxyError
 from .forward import Exchange, prepare, send_error
 from .engine_load import LoadWatch
@@ -41,7 +42,7 @@ from .reload import LAST_GOOD_ENV, POLL_INTERVAL, TableHolder
 from .routes import Route, RouteTable
 from .scope_keys import CALLER_KEY
 from .settings import DEFAULT_MAX_BODY, WorkerSettings
-from .state import State
+from .state import Admission, State
 from .transport import ClientFactory, make_client
 
 GC_YOUNG = 100_000  # allocations between young-generation collections (CPython's default: 700)
@@ -84,11 +85,13 @@ def create_app(
         raise ValueError("reload=True needs a TableHolder that knows its routes folder")
     key_holder = KeysHolder(keys) if isinstance(keys, Keyring) else keys
     monitor = Monitor(holder)
+    engines = Engines()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with client() as session, state.running(), anyio.create_task_group() as tg:
             app.state.client = session
+            engines.session = session  # before any request: engine health checks use it
             if reload:
                 tg.start_soon(holder.watch, poll_interval)
             if key_holder is not None and key_holder.source is not None:
@@ -96,11 +99,13 @@ def create_app(
             tg.start_soon(monitor.run, session)
             tg.start_soon(LoadWatch(holder).run, session)
             tg.start_soon(capacity.watch)
+            tg.start_soon(engines.run, holder, session)
             try:
                 with holder.reload_on_sighup():
                     yield
             finally:
                 app.state.stopping = True
+                await engines.close()  # after uvicorn let running responses finish (--grace-period)
                 holder.stop()
                 if key_holder is not None:
                     key_holder.stop()
@@ -118,6 +123,7 @@ def create_app(
         debug=False,
     )
     app.state.holder = holder
+    app.state.engines = engines
     app.state.ready_needs_upstreams = ready_needs_upstreams
     app.state.stopping = False
     app.state.max_body_size = max_body_size  # named in the 413 message
@@ -178,6 +184,7 @@ class Gateway:
     async def _proxy(self, scope: Any, receive: Any, send: Any, table: RouteTable, path: str) -> None:
         meter = observe.Meter(scope)  # the clock starts; `reject` finds it in the scope
         caller: Caller | None = None
+        admitted: Admission | None = None
         route: Route | None = None
         try:
             if self.keys is not None:  # before the body: an unknown client costs no read
@@ -197,7 +204,7 @@ class Gateway:
             if caller is None:
                 exchange = prepare(route, scope, body)
             else:
-                await self.shared.admit(caller.config)  # its quotas; counts the request
+                admitted = await self.shared.admit(caller.config)  # its quotas; counts the request
                 exchange = prepare(route, scope, body, CREDENTIAL_HEADERS)
         except ProxyError as exc:
             await reject(scope, send, exc, _face(table, path, route))
@@ -209,14 +216,15 @@ class Gateway:
             return
         if exchange.call.kept is not None:
             send = self._keeping(send, exchange, _owner(caller))
+        forwarded = True
         try:
             if route.limits is None and (caller is None or caller.config.max_concurrent is None):
                 await exchange(scope, receive, send)
             else:
-                await self._limited(scope, receive, send, exchange, caller)
+                forwarded = await self._limited(scope, receive, send, exchange, caller)
         finally:
-            if caller is not None:
-                await self.shared.charge(caller.name, *_tokens(exchange, meter))
+            if caller is not None:  # a request refused by its slots is not one of its requests_per_minute
+                await self.shared.charge(caller.name, *_tokens(exchange, meter), None if forwarded else admitted)
 
     def _keeping(self, send: Any, exchange: Exchange, owner: str) -> Any:
         """`send`, storing a Responses answer before its last bytes go out (a client that continues
@@ -236,8 +244,9 @@ class Gateway:
 
         return keeping
 
-    async def _limited(self, scope: Any, receive: Any, send: Any, exchange: Exchange, caller: Caller | None) -> None:
-        """The exchange inside the key's and the route's slots (in that order), queued if need be."""
+    async def _limited(self, scope: Any, receive: Any, send: Any, exchange: Exchange, caller: Caller | None) -> bool:
+        """The exchange inside the key's and the route's slots (in that order), queued if need be;
+        False when it never ran (refused by a limit or the store, or the client left the queue)."""
         route = exchange.route
         wanted: list[Limiter] = []
         if caller is not None and (k := caller.config).max_concurrent is not None:
@@ -251,13 +260,14 @@ class Gateway:
                     hold = await limiter.acquire(receive)
                 except ProxyError as exc:  # 429 from the limit; 503 from a store down under --state-failure closed
                     await reject(scope, send, exc, route.face, rid=exchange.rid)
-                    return
+                    return False
                 if hold is None:
                     observe.rejected(scope, errors.ClientLeftQueue("the client left while queued"), exchange.rid,
                                      face=None)  # fmt: skip
-                    return
+                    return False
                 held.append((limiter, hold))
             await exchange(scope, receive, send)
+            return True
         finally:
             for limiter, hold in held:
                 limiter.release(hold)
@@ -352,7 +362,7 @@ async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
     models of routes the caller's key may use."""
     caller: Caller | None = request.scope.get(CALLER_KEY)  # type: ignore[call-overload]
     body = await catalog.models_json(request.app.state.holder.current, getattr(request.app.state, "client", None),
-                                     None if caller is None else caller.may_use)
+                                     None if caller is None else caller.may_use, request.app.state.engines)
     return Response(body, media_type="application/json")
 
 
@@ -362,7 +372,8 @@ def model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
     A path parameter: model ids carry slashes (`Qwen/Qwen2.5-7B-Instruct`)."""
     name = model_id.lstrip("/")
     caller: Caller | None = request.scope.get(CALLER_KEY)  # type: ignore[call-overload]
-    entry = request.app.state.holder.current.model(name, None if caller is None else caller.may_use)
+    entry = catalog.model_json(request.app.state.holder.current, name, None if caller is None else caller.may_use,
+                               request.app.state.engines)  # fmt: skip
     if entry is None:
         raise errors.ModelNotFound(f"model {name!r} is not served by any route", param="model")
     return Response(entry, media_type="application/json")
@@ -377,8 +388,8 @@ async def usage(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         raise errors.NotFound("usage is counted per API key: serve with --keys to see it")
     keys = [c.config for c in holder.current.callers] if caller.config.admin else [caller.config]
     state: State = request.app.state.shared
-    rows = await state.usage([k.name for k in keys])
-    return Response({"object": "list", "data": [u.as_json(k, state.shared) for u, k in zip(rows, keys)]})
+    rows, shared = await state.usage([k.name for k in keys])
+    return Response({"object": "list", "data": [u.as_json(k, shared) for u, k in zip(rows, keys)]})
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=True)

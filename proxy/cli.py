@@ -21,7 +21,7 @@ from .settings import DEFAULT_MAX_BODY, WorkerSettings, env_default
 from .version import version
 
 if TYPE_CHECKING:
-    from .config import KeyConfig
+    from .config import EngineConfig, KeyConfig
     from .routes import RouteTable
 
 EXIT_CONFIG = 2
@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=PORT, default=8080, help="port to listen on (default: 8080)")
     s.add_argument("--reload", action="store_true", help="watch the routes folder and swap in a new table on change")
-    s.add_argument("--workers", type=ranged(int, 1, 256), default=1, help="worker processes sharing the port, 1-256 (default: 1)")
+    s.add_argument("--workers", type=ranged(int, 1, 256), default=1,
+                   help="worker processes sharing the port, 1-256 (default: 1; routes with engine: need 1, or each "
+                   "worker would start its own copy of the model)")
     s.add_argument("--max-body-size", type=ranged(int, 1, 2**31 - 1), default=DEFAULT_MAX_BODY, metavar="BYTES",
                    help="largest request body in bytes, 1 to 2^31-1 (default: 10 MiB)")
     s.add_argument("--max-upstream-connections", type=ranged(int, 0, 10**7), default=0, metavar="N",
@@ -130,8 +132,9 @@ def _state_options(s: argparse.ArgumentParser) -> None:
     d = WorkerSettings()
     g = s.add_argument_group("shared state (limits, quotas, usage and stored responses across processes and replicas)")
     g.add_argument("--state", metavar="URL", default=env_default("state"),
-                   help="a Redis or Valkey: redis://[:PASSWORD@]HOST:PORT/DB, rediss://… for TLS (default: "
-                   "$LLMPROXY_STATE; unset: every limit, quota and stored response is per process)")
+                   help="a Redis or Valkey: redis://[:PASSWORD@]HOST:PORT/DB, rediss://…[?ssl_ca_certs=CA.pem] for "
+                   "TLS (default: $LLMPROXY_STATE, better than the flag, which ps shows; unset: every limit, quota "
+                   "and stored response is per process)")
     g.add_argument("--state-failure", choices=FAILURE_POLICIES, default=env_default("state_failure") or d.state_failure,
                    help="when the store does not answer: open serves with in-process limits (a warning each minute), "
                    "closed answers 503 (default: $LLMPROXY_STATE_FAILURE or open)")
@@ -237,7 +240,8 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
         models = ",".join(c.models) or "* (fallback)"
         if c.upstream_model:
             models += f" -> {c.upstream_model}"
-        ups = [f"{u} [{health.get(u, '?')}]" if health is not None else u for u in c.upstreams]
+        unknown = "not probed: its engine starts on demand" if c.engine is not None else "?"
+        ups = [f"{u} [{health.get(u, unknown)}]" if health is not None else u for u in c.upstreams]
         b = c.balancing
         if len(ups) > 1 and (b.policy != "round-robin" or b.session is not None):
             load = f", engine load every {c.balance_load.interval:g} s" if c.balance_load is not None else ""
@@ -245,6 +249,8 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
         extra = (str(getattr(c, "dialect", "") or "-"),) if dialect else ()
         rows.append((c.path, ",".join(c.methods), models, c.adapter, c.stream, ups[0], *extra, c.name, c.source))
         rows.extend(("", "", "", "", "", u, *("" for _ in extra), "", "") for u in ups[1:])
+        if c.engine is not None:
+            rows.append(("", "", "", "", "", describe_engine(c.engine), *("" for _ in extra), "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     warnings = table.warnings()
@@ -256,6 +262,14 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
     if warnings:
         summary += f", {len(warnings)} warning(s)"
     return "\n".join([*lines, summary])
+
+
+def describe_engine(e: EngineConfig) -> str:
+    """One line for `check` and the start-up log: what runs, and when."""
+    when = f"idle_ttl {e.idle_ttl:g} s" if e.idle_ttl else "never stopped when idle"
+    group = f", group {e.group}" if e.group else ""
+    start = "started at start-up (preload)" if e.preload else "started on the first request"
+    return f"engine: {e.shown()} ({when}{group}; {start})"
 
 
 def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
@@ -304,7 +318,7 @@ def probe(table: RouteTable, timeout: float = 2.0) -> dict[str, str]:
         checks: dict[str, tuple[str, dict[str, str], bool]] = {}
         for r in table.routes:
             h = r.config.health
-            for u in r.upstreams:
+            for u in r.upstreams if r.engine is None else ():  # an engine is not up until a request starts it
                 if h is not None:
                     parts = urlsplit(u)
                     checks.setdefault(u, (f"{parts.scheme}://{parts.netloc}{h.path}", dict(r.config.default_headers), True))
@@ -327,7 +341,9 @@ def _path_of(url: str) -> str:
 
 def _serve(args: argparse.Namespace, table: RouteTable) -> int:
     """Validate the flags, hand the workers their settings, run."""
-    problem = _invalid(args)
+    from .config import workers_refused
+
+    problem = _invalid(args) or workers_refused([r.config for r in table.routes], args.workers)
     if problem is not None:
         print(f"llmproxy: {problem}", file=sys.stderr)
         return EXIT_CONFIG

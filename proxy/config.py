@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +75,45 @@ class Health(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     healthy_after: int = 1
 
 
+class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`engine:`: the route starts its own model server on demand (proxy/engines.py, README
+    "Several models on one GPU"). `command` runs without a shell; `${PORT}` is a free loopback
+    port the proxy picks at each start."""
+
+    command: str | list[str]
+    health: str = "/health"  # polled until 200 before the first request goes through
+    start_timeout: float = 120.0  # seconds from spawn to a passing health check
+    idle_ttl: float = 0.0  # seconds without a request (and none in flight) before it is stopped; 0: never
+    group: str | None = None  # at most one engine of a group runs at a time
+    stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL when it is stopped
+    env: dict[str, str] = {}  # added to the proxy's environment for the engine (CUDA_VISIBLE_DEVICES: "0")
+    preload: bool = False  # start when the route is loaded (start-up, reload), not on its first request
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """The command split as a POSIX shell would split it (no expansion, no globbing)."""
+        return tuple(shlex.split(self.command)) if isinstance(self.command, str) else tuple(self.command)
+
+    def shown(self, argv: tuple[str, ...] | list[str] | None = None) -> str:
+        """The command for logs and `check`, with the value of any option named like a secret
+        (`--api-key K`, `--hf-token=T`, which llama-server and vLLM take) as `***`."""
+        out: list[str] = []
+        hide_next = False
+        for arg in self.argv if argv is None else argv:
+            if hide_next:
+                out.append("***")
+                hide_next = False
+                continue
+            flag, eq, _ = arg.partition("=")
+            secret = flag.startswith("-") and _SECRET_FLAG.search(flag) is not None
+            if secret and eq:
+                out.append(f"{flag}=***")
+            else:
+                out.append(arg)
+                hide_next = secret
+        return " ".join(out)
+
+
 class Session(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where a client names its conversation: a header, else body fields (dotted paths), first found."""
 
@@ -124,6 +164,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # Messages / Responses faces: tools a local model cannot run (web_search, code_interpreter, ...)
     # are left out of the prompt (logged, counted), or the request is refused naming them.
     hosted_tools: Literal["ignore", "reject"] = "ignore"
+    engine: EngineConfig | None = None  # the route starts (and stops) its upstream itself
     source: str = ""  # the file it came from; set by the loader, not by users
     # Variables of `upstream` that were unset (or empty) so their `${VAR:-default}` was used;
     # set by the loader, so start-up and `check` can say the route runs on a built-in address.
@@ -140,12 +181,13 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
 
 def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None,
-               defaulted: list[str] | None = None) -> str:
+               defaulted: list[str] | None = None, keep: frozenset[str] = frozenset()) -> str:
     """`${VAR}`, `${VAR:-default}` and `${VAR:+alternative}` from the environment, with POSIX
     shell meanings: `:-` gives `default` when VAR is unset or empty, `:+` gives `alternative`
     when VAR is set and non-empty and nothing otherwise (`${KEY:+Bearer ${KEY}}`). The word
     may hold further `${…}`. An unset `${VAR}` is an error; names whose default was used are
-    appended to `defaulted`."""
+    appended to `defaulted`. Names in `keep` stay as written (`${PORT}` in a route with
+    `engine:` is filled in at each start)."""
     env = os.environ if env is None else env
     out: list[str] = []
     i = 0
@@ -166,15 +208,19 @@ def expand_env(value: str, env: dict[str, str] | os._Environ[str] | None = None,
             out.append(value[start:])
             return "".join(out)
         word = value[m.end():end]
+        if name in keep:
+            out.append(value[start:end + 1])
+            i = end + 1
+            continue
         val = env.get(name)
         if op == ":+":
-            out.append(expand_env(word, env, defaulted) if val else "")
+            out.append(expand_env(word, env, defaulted, keep) if val else "")
         elif val is None or (val == "" and op == ":-"):
             if op is None:
                 raise KeyError(name)
             if defaulted is not None and word:
                 defaulted.append(name)
-            out.append(expand_env(word, env, defaulted))
+            out.append(expand_env(word, env, defaulted, keep))
         else:
             out.append(val)
         i = end + 1
@@ -222,7 +268,10 @@ def load_file(path: Path, env: dict[str, str] | None = None) -> RouteConfig:
             raise fail(internal, "unknown field")
     data["source"] = label
     defaulted: list[str] = []
-    data = _expand(data, "", env, fail, defaulted)
+    keep = ENGINE_RESERVED if isinstance(data.get("engine"), dict) else frozenset()
+    data = _expand(data, "", env, fail, defaulted, keep)
+    if keep:
+        _check_port_placement(data, fail)
     _check_header_values(data.get("default_headers"), fail)
     if isinstance(data.get("retry"), dict) and True in data["retry"]:
         raise fail("retry.on", "write `when:` (YAML 1.1 reads a bare `on` as true)")
@@ -293,17 +342,18 @@ def load_dir(folder: Path | str, env: dict[str, str] | None = None, *, allow_emp
     return routes
 
 
-def _expand(value: Any, field: str, env: Any, fail: Any, defaulted: list[str]) -> Any:
+def _expand(value: Any, field: str, env: Any, fail: Any, defaulted: list[str],
+            keep: frozenset[str] = frozenset()) -> Any:  # fmt: skip
     if isinstance(value, str):
         try:
             # Only the upstream's defaults are worth a warning (a blank API key is normal).
-            return expand_env(value, env, defaulted if field.startswith("upstream") else None)
+            return expand_env(value, env, defaulted if field.startswith("upstream") else None, keep)
         except KeyError as exc:
             raise fail(field or "file", f"environment variable {exc.args[0]} is not set and has no default") from None
     if isinstance(value, dict):
-        return {k: _expand(v, f"{field}.{k}" if field else str(k), env, fail, defaulted) for k, v in value.items()}
+        return {k: _expand(v, f"{field}.{k}" if field else str(k), env, fail, defaulted, keep) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, f"{field}[{i}]", env, fail, defaulted) for i, v in enumerate(value)]
+        return [_expand(v, f"{field}[{i}]", env, fail, defaulted, keep) for i, v in enumerate(value)]
     return value
 
 
@@ -383,8 +433,11 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
     if not r.upstreams:
         raise fail("upstream", "must name at least one URL")
     upstreams: list[str] = []
+    if r.engine is not None:
+        _check_engine(r, folder, fail)
     for i, url in enumerate(r.upstreams):
         field = "upstream" if isinstance(r.upstream, str) else f"upstream[{i}]"
+        url = url.replace(PORT, _PORT_PROBE)  # validated with a port in its place, kept as written below
         bad = _URL_BAD.search(url)
         if bad:
             what = "a space" if bad.group() == " " else f"the character {bad.group()!r}"
@@ -404,6 +457,8 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
                               "(e.g. Authorization: Basic ...), where they stay out of logs")
         if parts.query or parts.fragment:
             raise fail(field, f"must not carry a query or fragment, got {url!r}")
+        if PORT in r.upstreams[i]:
+            upstreams[-1] = normalize_url(r.upstreams[i])
     headers: dict[str, str] = {}
     seen: set[str] = set()
     for name, value in r.default_headers.items():
@@ -436,7 +491,9 @@ def _check(r: RouteConfig, folder: Path, fail: Any) -> RouteConfig:
             raise fail("template", f"neither {builtin} nor an existing file: {tpath}")
         template = str(tpath)
     upstream: str | list[str] = upstreams[0] if isinstance(r.upstream, str) else upstreams
-    return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template, upstream=upstream)
+    engine = r.engine if r.engine is None else _resolve_program(r.engine, folder)
+    return msgspec.structs.replace(r, methods=methods, default_headers=headers, template=template, upstream=upstream,
+                                   engine=engine)  # fmt: skip
 
 
 def meaningful(name: str, value: str) -> bool:
@@ -672,3 +729,111 @@ def _key_lines(node: Any) -> dict[str, int]:
     if not isinstance(node, yaml.MappingNode):
         return {}
     return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+
+
+# --- `engine:` (the route starts its own model server; proxy/engines.py) ---------------------
+
+_SECRET_FLAG = re.compile(r"key|token|secret|passw", re.IGNORECASE)
+PORT = "${PORT}"  # the engine's port, chosen by the proxy at each start
+ENGINE_RESERVED = frozenset({"PORT"})  # never read from the environment in a route with `engine:`
+_PORT_PROBE = "65535"  # stands in for `${PORT}` while a URL is validated (never sent anywhere)
+
+
+def _check_port_placement(data: dict[str, Any], fail: Any) -> None:
+    """`${PORT}` means something only in `engine.command` and `upstream`; anywhere else it
+    would be sent as written, so say so."""
+
+    def walk(value: Any, field: str) -> None:
+        if isinstance(value, str):
+            if "${PORT:" in value:
+                raise fail(field, "write ${PORT}: in a route with engine: it is always set (the engine's port), "
+                                  "so a default or alternative means nothing")
+            if PORT in value and not (field.startswith("upstream") or field.startswith("engine.command")):
+                raise fail(field, "${PORT} is only filled in in engine.command and upstream (it is the engine's port)")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{field}.{k}" if field else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{field}[{i}]")
+
+    walk(data, "")
+
+
+def _check_engine(r: RouteConfig, folder: Path, fail: Any) -> None:
+    """What `llmproxy check` can know offline about an `engine:` before anything runs."""
+    e = r.engine
+    assert e is not None
+    try:
+        argv = e.argv
+    except ValueError as exc:  # shlex: "No closing quotation"
+        raise fail("engine.command", f"cannot be split as a shell would: {exc}") from None
+    if not argv or not argv[0]:
+        raise fail("engine.command", "is empty; name the program that serves the model, e.g. llama-server ...")
+    program = _program_path(argv[0], folder)
+    if program is None:
+        where = "on PATH" if "/" not in argv[0] else "(relative paths are read from the routes folder)"
+        raise fail("engine.command", f"program {argv[0]!r} not found {where}")
+    if not os.access(program, os.X_OK) or not program.is_file():
+        raise fail("engine.command", f"program {str(program)!r} is not an executable file")
+    if not e.health.startswith("/"):
+        raise fail("engine.health", f"must be a path starting with '/', got {e.health!r}")
+    if e.start_timeout <= 0:
+        raise fail("engine.start_timeout", "must be a positive number of seconds")
+    if e.idle_ttl < 0:
+        raise fail("engine.idle_ttl", "must be >= 0 seconds (0: never stop)")
+    if e.stop_timeout < 0:
+        raise fail("engine.stop_timeout", "must be >= 0 seconds")
+    for name in e.env:
+        if not name or "=" in name or "\0" in name:
+            raise fail(f"engine.env.{name}", "is not an environment variable name")
+    if e.group is not None and not e.group.strip():
+        raise fail("engine.group", "must not be empty (leave it out for no group)")
+    if not isinstance(r.upstream, str):
+        raise fail("upstream", "a route with engine: has one upstream, the engine's: write it as one URL "
+                               "(http://127.0.0.1:${PORT}/v1/completions)")
+    in_command = any(PORT in a for a in argv)
+    if in_command and PORT not in r.upstream:
+        raise fail("upstream", "engine.command listens on ${PORT}, so the upstream must name it: "
+                               "http://127.0.0.1:${PORT}/v1/completions")
+    if PORT in r.upstream and not in_command:
+        raise fail("engine.command", "the upstream names ${PORT}, but the command never passes it to the "
+                                     "server (e.g. --port ${PORT})")
+    if r.health is not None:
+        raise fail("health", "a route with engine: checks its engine itself (engine.health); remove health:")
+
+
+def _program_path(name: str, folder: Path) -> Path | None:
+    """A bare name from PATH (as execvp finds it); a path, relative to the routes folder."""
+    import shutil
+
+    if "/" not in name:
+        found = shutil.which(name)
+        return Path(found) if found else None
+    path = Path(name) if Path(name).is_absolute() else folder / name
+    return path if path.exists() else None
+
+
+def _resolve_program(e: EngineConfig, folder: Path) -> EngineConfig:
+    """The command with its program as an absolute path, so the engine runs what `check` saw
+    whatever the working directory (a reload, or `check` and `serve` started elsewhere)."""
+    argv = e.argv
+    program = _program_path(argv[0], folder)
+    return msgspec.structs.replace(e, command=[str(program.resolve() if program else argv[0]), *argv[1:]])
+
+
+def workers_refused(routes: list[RouteConfig], workers: int, flag: str | None = None) -> str | None:
+    """`--workers N` with a route that starts its own engine would start N copies of the model
+    (each worker owns its engines): refused, with what to do instead. Here, not in engines.py:
+    the CLI asks before prometheus-client may be imported (it picks its mode on import)."""
+    if workers <= 1:
+        return None
+    started = [r for r in routes if r.engine is not None]
+    if not started:
+        return None
+    names = ", ".join(f"{r.name!r} ({r.source})" for r in started)
+    flag = flag or f"--workers {workers}"
+    return (f"{flag}: route(s) {names} start their own engine (engine:), and each worker would start "
+            "its own copy of the model; serve them with --workers 1 (one process relays thousands of streams, "
+            "see README \"Thousands of streams on one process\"), or run the model server yourself and point "
+            "upstream: at it")

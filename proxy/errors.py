@@ -191,6 +191,16 @@ class NoHealthyUpstream(ProxyError):
     kind = "unreachable"
 
 
+class EngineStartFailed(ProxyError):
+    """The route's `engine:` did not come up: its command failed or exited, its health check did not
+    pass within `start_timeout`, or it is backing off after repeated crashes (`Retry-After`). The
+    message ends with the last lines the engine wrote (it is the operator's own program)."""
+
+    status = 503
+    type = "upstream_error"
+    code = "engine_start_failed"
+
+
 class ClientLeftQueue(ProxyError):
     """Only recorded (499), never sent: the client left while waiting for a slot."""
 

@@ -146,6 +146,21 @@ state_unavailable = Counter(
 state_up = Gauge("llmproxy_state_up", "1 while the shared state store answers, 0 while it is skipped as down.",
                  multiprocess_mode="livemin")
 
+# Engines on demand (proxy/engines.py): routes with `engine:`.
+engine_starts = Counter("llmproxy_engine_starts", "Engine starts of routes with engine:, by result (ok, failed).",
+                        ["route", "result"])
+engine_stops = Counter(
+    "llmproxy_engine_stops", "Engine stops, by cause: idle, group, reload, crash, shutdown.", ["route", "cause"]
+)
+engine_start_seconds = Histogram(
+    "llmproxy_engine_start_seconds", "Time from spawning an engine to its first passing health check.", ["route"],
+    buckets=(0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
+)
+engines_running = Gauge(
+    "llmproxy_engines_running", "1 while the route's engine runs (ready), 0 otherwise.", ["route"],
+    multiprocess_mode="livesum",
+)
+
 
 class _Children:
     """`metric.labels(...)` validates, stringifies and locks on every call; cache the children."""
@@ -208,6 +223,7 @@ class RequestRecord(msgspec.Struct, tag_field="event", tag="access"):
     ttft_ms: float | None = None  # streams: time to the first token event
     tpot_ms: float | None = None  # streams with usage: time per output token after the first
     choice: str | None = None  # routes with `balance:`: why this upstream (affinity, spill, session, ...)
+    engine_wait_ms: float | None = None  # `engine:` routes: time spent waiting for the engine to start; null: it ran
 
 
 class Meter:
@@ -286,6 +302,7 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
             error=name,
             usage=usage,
             choice=exchange.choice,
+            engine_wait=exchange.engine_wait,
         ),
         model=model_label(route, model),
         kind=err.kind if err is not None else None,
@@ -353,6 +370,21 @@ def left_out_tools(route: str, kinds: list[str]) -> None:
             logging.getLogger("llmproxy.faces").info(
                 "route %r: left the tool %r out of the prompt (the upstream model cannot run it); "
                 "further ones are counted in llmproxy_tools_left_out_total", route, kind)
+
+
+def engine_started(route: str, seconds: float | None) -> None:
+    """An engine start ended: `seconds` from spawn to healthy, or None when it failed."""
+    if seconds is None:
+        engine_starts.labels(route=route, result="failed").inc()
+        return
+    engine_starts.labels(route=route, result="ok").inc()
+    engine_start_seconds.labels(route=route).observe(seconds)
+    engines_running.labels(route=route).set(1)
+
+
+def engine_stopped(route: str, cause: str) -> None:
+    engine_stops.labels(route=route, cause=cause).inc()
+    engines_running.labels(route=route).set(0)
 
 
 def reloaded(ok: bool) -> None:
@@ -459,6 +491,7 @@ def _record(
     error: str | None = None,
     usage: tuple[int, int] | None = None,
     choice: str | None = None,
+    engine_wait: float | None = None,
 ) -> RequestRecord:
     now = perf_counter()
     m.recorded = True
@@ -496,6 +529,7 @@ def _record(
         ttft_ms=ttft_ms,
         tpot_ms=tpot_ms,
         choice=choice,
+        engine_wait_ms=round(engine_wait * 1000, 3) if engine_wait is not None else None,
     )
 
 

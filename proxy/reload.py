@@ -22,7 +22,7 @@ import anyio
 import msgspec
 
 from . import observe
-from .config import RouteConfig
+from .config import RouteConfig, workers_refused
 from .errors import ConfigError
 from .routes import RouteTable
 
@@ -119,6 +119,17 @@ def build_table(folder: Path) -> RouteTable:
     return RouteTable.from_dir(folder, allow_empty=True)
 
 
+def _one_process_engines(table: RouteTable, last_good: Path | str | None) -> RouteTable:
+    """A worker of `serve --workers N` (the supervisor hands it `last_good`) never serves a table
+    with `engine:` routes, however it got there (uvicorn replacing a worker reads the folder
+    again; a SIGHUP sent to one worker): each worker would start its own copy of the model."""
+    if last_good:
+        refused = workers_refused([r.config for r in table.routes], 2, "--workers N")
+        if refused:
+            raise ConfigError(refused)
+    return table
+
+
 class Reloadable(Generic[T]):
     """A value built from files (`source`), swapped whole when they change: `current` is read
     once per request, so a request keeps what it started with. A failed build keeps the
@@ -194,7 +205,7 @@ class TableHolder(Reloadable[RouteTable]):
         folder = Path(folder)
         snapshot = fingerprint(folder)
         try:
-            table = RouteTable.from_dir(folder)
+            table = _one_process_engines(RouteTable.from_dir(folder), last_good)
         except ConfigError as exc:
             if last_good is None or not Path(last_good).is_file():
                 raise
@@ -208,7 +219,7 @@ class TableHolder(Reloadable[RouteTable]):
         return fingerprint(source)
 
     def _build(self, source: Path) -> RouteTable:
-        return build_table(source)
+        return _one_process_engines(build_table(source), os.environ.get(LAST_GOOD_ENV))
 
     def _counted(self, ok: bool) -> None:
         observe.reloaded(ok)

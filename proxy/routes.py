@@ -18,7 +18,7 @@ import msgspec
 
 from .adapters import Adapter
 from .adapters.registry import ADAPTERS, make_adapter
-from .config import RouteConfig, load_dir
+from .config import PORT, RouteConfig, load_dir
 from .errors import MethodNotAllowed, ModelNotFound, NotFound, bad_body
 from .headers import Headers, normalize
 from .request_model import UNREAD, Unread, model_of
@@ -43,15 +43,22 @@ class Route:
     """A route file compiled for the hot path."""
 
     __slots__ = ("config", "name", "adapter", "face", "upstreams", "pool", "defaults", "timeout", "client_timeout",
-                 "models", "limits", "retry", "_match")  # fmt: skip
+                 "models", "limits", "retry", "engine", "engine_key", "_match")  # fmt: skip
 
     def __init__(self, config: RouteConfig) -> None:
         self.config = config
         self.name = config.name
         self.adapter: Adapter = make_adapter(config)
         self.face = ADAPTERS[config.adapter].face  # the error shape its clients read
-        self.upstreams = config.upstreams
-        self.pool = Pool(config.name, config.upstreams, config.health, config.balancing)
+        # `engine:` (proxy/engines.py): None, or the process the route starts itself; the forwarder
+        # waits for it before sending (one attribute test per request on every other route).
+        self.engine = config.engine
+        e = config.engine
+        self.engine_key = (config.name, e.argv, e.group, tuple(sorted(e.env.items()))) if e else None
+        # An engine's `${PORT}` is known once it starts: until then the URL names port 0 (nothing is
+        # sent before the engine runs; `Engine` moves the upstream to its port at each start).
+        self.upstreams = tuple(u.replace(PORT, "0") for u in config.upstreams) if config.engine else config.upstreams
+        self.pool = Pool(config.name, self.upstreams, config.health, config.balancing)
         self.limits = config.limits  # None: the gate takes no slot (one attribute test per request)
         self.retry = RetryPolicy(config.retry) if config.retry is not None else None
         self.defaults: Headers = normalize(config.default_headers)

@@ -37,8 +37,8 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from .errors import ConfigError, Overloaded, StateUnavailable
 
@@ -49,6 +49,11 @@ log = logging.getLogger("llmproxy.state")
 
 FAILURE_POLICIES = ("open", "closed")  # `--state-failure`: the one list the CLI and the README use
 SCHEMES = ("redis", "rediss")
+# The query parameters a rediss:// URL may carry, handed to redis-py as they are (`parse_url` passes
+# a parameter it has no parser for as a string, redis/asyncio/connection.py; `SSLConnection` takes
+# them). Others are refused: one such as `socket_timeout` would override the timeouts below.
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")  # the CA to trust; a client certificate
+TLS_PARAMETERS = (*TLS_FILES, "ssl_cert_reqs", "ssl_check_hostname")
 CALL_TIMEOUT = 0.3  # seconds, a whole store call (connect, one retry, answer)
 SOCKET_TIMEOUT = 0.15  # seconds, one connect or one answer
 RETRY_DOWN = 1.0  # seconds a failed store is skipped before it is tried again
@@ -95,6 +100,12 @@ def check_url(url: str) -> str:
     db = parts.path.strip("/")
     if db and not db.isdigit():
         raise ConfigError(f"--state: {redact(url)}: the database must be a number, got {db!r}")
+    for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+        if name not in TLS_PARAMETERS or parts.scheme != "rediss":
+            raise ConfigError(f"--state: {redact(url)}: query parameter {name!r} not taken; a rediss:// URL takes "
+                              f"{', '.join(TLS_PARAMETERS)}")  # fmt: skip
+        if name in TLS_FILES and not os.path.isfile(values[-1]):
+            raise ConfigError(f"--state: {name}: no such file: {values[-1]}")
     return url
 
 
@@ -146,7 +157,8 @@ local mk, dk = p .. ':m:' .. m, p .. ':d:' .. d
 """
 
 # KEYS: clock. ARGV: key prefix, tokens_per_minute, tokens_per_day, requests_per_minute (0: none).
-# {quota over, used, seconds to the window's end}, or {'', 0, 0} and the request is counted.
+# {quota over, used, seconds to the window's end}, or {'', minute, day}: the request is counted in
+# those windows (a refund names them: see CHARGE).
 ADMIT = _NOW + _WINDOWS + """
 local function get(k, f) return tonumber(redis.call('HGET', k, f) or '0') end
 local tpm, tpd, rpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -160,13 +172,20 @@ redis.call('EXPIRE', mk, 120)
 redis.call('HINCRBY', dk, 'requests', 1)
 redis.call('EXPIRE', dk, 172800)
 redis.call('HINCRBY', p .. ':total', 'requests', 1)
-return {'', 0, 0}
+return {'', m, d}
 """
 
-# KEYS: clock. ARGV: key prefix, prompt tokens, completion tokens, then (slot set, lease id) pairs to
-# give back: the leases of the request just answered ride along (one round trip instead of two).
+# KEYS: clock. ARGV: key prefix, prompt tokens, completion tokens, the minute and day a request the
+# proxy refused after ADMIT was counted in (0: none; it is taken back there, in windows still
+# kept), then (slot set, lease id) pairs to give back: the leases of the request just answered
+# ride along (one round trip instead of two).
 CHARGE = _NOW + _WINDOWS + """
-for i = 4, #ARGV - 1, 2 do redis.call('ZREM', ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV - 1, 2 do redis.call('ZREM', ARGV[i], ARGV[i + 1]) end
+if tonumber(ARGV[4]) > 0 then
+  for _, k in ipairs({p .. ':m:' .. ARGV[4], p .. ':d:' .. ARGV[5], p .. ':total'}) do
+    if tonumber(redis.call('HGET', k, 'requests') or '0') > 0 then redis.call('HINCRBY', k, 'requests', -1) end
+  end
+end
 local t = tonumber(ARGV[2]) + tonumber(ARGV[3])
 redis.call('HINCRBY', mk, 'tokens', t)
 redis.call('EXPIRE', mk, 120)
@@ -205,6 +224,14 @@ def _slot_set(kind: str, name: str) -> str:
 
 
 # --- in-process: the same operations, for one process --------------------------------------
+
+
+class Admission(NamedTuple):
+    """Where `State.admit` counted a request: in the store or this process, in which minute and day."""
+
+    shared: bool
+    minute: int
+    day: int
 
 
 class Usage:
@@ -263,7 +290,14 @@ class Local:
         minute[1] += 1
         day[1] += 1
         self._totals.setdefault(name, [0, 0, 0])[0] += 1
-        return "", 0, 0
+        return "", m, d
+
+    def refund(self, name: str, m: int, d: int) -> None:
+        """Take back a request counted by `admit` in minute `m` and day `d` (windows still kept)."""
+        counts = self._counts.get((name, "m", m)), self._counts.get((name, "d", d)), self._totals.get(name)
+        for count, i in zip(counts, (1, 1, 0)):  # [tokens, requests] twice, then [requests, prompt, completion]
+            if count is not None and count[i] > 0:
+                count[i] -= 1
 
     def charge(self, name: str, prompt: int, completion: int) -> None:
         _, _, _, minute, day = self._windows(name)
@@ -425,8 +459,9 @@ class State:
                     break
 
     # Quotas and usage per key.
-    async def admit(self, k: KeyConfig) -> None:
-        """Count a request of key `k`, or refuse it with a 429 naming the quota it is over."""
+    async def admit(self, k: KeyConfig) -> Admission:
+        """Count a request of key `k`, or refuse it with a 429 naming the quota it is over. The answer
+        says where it was counted, so `charge` can take it back if the proxy refuses it later."""
         quotas = (k.tokens_per_minute or 0, k.tokens_per_day or 0, k.requests_per_minute or 0)
         found: Any = None
         if self.redis is not None:
@@ -438,37 +473,47 @@ class State:
             over, used, wait = self.local.admit(k.name, *quotas)
         else:
             over, used, wait = found[0].decode() if isinstance(found[0], bytes) else found[0], found[1], found[2]
-        if over:
-            limit = getattr(k, over)
-            wait = max(1, int(wait))
-            raise Overloaded(f"key {k.name!r} is over its {over} quota ({used} of {limit} used in this "
-                             f"{'day' if over == 'tokens_per_day' else 'minute'}); retry after {wait} s",
-                             headers={"retry-after": str(wait)})  # fmt: skip
+        if not over:
+            return Admission(found is not None, int(used), int(wait))  # counted: its minute and day
+        limit = getattr(k, over)
+        wait = max(1, int(wait))
+        raise Overloaded(f"key {k.name!r} is over its {over} quota ({used} of {limit} used in this "
+                         f"{'day' if over == 'tokens_per_day' else 'minute'}); retry after {wait} s",
+                         headers={"retry-after": str(wait)})  # fmt: skip
 
-    async def charge(self, name: str, prompt: int, completion: int) -> None:
-        """Charge an answer's tokens to key `name` (after the answer: it may overshoot by its own size)."""
+    async def charge(self, name: str, prompt: int, completion: int, refund: Admission | None = None) -> None:
+        """Charge an answer's tokens to key `name` (after the answer: it may overshoot by its own size).
+        `refund`: the request never reached the upstream (a concurrency 429, a 503, the client left
+        the queue), so its count toward `requests_per_minute` is taken back where `admit` made it."""
         if prompt:
             _metrics().key_tokens.labels(key=name, kind="prompt").inc(prompt)
         if completion:
             _metrics().key_tokens.labels(key=name, kind="completion").inc(completion)
+        windows = (0, 0)
+        if refund is not None:
+            if refund.shared:
+                windows = (refund.minute, refund.day)
+            else:
+                self.local.refund(name, refund.minute, refund.day)
         if self.redis is not None:
             gives, self._gives = self._gives, []
             try:
                 await self._call(lambda: self._charge(keys=[CLOCK_KEY],
-                                                      args=[_key_prefix(name), prompt, completion, *gives]))
+                                                      args=[_key_prefix(name), prompt, completion, *windows, *gives]))
                 return
             except (StoreDown, StateUnavailable):
                 pass  # the answer is out: counted here rather than lost (the leases expire)
         self.local.charge(name, prompt, completion)
 
-    async def usage(self, names: list[str]) -> list[Usage]:
+    async def usage(self, names: list[str]) -> tuple[list[Usage], bool]:
+        """The keys' usage, and whether it is the store's (False: this process's, the store down)."""
         if self.redis is not None:
             try:
                 flat = await self._call(lambda: self._usage(keys=[CLOCK_KEY], args=[_key_prefix(n) for n in names]))
-                return [Usage(*flat[i * 9:(i + 1) * 9]) for i in range(len(names))]
+                return [Usage(*flat[i * 9:(i + 1) * 9]) for i in range(len(names))], True
             except StoreDown:
                 pass
-        return self.local.usage(names)
+        return self.local.usage(names), False
 
     # Stored responses (the Responses face's `previous_response_id`).
     async def save_response(self, rid: str, blob: bytes) -> None:

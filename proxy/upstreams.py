@@ -74,6 +74,17 @@ class Upstream:
         """Marked down: its engine may come back with an empty cache."""
         self.epoch += 1
 
+    def moved(self, url: str) -> None:
+        """The server behind it now listens at `url` (a route's `engine:` started on a new port):
+        a fresh start, its passive health forgotten."""
+        self.url = url
+        self.label = upstream_label(url)
+        parts = urlsplit(url)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.down_until = 0.0
+        self.reason = ""
+        self.fails = 0
+
     def target(self, query: bytes = b"") -> str:
         """The URL to send to, with the client's query string."""
         return f"{self.url}?{query.decode('latin-1')}" if query else self.url

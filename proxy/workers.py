@@ -32,6 +32,7 @@ from uvicorn import Config
 from uvicorn.supervisors import Multiprocess
 
 from . import observe
+from .config import workers_refused
 from .reload import LAST_GOOD_ENV, TableHolder, build_table, fingerprint, rebuild, save_last_good
 from .routes import RouteTable
 
@@ -84,6 +85,11 @@ class RouteSupervisor(Multiprocess):
         table = rebuild(build_table, self.folder, TableHolder.failed,
                         lambda ok: None if ok else observe.reloaded(False))  # fmt: skip
         if table is None:
+            return False
+        refused = workers_refused([r.config for r in table.routes], self.config.workers)
+        if refused:  # each worker would start its own copy of the model
+            log.error("%s: %s", TableHolder.failed, refused)
+            observe.reloaded(False)
             return False
         save_last_good(table, self.last_good)
         pids = [p.pid for p in self.processes if p.pid is not None]

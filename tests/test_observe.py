@@ -420,7 +420,7 @@ def test_text_format_is_one_readable_line():
     assert line == (
         "2025-01-01T00:00:00.000Z POST /v1/chat/completions 200 request_id=abc route=qwen-chat "
         'model="qwen 2" upstream=http://127.0.0.1:8019/v1/completions duration_ms=12.5 ttfb_ms=3.25 '
-        "bytes_out=42 streamed=true disconnected=false error=- prompt_tokens=- completion_tokens=- client=- user_agent=- key=- ttft_ms=- tpot_ms=- choice=-"
+        "bytes_out=42 streamed=true disconnected=false error=- prompt_tokens=- completion_tokens=- client=- user_agent=- key=- ttft_ms=- tpot_ms=- choice=- engine_wait_ms=-"
     )
     other = observe.JsonFormatter().format(logging.makeLogRecord({"msg": "hello %s", "args": ("you",), "name": "x"}))
     assert json.loads(other)["message"] == "hello you"
