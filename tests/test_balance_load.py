@@ -185,9 +185,11 @@ def test_config_long_form(tmp_path):
 def test_check_shows_the_engine_load(routes_dir, capsys):
     from proxy.cli import main as cli
 
-    folder = routes_dir(m=ROUTE + "balance: least-busy\nbalance_load: {interval: 5}\n")
+    folder = routes_dir(m=ROUTE + "balance: least-busy\ndialect: llama.cpp\nbalance_load: {interval: 5}\n")
     assert cli(["check", "--routes", str(folder)]) == 0
-    assert "(balance: least-busy, engine load every 5 s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(balance: least-busy, engine load every 5 s)" in out
+    assert "no effect" not in out  # on passthrough, `dialect:` says where the engine reports its load
 
 
 def test_the_guard_moves_a_session_off_an_engine_loaded_from_elsewhere(fleet, routes_dir, proxy_for, caplog):
