@@ -35,7 +35,7 @@ test *ARGS: install
 
 # Test against llama.cpp's own llama-server: builds it once (~10-15 min on 2 cores, cached in ~/.cache/llmproxy/engine).
 test-engine *ARGS: install
-    tests/engine/build.sh >/dev/null
+    PYTHON={{py}} tests/engine/build.sh >/dev/null
     {{py}} -m pytest tests/engine {{ARGS}}
 
 # Start the mock upstream and the proxy on loopback, send one chat request, stream the answer.

@@ -89,13 +89,32 @@ def test_logprobs_without_alternatives_still_give_each_tokens_logprob(base, llam
     assert json.loads(llama.requests[-1].body)["logprobs"] == 1
 
 
-def test_the_responses_face_says_it_gives_no_logprobs_rather_than_an_empty_list(base):
-    with pytest.raises(openai.BadRequestError) as err:
-        client(base).responses.create(model="m", input="Hi", include=["message.output_text.logprobs"])
-    assert err.value.code == "unsupported_parameter" and "logprobs" in err.value.message
-    with pytest.raises(openai.BadRequestError):
-        client(base).responses.create(model="m", input="Hi", top_logprobs=2)
-    assert client(base).responses.create(model="m", input="Hi", include=["reasoning.encrypted_content"]).output_text
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_reach_the_responses_client(base, stream):
+    kw = {"model": "m", "input": "Hi", "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    if stream:
+        with client(base).responses.stream(**kw) as s:
+            deltas = [lp for e in s if e.type == "response.output_text.delta" for lp in e.logprobs]
+            part = s.get_final_response().output[0].content[0]
+        assert [i.token for i in deltas] == [i.token for i in part.logprobs]
+    else:
+        part = client(base).responses.create(**kw).output[0].content[0]
+    assert "".join(i.token for i in part.logprobs) == TEXT
+    assert [len(i.top_logprobs) for i in part.logprobs] == [2] * 4
+    assert all("id" not in (i.model_extra or {}) for i in part.logprobs)  # OpenAI's shape, not the engine's
+
+
+@pytest.mark.parametrize("field", [{"logprobs": True}, {"top_logprobs": 2}])
+def test_the_messages_face_says_it_has_no_logprobs_rather_than_ignoring_them(base, llama, field):
+    """The Messages API has no logprobs; a client that asks for them gets a 400, not an answer without.
+    (Other fields it does not define are ignored and not sent upstream, as the README says.)"""
+    a = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0, timeout=10,
+                            default_headers={"x-mock-text": TEXT})
+    with pytest.raises(anthropic.BadRequestError) as err:
+        a.messages.create(model="m", max_tokens=32, messages=USER, extra_body=field)
+    assert "no logprobs" in err.value.message
+    assert a.messages.create(model="m", max_tokens=32, messages=USER, extra_body={"logprobs": False, "seed": 7}).content
+    assert not {"logprobs", "seed"} & set(json.loads(llama.requests[-1].body))
 
 
 def test_no_logprobs_unless_asked(base):

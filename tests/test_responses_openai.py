@@ -3,6 +3,7 @@ with the mock legacy-completions upstream behind the proxy."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -11,6 +12,9 @@ import pydantic
 import pytest
 
 from faces_util import said, sse_events, tokenized
+from proxy.adapters.registry import make_adapter
+from proxy.config import RouteConfig
+from servers import run_mock
 
 ROUTE = """
     name: qwen-responses
@@ -351,3 +355,101 @@ def test_store_false_keeps_nothing(responses):
     assert r.store is False
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="q", input="again", previous_response_id=r.id)
+
+
+# --- logprobs ------------------------------------------------------------------------------------
+
+LP_TEXT = "Paris is the capital."
+
+
+@pytest.mark.parametrize("dialect", ["llama.cpp", "vllm"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_are_carried_in_the_output_text(routes_dir, proxy_for, dialect, stream):
+    """`include: ["message.output_text.logprobs"]` + `top_logprobs`: each token's logprob in the
+    `output_text` part, and streamed in each `response.output_text.delta` (the SDK's types)."""
+    with run_mock(dialect) as mock:
+        folder = routes_dir(responses=f"path: /v1/responses\nupstream: {mock.url}/v1/completions\n"
+                                      f"adapter: responses-to-completions\ndialect: {dialect}\n")
+        client = openai.OpenAI(base_url=f"{proxy_for(folder)}/v1", api_key="k", max_retries=0, timeout=10)
+        kw = {"model": "m", "input": "Hi", "include": ["message.output_text.logprobs"], "top_logprobs": 2,
+              "extra_headers": said(LP_TEXT)}
+        if stream:
+            with client.responses.stream(**kw) as s:
+                events = list(s)
+                final = s.get_final_response()
+            deltas = [e for e in events if e.type == "response.output_text.delta"]
+            streamed = [lp for e in deltas for lp in e.logprobs]
+            assert "".join(lp.token for lp in streamed) == LP_TEXT
+            assert all(len(e.logprobs) == 1 and e.logprobs[0].token == e.delta for e in deltas)
+            (done,) = [e for e in events if e.type == "response.output_text.done"]
+            assert [lp.token for lp in done.logprobs] == [lp.token for lp in streamed]
+        else:
+            final = client.responses.create(**kw)
+        sent = json.loads(mock.requests[-1].body)
+    assert sent["logprobs"] == 2
+    part = final.output[0].content[0]
+    assert part.text == LP_TEXT and "".join(lp.token for lp in part.logprobs) == LP_TEXT
+    for lp in part.logprobs:
+        assert lp.logprob < 0 and lp.bytes == list(lp.token.encode())
+        assert len(lp.top_logprobs) == 2 and lp.top_logprobs[0].token == lp.token
+
+
+@pytest.mark.parametrize("ask", [{"include": ["message.output_text.logprobs"]}, {"top_logprobs": 3}, {}])
+def test_logprobs_only_when_asked(responses, ask):
+    """The `include` entry alone gives the sampled tokens' logprobs; `top_logprobs` alone asks too
+    (rather than an empty list); neither: none asked upstream, `logprobs: []` as OpenAI answers."""
+    with run_mock("vllm") as mock:
+        client, _ = responses(upstream_url=mock.url)
+        part = client.responses.create(model="m", input="Hi", extra_headers=said(LP_TEXT), **ask).output[0].content[0]
+        sent = json.loads(mock.requests[-1].body)
+    if ask:
+        assert sent["logprobs"] == ask.get("top_logprobs", 0)
+        assert "".join(lp.token for lp in part.logprobs) == LP_TEXT
+    else:
+        assert "logprobs" not in sent and part.logprobs == []
+
+
+def test_top_logprobs_out_of_range_is_a_400(responses):
+    client, _ = responses()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="m", input="Hi", top_logprobs=21)
+    assert err.value.param == "top_logprobs"
+
+
+def test_logprobs_of_held_back_text_are_each_reported_once():
+    """Tokens whose text the proxy held (a template stop string begun, then completed and cut) still
+    reach the client once: streamed in a last, empty delta, and in the part's list, as the whole answer."""
+    config = RouteConfig(name="r", path="/v1/responses", upstream="http://127.0.0.1:9/v1/completions",
+                         adapter="responses-to-completions", dialect="llama.cpp")
+    adapter = make_adapter(config)
+    tokens = ["Paris", " is", "<|im", "_end|>"]
+
+    def event(tok: str | None) -> dict:
+        lp = None if tok is None else {"content": [{"id": 1, "token": tok, "bytes": list(tok.encode()),
+                                                    "logprob": -0.5, "top_logprobs": []}]}
+        return {"id": "chatcmpl-x", "created": 1, "choices": [{"index": 0, "text": tok or "", "logprobs": lp,
+                                                               "finish_reason": None if tok else "stop"}]}
+
+    sse = [b"data: " + json.dumps(event(t)).encode() + b"\n\n" for t in [*tokens, None]] + [b"data: [DONE]\n\n"]
+    body = {"model": "m", "input": "Hi", "include": ["message.output_text.logprobs"], "stream": True}
+    call = adapter.request(json.dumps(body).encode())
+
+    async def relay() -> bytes:
+        async def chunks():
+            for c in sse:
+                yield c
+        return b"".join([out async for out in call.events(chunks())])
+
+    events = [json.loads(line[6:]) for line in asyncio.run(relay()).split(b"\n") if line.startswith(b"data: {")]
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert "".join(e["delta"] for e in deltas) == "Paris is"
+    assert [i["token"] for e in deltas for i in e["logprobs"]] == tokens
+    (done,) = [e for e in events if e["type"] == "response.output_text.done"]
+    assert [i["token"] for i in done["logprobs"]] == tokens
+
+    whole = adapter.request(json.dumps({**body, "stream": False}).encode())
+    items = [event(t)["choices"][0]["logprobs"]["content"][0] for t in tokens]
+    doc = {"id": "chatcmpl-x", "created": 1, "choices": [{"index": 0, "text": "Paris is<|im_end|>",
+                                                          "finish_reason": "stop", "logprobs": {"content": items}}]}
+    part = json.loads(whole.response(json.dumps(doc).encode()))["output"][0]["content"][0]
+    assert part["text"] == "Paris is" and [i["token"] for i in part["logprobs"]] == tokens

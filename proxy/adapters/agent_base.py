@@ -27,6 +27,8 @@ from ..errors import BadRequest
 from .call import AdapterBase, CallBase
 from .core import Core, Event, Finish, Generation, Reasoning, Start, Text, ToolCall, Turn, TurnCall, Usage
 from .dialects import server_root
+from .logprobs import NULL
+from .logprobs import join as join_logprobs
 
 _encode = msgspec.json.Encoder().encode
 ESTIMATE_BYTES_PER_TOKEN = 4  # the estimate: UTF-8 bytes of the rendered prompt / 4, rounded up
@@ -130,14 +132,20 @@ class FaceCall(TurnCall):
     items (Responses); tool calls arrive whole. The subclass says what opening,
     growing and closing a run means in its API, and buffers its stream bytes in
     `_out`; the same calls build the whole answer, so the two cannot disagree.
+
+    Logprobs (a face that offers them passes `logprobs=True`): the core's `Text` events carry
+    each token's items, also for text it holds back or that became reasoning or a tool call
+    (then on an empty `Text`). They go with the next text delta of choice 0, so every token is
+    reported once; a text run's closing gets all of its own. Tokens with no text run after
+    them (an answer that is only a tool call) have no text to belong to and are not reported.
     """
 
     translates = True
     upstream_query = False  # a face's query (Claude Code's `?beta=true`) means nothing upstream
 
-    __slots__ = ("turn", "body", "model", "stream", "_open", "_parts", "_usage", "_out")
+    __slots__ = ("turn", "body", "model", "stream", "_open", "_parts", "_usage", "_out", "_lps", "_run_lps")
 
-    def __init__(self, turn: Turn, *, model: str, stream: bool) -> None:
+    def __init__(self, turn: Turn, *, model: str, stream: bool, logprobs: bool = False) -> None:
         self.turn = turn
         self.body = turn.body
         self.model = model
@@ -146,6 +154,8 @@ class FaceCall(TurnCall):
         self._parts: list[str] = []  # its text so far
         self._usage: Usage | None = None
         self._out: list[bytes] = []  # stream bytes not yet yielded
+        self._lps: list[msgspec.Raw] | None = [] if logprobs else None  # items not yet given to a delta
+        self._run_lps: list[msgspec.Raw] = []  # the open text run's items
 
     def response(self, body: bytes) -> bytes:
         """The upstream's whole answer -> the face's whole answer."""
@@ -171,14 +181,18 @@ class FaceCall(TurnCall):
         for ev in batch:
             kind = type(ev)
             if kind is Text or kind is Reasoning:
-                if ev.choice == 0 and ev.text:
+                if ev.choice != 0:
+                    continue
+                if kind is Text and self._lps is not None and ev.logprobs != NULL:
+                    self._lps.append(ev.logprobs)
+                if ev.text:
                     run = "text" if kind is Text else "reasoning"
                     if self._open != run:
                         self._close()
                         self._open = run
                         self._opened(run)
                     self._parts.append(ev.text)
-                    self._grew(run, ev.text)
+                    self._grew(run, ev.text, self._take_logprobs() if run == "text" else NULL)
             elif kind is ToolCall:
                 if ev.choice == 0:
                     self._close()
@@ -192,21 +206,38 @@ class FaceCall(TurnCall):
             elif kind is Start:
                 self._started(ev)
 
+    def _take_logprobs(self) -> msgspec.Raw:
+        """The items waiting for a text delta (NULL for none), now the open text run's."""
+        lps = self._lps
+        if not lps:
+            return NULL
+        found = lps[0] if len(lps) == 1 else join_logprobs(lps)
+        lps.clear()
+        self._run_lps.append(found)
+        return found
+
     def _close(self) -> None:
         """End the open run, if any."""
         run = self._open
         if run is None:
             return
+        lp = NULL
+        if run == "text" and self._lps is not None:
+            if self._lps:  # tokens whose text was held back and dropped (a stop string): an empty delta
+                self._grew(run, "", self._take_logprobs())
+            lp = join_logprobs(self._run_lps)
+            self._run_lps.clear()
         self._open = None
         text = "".join(self._parts)
         self._parts.clear()
-        self._closed(run, text)
+        self._closed(run, text, lp)
 
     # What the face does at each step.
     def _started(self, ev: Start) -> None: ...
     def _opened(self, run: str) -> None: ...
-    def _grew(self, run: str, text: str) -> None: ...
-    def _closed(self, run: str, text: str) -> None: ...
+    # `lp`: the text's logprob items (a JSON list, or NULL for none or not asked).
+    def _grew(self, run: str, text: str, lp: msgspec.Raw) -> None: ...
+    def _closed(self, run: str, text: str, lp: msgspec.Raw) -> None: ...
     def _called(self, ev: ToolCall) -> None: ...
     def _finished(self, ev: Finish) -> None: ...
     def _end(self) -> None: ...  # the stream's last events

@@ -64,7 +64,6 @@ class _Llama(msgspec.Struct):
 
 _decode_legacy = msgspec.json.Decoder(_Legacy).decode
 _decode_llama = msgspec.json.Decoder(_Llama).decode
-_decode_items = msgspec.json.Decoder(list[Item]).decode
 _encode = msgspec.json.Encoder().encode
 
 
@@ -107,9 +106,7 @@ def to_raw(found: list[Item]) -> msgspec.Raw:
 
 
 def join(raws: list[msgspec.Raw]) -> msgspec.Raw:
-    """The items of a choice's stream events as one list (an answer aggregated from a stream)."""
-    found: list[Item] = []
-    for raw in raws:
-        if raw != NULL:
-            found += _decode_items(raw)
-    return to_raw(found)
+    """The items of several events (each a non-empty list from `to_raw`, or `NULL`) as one list, spliced
+    without decoding: an answer aggregated from a stream, or a Responses text part's tokens."""
+    found = [bytes(raw)[1:-1] for raw in raws if raw != NULL]
+    return msgspec.Raw(b"[" + b",".join(found) + b"]") if found else NULL

@@ -78,6 +78,9 @@ class MessagesToCompletions(AdapterBase):
             req = _decode(body)
         except msgspec.DecodeError as exc:
             raise bad_body(exc) from None
+        if req.logprobs or req.top_logprobs is not None:
+            raise BadRequest("the Messages API has no logprobs: ask the chat completions or Responses route",
+                             param="logprobs" if req.logprobs else "top_logprobs", code="unsupported_parameter")
         if req.max_tokens is not None and req.max_tokens < 1:
             raise BadRequest("max_tokens: must be at least 1", param="max_tokens", code="invalid_value")
         messages = _history(req)
@@ -280,11 +283,11 @@ class MessagesCall(FaceCall):
         self._head = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
                       + str(self._index).encode() + b',"delta":{"type":' + kind)
 
-    def _grew(self, run: str, text: str) -> None:
+    def _grew(self, run: str, text: str, lp: msgspec.Raw) -> None:  # no logprobs in this API
         if self.stream:
             self._out.append(self._head + _encode(text) + b"}}\n\n")
 
-    def _closed(self, run: str, text: str) -> None:
+    def _closed(self, run: str, text: str, lp: msgspec.Raw) -> None:
         block = self._content[-1]
         if run == "text":
             block["text"] = text

@@ -91,3 +91,6 @@ class MessagesRequest(msgspec.Struct):
     output_config: OutputConfig | None = None
     output_format: OutputFormat | None = None  # the structured-outputs beta's older spelling
     metadata: dict[str, Any] | None = None  # user_id: not sent upstream (Claude Code's is a JSON blob)
+    # Not in the Messages API: read only to refuse them (a client that asks must not get an answer without).
+    logprobs: Any = None
+    top_logprobs: Any = None

@@ -47,6 +47,7 @@ from ..errors import BadRequest, ProxyError, ResponseNotFound, bad_body
 from .call import AdapterBase
 from .core_types import FunctionCall, Message, ToolCall as ChatToolCall
 from .core import Core, Finish, Generation, Start, ToolCall, Turn
+from .logprobs import NULL
 from .agent_base import FaceCall, TokenCounter, json_schema_format, left_out
 from .responses_types import Part, ResponsesRequest
 
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 _decode = msgspec.json.Decoder(ResponsesRequest).decode
 _encode = msgspec.json.Encoder().encode
 
+_EMPTY = msgspec.Raw(b"[]")
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
 _THINKING_OFF = frozenset({"none", "minimal"})
 _STATEFUL = {
@@ -106,7 +108,8 @@ class ResponsesToCompletions(AdapterBase):
     def request(self, body: bytes) -> ResponsesCall:
         gen, req, tools = self.generation(body)
         custom = frozenset(t["name"] for t in tools if t.get("type") == "custom")
-        return ResponsesCall(self.core.start(gen), req, tools, custom, model=gen.model or self.model)
+        return ResponsesCall(self.core.start(gen), req, tools, custom, model=gen.model or self.model,
+                             logprobs=gen.logprobs is not None)
 
     def generation(self, body: bytes) -> tuple[Generation, ResponsesRequest, list[dict[str, Any]]]:
         """A Responses body -> the core's `Generation` (and what the answer echoes)."""
@@ -122,15 +125,13 @@ class ResponsesToCompletions(AdapterBase):
                              param="background", code="unsupported_parameter")
         if req.input is None or req.input == []:
             raise BadRequest("input: required (a string or a list of items)", param="input", code="missing_field")
-        if req.top_logprobs or "message.output_text.logprobs" in (req.include or ()):
-            # Said, rather than answered with the empty `logprobs` lists every output_text carries.
-            raise BadRequest("logprobs are not offered on this face: use the chat completions route",
-                             param="include" if req.include else "top_logprobs", code="unsupported_parameter")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+            raise BadRequest("top_logprobs: must be between 0 and 20", param="top_logprobs", code="invalid_value")
         tools, echoed = self._tools(req)
         gen = Generation(messages=_history(req), model=req.model, stream=req.stream, tools=tools,
                          tool_choice=_tool_choice(req.tool_choice), max_tokens=req.max_output_tokens,
                          sampling={k: v for k in ("temperature", "top_p") if (v := getattr(req, k)) is not None},
-                         parallel_tool_calls=req.parallel_tool_calls is not False)
+                         parallel_tool_calls=req.parallel_tool_calls is not False, logprobs=_logprobs(req))
         fmt = req.text.format if req.text else None
         if fmt is not None and fmt.type != "text":
             if fmt.type == "json_object":
@@ -267,6 +268,15 @@ def _text(content: str | list[Part] | None, at: str) -> str:
     return "\n".join(parts)  # several parts: one per line, as vLLM joins chat text parts
 
 
+def _logprobs(req: ResponsesRequest) -> int | None:
+    """The top-N the request asks for, or None. `include: ["message.output_text.logprobs"]` asks, as
+    vLLM reads it (`ResponsesRequest.is_include_output_logprobs`, vllm/entrypoints/openai/responses/
+    protocol.py); a `top_logprobs` above 0 asks too, rather than being answered with empty lists."""
+    if "message.output_text.logprobs" in (req.include or ()) or req.top_logprobs:
+        return req.top_logprobs or 0
+    return None
+
+
 def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
     if choice is None or isinstance(choice, str):
         return choice
@@ -317,11 +327,11 @@ class ResponsesCall(FaceCall):
     """
 
     __slots__ = ("req", "tools", "custom", "_id", "_created", "_seq", "_items", "_incomplete", "_begun", "_head",
-                 "_done")
+                 "_lp_head", "_done")
 
     def __init__(self, turn: Turn, req: ResponsesRequest, tools: list[dict[str, Any]], custom: frozenset[str], *,
-                 model: str) -> None:
-        super().__init__(turn, model=model, stream=req.stream)
+                 model: str, logprobs: bool = False) -> None:
+        super().__init__(turn, model=model, stream=req.stream, logprobs=logprobs)
         self.req = req
         self.tools = tools  # the function and custom tools, echoed in the response
         self.custom = custom  # the names of the custom (free-text) tools
@@ -332,6 +342,7 @@ class ResponsesCall(FaceCall):
         self._incomplete = False
         self._begun = False
         self._head = b""  # the open item's delta event up to its text: one string encode per delta
+        self._lp_head = b""  # the open text item's delta event up to its logprobs
         self._done = False  # the whole answer was made: it can be kept
 
     def kept(self, owner: str) -> tuple[str, bytes] | None:
@@ -420,23 +431,25 @@ class ResponsesCall(FaceCall):
         self._emit("response.content_part.added", {"item_id": item["id"], "output_index": index,
                                                    "content_index": 0, "part": part})
         kind = b"response.output_text.delta" if run == "text" else b"response.reasoning_text.delta"
-        self._head = (b"event: " + kind + b'\ndata: {"type":"' + kind + b'","item_id":' + _encode(item["id"])
-                      + b',"output_index":' + str(index).encode() + b',"content_index":0'
-                      + (b',"logprobs":[]' if run == "text" else b"") + b',"delta":')
+        self._lp_head = (b"event: " + kind + b'\ndata: {"type":"' + kind + b'","item_id":' + _encode(item["id"])
+                         + b',"output_index":' + str(index).encode() + b',"content_index":0'
+                         + (b',"logprobs":' if run == "text" else b""))
+        self._head = self._lp_head + (b'[],"delta":' if run == "text" else b',"delta":')
 
-    def _grew(self, run: str, text: str) -> None:
+    def _grew(self, run: str, text: str, lp: msgspec.Raw) -> None:
         if self.stream:
-            self._out.append(self._head + _encode(text) + b',"sequence_number":' + str(self._seq).encode()
-                             + b"}\n\n")
+            head = self._head if lp == NULL else self._lp_head + lp + b',"delta":'
+            self._out.append(head + _encode(text) + b',"sequence_number":' + str(self._seq).encode() + b"}\n\n")
             self._seq += 1
 
-    def _closed(self, run: str, text: str) -> None:
+    def _closed(self, run: str, text: str, lp: msgspec.Raw) -> None:
         index = len(self._items) - 1
         item = self._items[index]
         ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
         if run == "text":
-            part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            self._emit("response.output_text.done", {**ids, "text": text, "logprobs": []})
+            lps = _EMPTY if lp == NULL else lp
+            part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": [], "logprobs": lps}
+            self._emit("response.output_text.done", {**ids, "text": text, "logprobs": lps})
         else:
             part = {"type": "reasoning_text", "text": text}
             self._emit("response.reasoning_text.done", {**ids, "text": text})

@@ -1,5 +1,5 @@
 """The three faces on the real engine, through the official SDKs: the same greedy answer as the
-engine's own chat endpoint, ids with one prefix, logprobs carried, and a `reasoning: think` route
+engine's own chat endpoint, ids with one prefix, logprobs carried (chat and Responses), and a `reasoning: think` route
 that streams an answer without a thought as it comes."""
 
 from __future__ import annotations
@@ -77,6 +77,30 @@ def test_logprobs_are_the_engines_own(engine: Engine, through, stream):
     else:
         ours = c.chat.completions.create(**chat_kw(logprobs=True, top_logprobs=2)).choices[0].logprobs.content
     assert ours, "no logprobs"
+    assert [(i.token, i.bytes) for i in ours] == [(i["token"], i["bytes"]) for i in theirs]
+    assert [i.logprob for i in ours] == pytest.approx([i["logprob"] for i in theirs], abs=1e-3)
+    assert [[t.token for t in i.top_logprobs] for i in ours] == [[t["token"] for t in i["top_logprobs"]]
+                                                                  for i in theirs]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("reasoning", ["", "reasoning: think\n"])
+def test_responses_logprobs_are_the_engines_own(engine: Engine, through, stream, reasoning):
+    """The Responses face carries them in `output_text` and in each text delta, also on a thinking route
+    (whose text is held until the answer's start cannot be `<think>`)."""
+    theirs = engines_own(engine, logprobs=True, top_logprobs=2)["choices"][0]["logprobs"]["content"]
+    c = chat_client(through(engine.url, reasoning))
+    kw = {"model": "tiny", "instructions": SYSTEM, "input": QUESTION, "temperature": 0, "max_output_tokens": MAX,
+          "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    if stream:
+        with c.responses.stream(**kw) as s:
+            deltas = [lp for e in s if e.type == "response.output_text.delta" for lp in e.logprobs]
+            final = s.get_final_response()
+    else:
+        final = c.responses.create(**kw)
+    ours = final.output[0].content[0].logprobs
+    if stream:
+        assert [i.token for i in deltas] == [i.token for i in ours]
     assert [(i.token, i.bytes) for i in ours] == [(i["token"], i["bytes"]) for i in theirs]
     assert [i.logprob for i in ours] == pytest.approx([i["logprob"] for i in theirs], abs=1e-3)
     assert [[t.token for t in i.top_logprobs] for i in ours] == [[t["token"] for t in i["top_logprobs"]]
