@@ -34,6 +34,7 @@ from .capacity import UpstreamSlots, default_connections, raise_open_files
 from .engines import Engines
 from .errors import Overloaded, ProxyError
 from .forward import Exchange, prepare, send_error
+from .engine_load import LoadWatch
 from .health import Monitor
 from .keys import CREDENTIAL_HEADERS, Caller, Keyring, KeysHolder
 from .limits import Hold, Limiter, Limiters
@@ -96,6 +97,7 @@ def create_app(
             if key_holder is not None and key_holder.source is not None:
                 tg.start_soon(key_holder.watch, poll_interval)
             tg.start_soon(monitor.run, session)
+            tg.start_soon(LoadWatch(holder).run, session)
             tg.start_soon(capacity.watch)
             tg.start_soon(engines.run, holder, session)
             try:

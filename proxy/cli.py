@@ -246,7 +246,8 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
         ups = [f"{u} [{health.get(u, unknown)}]" if health is not None else u for u in c.upstreams]
         b = c.balancing
         if len(ups) > 1 and (b.policy != "round-robin" or b.session is not None):
-            ups[0] += f" (balance: {b.policy}{', session' if b.session is not None else ''})"
+            load = f", engine load every {c.balance_load.interval:g} s" if c.balance_load is not None else ""
+            ups[0] += f" (balance: {b.policy}{', session' if b.session is not None else ''}{load})"
         extra = (str(getattr(c, "dialect", "") or "-"),) if dialect else ()
         rows.append((c.path, ",".join(c.methods), models, c.adapter, c.stream, ups[0], *extra, c.name, c.source))
         rows.extend(("", "", "", "", "", u, *("" for _ in extra), "", "") for u in ups[1:])
