@@ -34,6 +34,7 @@ from .capacity import UpstreamSlots, default_connections, raise_open_files
 from .engines import Engines
 from .errors import Overloaded, ProxyError
 from .forward import Exchange, prepare, send_error
+from .engine_load import LoadWatch
 from .health import Monitor
 from .keys import CREDENTIAL_HEADERS, Caller, Keyring, KeysHolder
 from .limits import Hold, Limiter, Limiters
@@ -96,13 +97,13 @@ def create_app(
             if key_holder is not None and key_holder.source is not None:
                 tg.start_soon(key_holder.watch, poll_interval)
             tg.start_soon(monitor.run, session)
+            tg.start_soon(LoadWatch(holder).run, session)
             tg.start_soon(capacity.watch)
             tg.start_soon(engines.run, holder, session)
             try:
                 with holder.reload_on_sighup():
                     yield
             finally:
-                app.state.stopping = True
                 await engines.close()  # after uvicorn let running responses finish (--grace-period)
                 holder.stop()
                 if key_holder is not None:
@@ -123,7 +124,6 @@ def create_app(
     app.state.holder = holder
     app.state.engines = engines
     app.state.ready_needs_upstreams = ready_needs_upstreams
-    app.state.stopping = False
     app.state.max_body_size = max_body_size  # named in the 413 message
     app.state.slots = UpstreamSlots(max_upstream_connections or default_connections())
     app.state.shared = state
@@ -330,19 +330,22 @@ def healthz() -> dict[str, str]:
 
 @get("/readyz", include_in_schema=False, sync_to_thread=False)
 def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    """Whether *this process* can serve: a route table with routes is loaded, the shared client
-    is open, and the app is not shutting down. Routes whose every upstream is out by health
-    checks are named in `down` but do not make the process unready (they answer their own 503
-    `no_healthy_upstream`): one dead model must not take every replica out of a Service, as
-    Envoy's `/ready` and nginx's readiness speak for the proxy, not its backends. With
-    `--ready-needs-upstreams` they do."""
+    """Whether *this process* can serve: a route table with routes is loaded and the shared
+    client is open. Routes whose every upstream is out by health checks are named in `down` but
+    do not make the process unready (they answer their own 503 `no_healthy_upstream`): one dead
+    model must not take every replica out of a Service, as Envoy's `/ready` and nginx's readiness
+    speak for the proxy, not its backends. With `--ready-needs-upstreams` they do.
+
+    It never answers "shutting down": on SIGTERM uvicorn closes the listener first
+    (uvicorn/server.py `Server.shutdown`: `server.close()`, then the drain, then the lifespan's
+    end), so a probe is refused from then on. A terminating pod leaves the Service's endpoints
+    without it; the Deployment's preStop sleep delays SIGTERM until that has spread (deploy/README.md)."""
     state = request.app.state
     holder: TableHolder = state.holder
     routes = holder.current.routes
     down = [r.name for r in routes if r.pool.all_out()]
     why = ("no routes are loaded" if not routes
            else "the upstream client is not open" if getattr(state, "client", None) is None
-           else "shutting down" if getattr(state, "stopping", False)
            else "every upstream is down (health checks) on route(s) " + ", ".join(repr(d) for d in down)
            if down and getattr(state, "ready_needs_upstreams", False) else "")  # fmt: skip
     body: dict[str, Any] = {"status": "not ready" if why else "ok", "routes": len(routes)}

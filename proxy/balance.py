@@ -47,7 +47,9 @@ come back empty): each upstream has an epoch, and a tip of an older epoch is
 ignored.
 
 "In flight" is this process's count of requests sent and not finished (with
-`--workers N`, each worker counts its own).
+`--workers N`, each worker counts its own), plus, with `balance_load:`, what
+each engine reports holding beyond it (proxy/engine_load.py), so proxy
+replicas that cannot see each other's requests still avoid a loaded engine.
 """
 
 from __future__ import annotations
@@ -247,7 +249,8 @@ class Balancer:
             home, _ = self.tips.find(hint.blocks, up)
             reason = "affinity"
         if home is not None:
-            chosen, reason = (home, reason) if home.busy - least.busy <= self.margin else (least, "spill")
+            load = home.busy + home.reported - least.busy - least.reported
+            chosen, reason = (home, reason) if load <= self.margin else (least, "spill")
         elif self.policy == "round-robin":
             chosen, reason = pool.pick(), "round-robin"
         else:

@@ -130,6 +130,8 @@ def _state_options(s: argparse.ArgumentParser) -> None:
     from .state import FAILURE_POLICIES
 
     d = WorkerSettings()
+    # A default from the environment stays a string: argparse passes string defaults through `type=`,
+    # so `LLMPROXY_STATE_LEASE_TTL=0` is refused (exit 2, naming the option) like `--state-lease-ttl 0`.
     g = s.add_argument_group("shared state (limits, quotas, usage and stored responses across processes and replicas)")
     g.add_argument("--state", metavar="URL", default=env_default("state"),
                    help="a Redis or Valkey: redis://[:PASSWORD@]HOST:PORT/DB, rediss://…[?ssl_ca_certs=CA.pem] for "
@@ -139,15 +141,15 @@ def _state_options(s: argparse.ArgumentParser) -> None:
                    help="when the store does not answer: open serves with in-process limits (a warning each minute), "
                    "closed answers 503 (default: $LLMPROXY_STATE_FAILURE or open)")
     g.add_argument("--state-lease-ttl", type=ranged(float, 1, 300), metavar="SECONDS",
-                   default=float(env_default("state_lease_ttl") or d.state_lease_ttl),
+                   default=env_default("state_lease_ttl") or d.state_lease_ttl,
                    help=f"a shared slot's lease, renewed while its request runs: a killed process's slots come back "
                    f"within it (default: {d.state_lease_ttl:g})")
     g.add_argument("--responses-ttl", type=ranged(float, 0.001, 10**8), metavar="SECONDS",
-                   default=float(env_default("responses_ttl") or d.responses_ttl),
+                   default=env_default("responses_ttl") or d.responses_ttl,
                    help=f"how long a Responses answer can be continued with previous_response_id "
                    f"(default: {d.responses_ttl:g})")
     g.add_argument("--responses-max", type=ranged(int, 1, 10**8), metavar="N",
-                   default=int(env_default("responses_max") or d.responses_max),
+                   default=env_default("responses_max") or d.responses_max,
                    help=f"responses kept in memory per process without --state (default: {d.responses_max})")
 
 
@@ -244,7 +246,8 @@ def format_table(table: RouteTable, health: dict[str, str] | None = None) -> str
         ups = [f"{u} [{health.get(u, unknown)}]" if health is not None else u for u in c.upstreams]
         b = c.balancing
         if len(ups) > 1 and (b.policy != "round-robin" or b.session is not None):
-            ups[0] += f" (balance: {b.policy}{', session' if b.session is not None else ''})"
+            load = f", engine load every {c.balance_load.interval:g} s" if c.balance_load is not None else ""
+            ups[0] += f" (balance: {b.policy}{', session' if b.session is not None else ''}{load})"
         extra = (str(getattr(c, "dialect", "") or "-"),) if dialect else ()
         rows.append((c.path, ",".join(c.methods), models, c.adapter, c.stream, ups[0], *extra, c.name, c.source))
         rows.extend(("", "", "", "", "", u, *("" for _ in extra), "", "") for u in ups[1:])

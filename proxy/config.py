@@ -130,6 +130,15 @@ class Balance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prompts: int = DEFAULT_PROMPTS  # served prompts remembered (their last block's hash, LRU)
 
 
+class BalanceLoad(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`balance_load:` each upstream's own queue depth, read every `interval` s from where its
+    dialect reports it (README "Upstream lists"), added to this process's in-flight counts."""
+
+    source: Literal["metrics"] = msgspec.field(default="metrics", name="from")
+    interval: float = 2.0
+    timeout: float = 1.0
+
+
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One route file, validated. See README "Route files" for each field."""
 
@@ -151,6 +160,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     retry: Retry | None = None
     health: Health | None = None
     balance: Policy | Balance = "round-robin"
+    balance_load: BalanceLoad | None = None
     # Messages / Responses faces: tools a local model cannot run (web_search, code_interpreter, ...)
     # are left out of the prompt (logged, counted), or the request is refused naming them.
     hosted_tools: Literal["ignore", "reject"] = "ignore"
@@ -526,6 +536,8 @@ def _check_resilience(r: RouteConfig, fail: Any) -> None:
             if isinstance(w, int) and not 400 <= w <= 599:
                 raise fail(f"retry.when[{i}]", f"{w} is not an HTTP error status (400-599), 'connect' or 'timeout'")
     _check_balance(r.balancing, fail)
+    if r.balance_load is not None:
+        _check_balance_load(r, r.balance_load, fail)
     h = r.health
     if h is not None:
         if not h.path.startswith("/"):
@@ -553,6 +565,18 @@ def _check_balance(b: Balance, fail: Any) -> None:
     for i, f in enumerate(s.fields):
         if not f or any(not part for part in f.split(".")):
             raise fail(f"balance.session.fields[{i}]", f"{f!r} is not a field path (e.g. metadata.user_id)")
+
+
+def _check_balance_load(r: RouteConfig, load: BalanceLoad, fail: Any) -> None:
+    b = r.balancing
+    if b.policy == "round-robin" and b.session is None:
+        raise fail("balance_load", "round-robin does not look at load: set `balance: least-busy` or `prefix`")
+    if FACTS[r.dialect].load is None:
+        reporting = " or ".join(name for name, facts in FACTS.items() if facts.load is not None)
+        raise fail("balance_load", f"dialect {r.dialect} reports no load (dialect {reporting} does)")
+    for f in ("interval", "timeout"):
+        if not getattr(load, f) > 0:
+            raise fail(f"balance_load.{f}", "must be a positive number of seconds")
 
 
 def _check_limits(max_concurrent: int | None, queue: int, queue_timeout: float, field: str, fail: Any) -> None:

@@ -30,9 +30,11 @@ Faults (for the error tests; K counts stream events, or body bytes of a non-stre
   `x-mock-stall-after: K` (K >= 1), once after K stream events (K = 0: before the head). A stall ends early when the
   client closes the connection, so no mock task outlives its caller.
 `GET /health` answers `health_status` (200 by default; tests set it to stage a sick server, as
-vLLM and llama.cpp answer 503 on `/health` while they cannot serve).
+vLLM and llama.cpp answer 503 on `/health` while they cannot serve). `GET /metrics` answers
+`metrics_text` as Prometheus text (tests set an engine's load gauges), or 501 while it is None, as
+llama-server without `--metrics` does; it is counted in `MockUpstream.scrapes`, not recorded.
 In-process tests may also queue header sets in `MockUpstream.script`: each request
-(but `/health`, `/tokenize` and `/_mock/*`) takes the next one as if the client had sent those headers,
+(but `/health`, `/metrics`, `/tokenize` and `/_mock/*`) takes the next one as if the client had sent those headers,
 so one server of several can fail once (`{"x-mock-status": "503"}`) and then answer.
 
 Dialects (`--dialect vllm|llama.cpp|sglang|openai`, `MockUpstream(dialect=...)`): the mock then
@@ -109,6 +111,8 @@ class MockUpstream:
         self.accepted = 0
         self.script: collections.deque[dict[str, str]] = collections.deque()
         self.health_status = 200
+        self.metrics_text: str | None = None
+        self.scrapes = 0
         self.track_peak = False  # count `peak_busy`: the most requests in progress at once
         self.peak_busy = 0
 
@@ -201,7 +205,7 @@ class _Connection(asyncio.Protocol):
         query = (url.query or b"").decode()
         hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
         body = bytes(self.body)
-        if self.mock.record and not path.startswith("/_mock/"):
+        if self.mock.record and not path.startswith("/_mock/") and path != "/metrics":
             seen = self.mock.lookups if path == "/tokenize" else self.mock.requests
             seen.append(_Request(method, path, query, hdrs, body.decode("utf-8", "replace")))
         # Credentials are echoed as "***": the echo crosses the proxy back to its client
@@ -210,7 +214,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()
         self.busy = True
         mock = self.mock
-        if mock.script and path not in ("/health", "/tokenize") and not path.startswith("/_mock/"):
+        if mock.script and path not in ("/health", "/tokenize", "/metrics") and not path.startswith("/_mock/"):
             hdrs = {**hdrs, **mock.script.popleft()}
         if mock.track_peak:
             mock.peak_busy = max(mock.peak_busy, sum(c.busy for c in mock.connections))
@@ -700,8 +704,18 @@ def _health(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) ->
     conn.write(status, b"{}" if status < 400 else _error("mock is unhealthy", "server_error"))
 
 
+def _metrics(conn: _Connection, hdrs: dict[str, str], body: bytes, query: str) -> None:
+    mock = conn.mock
+    mock.scrapes += 1
+    if mock.metrics_text is None:
+        conn.write(501, _error("This server does not support metrics endpoint. Start it with `--metrics`"))
+    else:
+        conn.write(200, mock.metrics_text.encode(), content_type=b"text/plain; version=0.0.4")
+
+
 _ROUTES = {
     ("GET", "/health"): _health,
+    ("GET", "/metrics"): _metrics,
     ("POST", "/v1/completions"): _completions,
     ("GET", "/v1/models"): _models,
     ("POST", "/tokenize"): _tokenize,

@@ -295,7 +295,8 @@ ADAPTER_ONLY = ("template", "reasoning", "dialect")
 
 def _adapter_only(c: RouteConfig) -> list[str]:
     defaults = {f.name: f.default for f in msgspec.structs.fields(c)}
-    return [f for f in ADAPTER_ONLY if f in defaults and getattr(c, f) != defaults[f]]
+    used = {"dialect"} if c.balance_load is not None else set()  # it says where the engines report their load
+    return [f for f in ADAPTER_ONLY if f in defaults and getattr(c, f) != defaults[f] and f not in used]
 
 
 # Model families whose chat format is not Qwen's ChatML (the built-in templates are Qwen's), by

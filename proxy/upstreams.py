@@ -23,7 +23,9 @@ the down one twice the share of the other).
 With `balance:` (proxy/balance.py) the route's `Balancer` chooses instead, and
 then each member counts its requests in flight (`busy`): the one place that
 ends an exchange (`Exchange.__call__`'s `finally`) gives the count back. A
-member marked down forgets the prompts it served.
+member marked down forgets the prompts it served. With `balance_load:`
+(proxy/engine_load.py) each member's `reported` adds what its engine says it
+holds beyond this process's own requests.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ DOWN_FOR = 10.0  # seconds an upstream sits out after a connect failure
 class Upstream:
     """One base URL of a route, with its passive health."""
 
-    __slots__ = ("url", "label", "origin", "down_until", "reason", "fails", "passes", "next_check", "busy", "epoch")
+    __slots__ = ("url", "label", "origin", "down_until", "reason", "fails", "passes", "next_check", "busy", "reported",
+                 "epoch")
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -63,6 +66,8 @@ class Upstream:
         self.passes = 0  # consecutive passed checks while out
         self.next_check = 0.0  # monotonic time of the next health check
         self.busy = 0  # requests in flight here (counted only on routes with `balance:`)
+        # `balance_load:` the requests its engine reported holding beyond this process's own (engine_load.py)
+        self.reported = 0
         self.epoch = 0  # `balance: prefix` ignores the prompts it remembers of an older epoch
 
     def forget(self) -> None:
@@ -144,8 +149,9 @@ class Pool:
         return members[start]  # all down: try anyway rather than refuse; it may be back
 
     def least_busy(self, among: Sequence[Upstream]) -> Upstream:
-        """The member of `among` with the fewest requests in flight; ties go in turn (`turned`
-        moves the turn past the one chosen), so an idle fleet is not served by its first member."""
+        """The member of `among` with the fewest requests in flight (with `balance_load:`, plus those
+        its engine reported from elsewhere); ties go in turn (`turned` moves the turn past the one
+        chosen), so an idle fleet is not served by its first member."""
         members = self.members
         n = len(members)
         start = self._turn
@@ -153,7 +159,7 @@ class Pool:
         for k in range(n):
             i = (start + k) % n
             m = members[i]
-            if m in among and (best is None or m.busy < best.busy):
+            if m in among and (best is None or m.busy + m.reported < best.busy + best.reported):
                 best = m
         assert best is not None
         return best

@@ -606,6 +606,12 @@ def test_sigterm_finishes_running_streams_then_exits_0(upstream, routes_dir, tmp
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert wait_for(lambda: _refused(port), within=1)  # stops accepting at once
+        # ...so a readiness probe fails from SIGTERM on (refused: the kubelet counts it as a failure)
+        # while a stream still runs: README "Shutdown", deploy/README.md (the preStop sleep).
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(base + "/readyz", timeout=1)
+        if time.monotonic() - t0 < grace / 2:  # (a loaded machine may have taken longer to get here)
+            assert "long" not in results and proc.poll() is None
         assert proc.wait(timeout=grace + 5) == 0
         elapsed = time.monotonic() - t0
         for t in threads:

@@ -234,3 +234,24 @@ def test_retry_after_is_estimated_from_how_long_slots_are_held_not_queue_timeout
     refused = asyncio.run(run())
     assert refused.status_code == 429
     assert 2 <= int(refused.headers["retry-after"]) <= 5  # one slot, nobody queued: about one hold time
+
+
+def test_retry_after_grows_with_the_line_ahead_and_stays_within_1_s_and_queue_timeout():
+    """Issue 21 item 8, the arithmetic: hold time x (queued + 1) / slots, rounded up, in [1, queue_timeout]."""
+    from proxy.limits import Limiter
+
+    async def run() -> list[str]:
+        lim = Limiter("route", "unit-retry-after", 2, 100, 30)
+        lim.hold_time = 4.0  # slots are held 4 s on average
+        seen = [lim.retry_after()]  # nobody queued: 4 x 1 / 2
+        loop = asyncio.get_running_loop()
+        lim.waiters.extend(loop.create_future() for _ in range(5))
+        seen.append(lim.retry_after())  # five ahead: 4 x 6 / 2
+        lim.waiters.extend(loop.create_future() for _ in range(45))
+        seen.append(lim.retry_after())  # fifty ahead: 102 s, capped at queue_timeout
+        lim.waiters.clear()
+        lim.hold_time = 0.1
+        seen.append(lim.retry_after())  # slots free within a second: still 1
+        return seen
+
+    assert asyncio.run(run()) == ["2", "12", "30", "1"]

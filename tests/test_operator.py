@@ -19,8 +19,13 @@ def _numeric_options() -> list[tuple[str, argparse.Action]]:
 def test_every_numeric_option_has_a_range():
     options = _numeric_options()
     assert {"serve --port", "serve --workers", "serve --max-body-size", "mock-upstream --context"} <= dict(options).keys()
+    assert {"serve --state-lease-ttl", "serve --responses-ttl", "serve --responses-max"} <= dict(options).keys()
     for label, action in options:
         assert getattr(action.type, "__qualname__", "").startswith("ranged."), f"{label} is not range-checked"
+    parser = cli._parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    bare = [f"{name} {a.option_strings[-1]}" for name, p in sub.choices.items() for a in p._actions if a.type in (int, float)]
+    assert not bare, f"numeric options without a range: {bare}"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -32,11 +37,29 @@ def test_every_numeric_option_has_a_range():
     (["serve", "--grace-period", "-5"], "argument --grace-period: must be a number from 0 to 86400, got -5"),
     (["serve", "--grace-period", "nan"], "argument --grace-period: must be a number from 0 to 86400, got nan"),
     (["serve", "--port", "http"], "argument --port: must be an integer from 1 to 65535, got 'http'"),
+    (["serve", "--state-lease-ttl", "0"], "argument --state-lease-ttl: must be a number from 1 to 300, got 0"),
+    (["serve", "--responses-ttl", "-1"], "argument --responses-ttl: must be a number from 0.001 to 100000000, got -1"),
+    (["serve", "--responses-max", "0"], "argument --responses-max: must be an integer from 1 to 100000000, got 0"),
     (["mock-upstream", "--context", "0"], "argument --context: must be an integer from 1 to 100000000, got 0"),
 ])
 def test_a_number_out_of_range_exits_2_naming_the_option_and_the_range(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
+    assert exit_.value.code == cli.EXIT_CONFIG
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("LLMPROXY_STATE_LEASE_TTL", "0", "argument --state-lease-ttl: must be a number from 1 to 300, got 0"),
+    ("LLMPROXY_STATE_LEASE_TTL", "abc", "argument --state-lease-ttl: must be a number from 1 to 300, got 'abc'"),
+    ("LLMPROXY_RESPONSES_TTL", "-1", "argument --responses-ttl: must be a number from 0.001 to 100000000, got -1"),
+    ("LLMPROXY_RESPONSES_MAX", "0", "argument --responses-max: must be an integer from 1 to 100000000, got 0"),
+])
+def test_a_number_from_the_environment_is_range_checked_as_its_option(variable, value, message, monkeypatch, capsys):
+    """The options' `LLMPROXY_*` defaults go through the same type: no traceback, no silent 0."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--routes", "/nonexistent"])
     assert exit_.value.code == cli.EXIT_CONFIG
     assert message in capsys.readouterr().err
 

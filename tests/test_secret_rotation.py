@@ -70,3 +70,58 @@ def test_a_key_rotated_on_a_secret_volume_works_and_the_revoked_one_is_refused(w
         code = stop(proc)
     assert code == 0, err.read_text()
     assert "not reloaded" not in err.read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_key_swapped_outright_never_leaves_a_connection_with_neither_key(workers, completions_route, tmp_path):
+    """The kubelet's swap from a Secret holding only the old key to one holding only the new:
+    within WITHIN s the old key is refused and the new one works on every worker, and on each
+    connection (one worker) at every moment one of the two is accepted: asked old first, then
+    new, a reload between the two still leaves one 200. Never both refused, never a flap back."""
+    volume = tmp_path / "secret"
+    project(volume, _keys(("old", OLD)), mode=0o440)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    err = tmp_path / "stderr"
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "LLMPROXY_KEYS")}
+    with err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--routes", str(completions_route), "--port", str(port),
+             "--workers", str(workers), "--keys", str(volume / "keys.yaml"), "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=tmp_path,
+        )  # fmt: skip
+    # Keep-alive connections stay on the worker that accepted them; several, so both workers are likely asked.
+    clients = [httpx.Client(base_url=base, timeout=5) for _ in range(6)]
+    try:
+        wait_ready(proc, base, err)
+
+        def ask(client: httpx.Client, key: str) -> int:
+            return client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+
+        for client in clients:
+            assert (ask(client, OLD), ask(client, NEW)) == (200, 401)
+        project(volume, _keys(("new", NEW)), mode=0o440)
+        deadline = time.monotonic() + WITHIN
+        swapped = [False] * len(clients)
+        while not all(swapped):
+            assert time.monotonic() < deadline, f"not every connection saw the swap within {WITHIN} s"
+            for i, client in enumerate(clients):
+                old, new = ask(client, OLD), ask(client, NEW)
+                assert 200 in (old, new), "both keys refused on one worker during the swap"
+                if swapped[i]:
+                    assert (old, new) == (401, 200), "a worker went back to the revoked key"
+                swapped[i] = swapped[i] or (old, new) == (401, 200)
+            time.sleep(0.02)
+        # Fresh connections too, so every worker is asked: a worker the kept connections missed may
+        # swap a poll later (each watches the file itself), hence no "never refused" across workers.
+        streak = 0
+        while streak < 8:
+            assert time.monotonic() < deadline, f"a worker did not see the swap within {WITHIN} s"
+            streak = streak + 1 if (_status(base, OLD), _status(base, NEW)) == (401, 200) else 0
+            time.sleep(0.02)
+    finally:
+        for client in clients:
+            client.close()
+        code = stop(proc)
+    assert code == 0, err.read_text()
+    assert "not reloaded" not in err.read_text()

@@ -29,6 +29,19 @@ each server's own source (README "Upstream dialects" has the table):
 - `openai`: a strict legacy completions server: only the fields of OpenAI's
   completions API, `max_tokens` 16 by default, nothing to constrain with.
 
+Where each server reports its load (`balance_load:`, proxy/engine_load.py), as
+Prometheus gauges on `GET /metrics` at the server root, summed over their series:
+- vLLM: `vllm:num_requests_running` and `vllm:num_requests_waiting`, one series
+  per engine (label `engine`) (`vllm/v1/metrics/loggers.py`, `PrometheusStatLogger`);
+  always served.
+- llama.cpp: `llamacpp:requests_processing` (slots busy) and `llamacpp:requests_deferred`
+  (tasks waiting for a slot) (`tools/server/server-task.cpp`,
+  `server_task_result_metrics::to_metrics`); only with `--metrics`, else a 501
+  (`server-context.cpp`, `get_metrics`). Its `/slots` counts only busy slots, not the queue.
+- SGLang: `sglang:num_running_reqs` and `sglang:num_queue_reqs`, one series per
+  data-parallel rank (`python/sglang/srt/metrics/collector.py`, `SchedulerMetricsCollector`);
+  only with `--enable-metrics`.
+
 A face never builds an upstream body; the core hands a `Generation` and the
 rendered prompt to `Dialect.build`, which returns a `Plan`. A plan whose
 `max_tokens` is `auto` (or capped by `body.limit.max_tokens: auto`) is
@@ -84,6 +97,14 @@ _OBJECT: dict[str, Any] = {"type": "object"}
 _MAX_STOPS = {"openai": 4}
 
 
+class LoadReport(NamedTuple):
+    """Where a server reports its queue: `path` on its root answers Prometheus text, in which the
+    `gauges` add up to the requests it holds (running and waiting)."""
+
+    path: str
+    gauges: frozenset[str]
+
+
 class Facts(NamedTuple):
     """What one server's completions endpoint does, where it matters to the proxy."""
 
@@ -95,16 +116,21 @@ class Facts(NamedTuple):
     bos: Literal["flag", "strip", "keep"]  # prompt starts with BOS: add_special_tokens false / strip it / keep it
     context: Literal["tokenize", "tokenize+models"] | None  # how `auto` learns the context remainder
     logprobs: Shape  # how its completions answer logprobs (logprobs.py)
+    load: LoadReport | None = None  # where it reports its queue (`balance_load:`, module docstring)
 
 
 # The one list of dialect names (the first is the default): route-file validation
 # (config.RouteConfig.dialect), `mock-upstream --dialect` and the README's dialect table
 # (tests/test_architecture.py) read it; `context` says which can size `max_tokens: auto`.
 FACTS = {
-    "vllm": Facts("vllm", "auto", True, frozenset(), "structured_outputs", "flag", "tokenize", "completions"),
-    "llama.cpp": Facts("llama.cpp", "omit", True, frozenset(), "json_schema_object", "strip", None, "chat"),
+    "vllm": Facts("vllm", "auto", True, frozenset(), "structured_outputs", "flag", "tokenize", "completions",
+                  LoadReport("/metrics", frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting"}))),
+    "llama.cpp": Facts("llama.cpp", "omit", True, frozenset(), "json_schema_object", "strip", None, "chat",
+                       LoadReport("/metrics", frozenset({"llamacpp:requests_processing",
+                                                         "llamacpp:requests_deferred"}))),
     "sglang": Facts("sglang", "auto", False, SGLANG_FIELDS, "json_schema_string", "strip", "tokenize+models",
-                    "completions"),
+                    "completions", LoadReport("/metrics", frozenset({"sglang:num_running_reqs",
+                                                                     "sglang:num_queue_reqs"}))),
     "openai": Facts("openai", "required", False, OPENAI_FIELDS, None, "keep", None, "completions"),
 }
 # llama.cpp names vLLM's `repetition_penalty` `repeat_penalty` (server-task.cpp).
