@@ -553,7 +553,13 @@ def test_workers_refuse_a_reload_that_adds_an_engine(routes_dir, upstream, log_d
         assert starts(log_dir) == []
     finally:
         assert stop(proc) == 0
-    assert err.read_text().count("each worker would start its own copy") == 1
+    log = err.read_text()
+    # Reported once by the supervisor. uvicorn also kills and replaces a worker whose health ping
+    # is late on a loaded machine (supervisors/multiprocess.py keep_subprocess_alive, logging
+    # "Child process [N] died"); that replacement reads the folder, refuses the engine route and
+    # says so once too, which is the same refusal, not a loop.
+    replaced = log.count("] died")
+    assert 1 <= log.count("each worker would start its own copy") <= 1 + replaced, log
 
 
 def test_check_probe_leaves_engines_alone(routes_dir, log_dir):
