@@ -5,8 +5,12 @@ The proxy rendered the prompt, so it knows where the answer starts:
   the generation prompt: the completion then closes `</think>` without opening it);
 - otherwise in a thought only if the completion opens with `<think>` (after optional white
   space), and as answer text, streamed at once, as soon as its first characters cannot be that
-  tag — vLLM's reasoning parsers decide as early. Only a start that could still be `<think>`
-  is held.
+  tag. Only a start that could still be `<think>` is held.
+The prompt decides, as in vLLM's serving layer (`prompt_is_reasoning_end`: a prompt that closed the
+thought sends every delta as content) and its Qwen3 parser (vllm/reasoning/qwen3_reasoning_parser.py:
+with `<think>` pre-filled, all text before `</think>` is reasoning). Where vLLM's parser, with thinking
+on and no tag pre-filled, would hold an answer that never opens `<think>` as reasoning until the end,
+this streams it as the answer it is (a template that did not pre-fill lets the model choose).
 White space next to the tags is dropped. As with tool calls, one incremental parser serves the
 whole and the streamed paths.
 """
