@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from proxy import observe
 from proxy.app import create_app
 from proxy.keys import KeysHolder
 from proxy.routes import RouteTable
@@ -72,3 +77,29 @@ def proxy_for() -> Iterator[Callable[..., str]]:
             return stack.enter_context(run_app(app))
 
         yield start
+
+
+@pytest.fixture
+def access_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """Capture the access log as the JSON formatter writes it; returns a reader of parsed lines."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(observe.JsonFormatter())
+    log = observe.access_log
+    saved = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+    def read() -> list[dict[str, Any]]:
+        text = stream.getvalue()
+        assert text.endswith("\n") or not text
+        return [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
+
+    read.raw = stream.getvalue  # type: ignore[attr-defined]
+    try:
+        yield read
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]

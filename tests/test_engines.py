@@ -106,27 +106,6 @@ def serve_holder() -> Iterator[Callable[..., str]]:
         yield start
 
 
-@pytest.fixture
-def access_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
-    import io
-    import logging
-
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(observe.JsonFormatter())
-    log = observe.access_log
-    saved = log.level, log.propagate
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(saved[0])
-        log.propagate = saved[1]
-
-
 def models(base: str) -> dict[str, str]:
     data = httpx.get(f"{base}/v1/models", timeout=5).json()["data"]
     return {m["id"]: m.get("status", {}).get("value") for m in data}

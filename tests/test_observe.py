@@ -63,32 +63,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture
-def access_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
-    """Capture the access log as the JSON formatter writes it; returns a reader of parsed lines."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(observe.JsonFormatter())
-    log = observe.access_log
-    saved = log.level, log.propagate
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-    def read() -> list[dict[str, Any]]:
-        text = stream.getvalue()
-        assert text.endswith("\n") or not text
-        return [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
-
-    read.raw = stream.getvalue  # type: ignore[attr-defined]
-    try:
-        yield read
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(saved[0])
-        log.propagate = saved[1]
-
-
 def _reset(conn: socket.socket) -> None:
     """Start an SSE answer, send one event, then reset the connection."""
     event = b'data: {"choices": [{"text": "Hel"}]}\n\n'
