@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -43,20 +44,25 @@ def _until(base: str, key: str, status: int, keep: str) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_key_rotated_on_a_secret_volume_works_and_the_revoked_one_is_refused(workers, completions_route, tmp_path):
+def _serve(workers: int, routes: Path, tmp_path: Path) -> tuple[Path, str, Path, subprocess.Popen[bytes]]:
+    """A real `serve --keys` on a Secret volume holding only OLD: (volume, base URL, stderr file, process)."""
     volume = tmp_path / "secret"
     project(volume, _keys(("old", OLD)), mode=0o440)
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
     err = tmp_path / "stderr"
     env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "LLMPROXY_KEYS")}
     with err.open("wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--routes", str(completions_route), "--port", str(port),
+            [sys.executable, "-m", "proxy", "serve", "--routes", str(routes), "--port", str(port),
              "--workers", str(workers), "--keys", str(volume / "keys.yaml"), "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=tmp_path,
         )  # fmt: skip
+    return volume, f"http://127.0.0.1:{port}", err, proc
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_key_rotated_on_a_secret_volume_works_and_the_revoked_one_is_refused(workers, completions_route, tmp_path):
+    volume, base, err, proc = _serve(workers, completions_route, tmp_path)
     try:
         wait_ready(proc, base, err)
         assert _status(base, OLD) == 200 and _status(base, NEW) == 401
@@ -78,18 +84,7 @@ def test_a_key_swapped_outright_never_leaves_a_connection_with_neither_key(worke
     within WITHIN s the old key is refused and the new one works on every worker, and on each
     connection (one worker) at every moment one of the two is accepted: asked old first, then
     new, a reload between the two still leaves one 200. Never both refused, never a flap back."""
-    volume = tmp_path / "secret"
-    project(volume, _keys(("old", OLD)), mode=0o440)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    err = tmp_path / "stderr"
-    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "LLMPROXY_KEYS")}
-    with err.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--routes", str(completions_route), "--port", str(port),
-             "--workers", str(workers), "--keys", str(volume / "keys.yaml"), "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=tmp_path,
-        )  # fmt: skip
+    volume, base, err, proc = _serve(workers, completions_route, tmp_path)
     # Keep-alive connections stay on the worker that accepted them; several, so both workers are likely asked.
     clients = [httpx.Client(base_url=base, timeout=5) for _ in range(6)]
     try:
