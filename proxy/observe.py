@@ -46,7 +46,7 @@ from prometheus_client import (
 
 from .balance import REASONS
 from .errors import ProxyError, render
-from .request_model import UNREAD, Unread, model_or_none
+from .request_model import UNREAD, Unread, read_once
 from .scope_keys import CALLER_KEY, METER_KEY
 
 if TYPE_CHECKING:
@@ -294,7 +294,7 @@ def finish(m: Meter, exchange: Exchange, scope: dict[str, Any]) -> None:
         status = CLIENT_CLOSED if m.disconnected else 500
         name = name or (None if m.disconnected else "internal_error")
     usage = exchange.call.usage
-    model = _model_of(m)
+    model = read_once(m)
     record(
         _record(
             scope, m, exchange.rid, route.name, model, status,
@@ -319,7 +319,7 @@ def rejected(scope: dict[str, Any], exc: ProxyError, rid: bytes, face: str | Non
     if m.recorded:
         return
     route = m.route
-    model = _model_of(m)
+    model = read_once(m)
     if not m.bytes_out and face is not None:  # the error body went out without the meter: count it
         m.bytes_out = len(render(exc, face))
     record(
@@ -551,16 +551,6 @@ def _error_name(err: ProxyError | None) -> str | None:
     if err.kind is not None:
         return err.kind
     return str(err.code) if err.code is not None else type(err).__name__
-
-
-def _model_of(m: Meter) -> str | None:
-    """The body's `model`: as routing read it (never decoded twice), else read here for the
-    access line and the fallback route's `model` label (msgspec skips the rest of the body)."""
-    if m.model is not UNREAD:
-        return m.model  # type: ignore[return-value]
-    if not m.body:
-        return None
-    return model_or_none(m.body)  # a `model` of the wrong type was refused for it: nothing to label
 
 
 _second: list[Any] = [None, ""]  # the last whole second and its formatted prefix

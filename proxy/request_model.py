@@ -7,6 +7,8 @@ without building objects.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from .errors import bad_body
@@ -51,3 +53,12 @@ def model_or_none(body: bytes | None) -> str | None:
         return _decode(body).model
     except msgspec.DecodeError:  # ValidationError is a DecodeError
         return None
+
+
+def read_once(meter: Any) -> str | None:
+    """`meter.model` as routing read it, else read from `meter.body` now and kept there, so the
+    access line, the metric label and the span decode a body at most once between them."""
+    model = meter.model
+    if model is UNREAD:
+        model = meter.model = model_or_none(meter.body)
+    return model

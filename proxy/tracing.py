@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from . import errors
-from .request_model import model_or_none
+from .request_model import read_once
 from .served import AUTO
 from .version import version
 
@@ -121,7 +121,7 @@ class Span:
                     if k in (b"traceparent", b"tracestate")}  # fmt: skip
         parent = propagator.extract(incoming) if incoming else None
         route = exchange.route
-        model = _request_model(meter)
+        model = read_once(meter)
         operation = operation_name(route.config.adapter, route.config.path)
         parts = urlsplit(exchange.upstream.url)
         attributes: dict[str, Any] = {
@@ -185,7 +185,7 @@ class Span:
         route = exchange.route
         usage = exchange.call.usage
         inp, out = usage if usage else (self.input_tokens, self.output_tokens)
-        request_model = _request_model(meter)
+        request_model = read_once(meter)
         pinned = route.config.upstream_model
         response_model = pinned if pinned and pinned != AUTO else request_model  # `auto`: learnt per upstream
         if response_model is not None:
@@ -234,13 +234,6 @@ class _Body(msgspec.Struct):
     prompt: Any = None
     input: Any = None
     system: Any = None
-
-
-def _request_model(meter: Meter) -> str | None:
-    model = meter.model
-    if isinstance(model, str):
-        return model
-    return model_or_none(meter.body)
 
 
 def _body(data: bytes | None) -> _Body | None:
