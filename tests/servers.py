@@ -91,8 +91,9 @@ def run_app(app: Any, **kw: Any) -> Iterator[str]:
         t.join(10)
 
 
-def wait_ready(proc: Any, base: str, err: Any, within: float = 30) -> None:
-    """Wait for a `llmproxy serve` subprocess to answer `/readyz`; fail with its stderr file."""
+def wait_ready(proc: Any, base: str, err: Any, within: float = 30, path: str = "/readyz") -> None:
+    """Wait for a server subprocess (`llmproxy serve`; an engine with `path="/health"`) to answer
+    200 at `path`; fail with its output file `err` when it exits or is not ready in time."""
     import httpx
 
     deadline = time.monotonic() + within
@@ -100,7 +101,7 @@ def wait_ready(proc: Any, base: str, err: Any, within: float = 30) -> None:
         assert proc.poll() is None, err.read_text()
         assert time.monotonic() < deadline, "not ready in time\n" + err.read_text()
         try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{base}{path}", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass

@@ -14,19 +14,17 @@ import shutil
 import textwrap
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import make_model  # noqa: E402
 
-from servers import free_port  # noqa: E402
+from servers import free_port, wait_ready  # noqa: E402
 
 # Small enough to be quick on 2 shared cores, big enough for every conversation the tests send.
 CTX_PER_SLOT = 2048
@@ -99,18 +97,7 @@ def start_engine(binary: Path, model: Path, log_dir: Path, *, slots: int = SLOTS
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     engine = Engine(f"http://127.0.0.1:{port}", proc, log, ctx_per_slot)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama-server exited with {proc.returncode}:\n{engine.log_tail()}", pytrace=False)
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama-server not healthy within 60 s:\n{engine.log_tail()}", pytrace=False)
-            try:
-                if httpx.get(f"{engine.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_ready(proc, engine.url, log, within=60, path="/health")
         yield engine
     finally:
         proc.terminate()  # only the server this helper started
