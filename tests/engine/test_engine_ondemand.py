@@ -113,12 +113,14 @@ def test_twenty_first_requests_start_one_llama_server(served, engine_bin, engine
 
 
 def test_idle_stop_never_cuts_a_stream_and_the_next_request_restarts(served, engine_bin, engine_model):
-    s = served(a=llama_route("real-idle", engine_bin, engine_model, engine="idle_ttl: 0.5\n"))
+    # idle_ttl 1 s: the stream below must reach the proxy within it of this first answer (0.5 s was
+    # tight on a loaded machine), and last longer than it (1000 tokens: 2.4-3.8 s measured here).
+    s = served(a=llama_route("real-idle", engine_bin, engine_model, engine="idle_ttl: 1\n"))
     assert s.ask().status_code == 200  # the idle clock runs from here
     pid = s.pids()["real-idle"]
     # At once a stream longer than idle_ttl: the timer fires while it is in flight, and must not stop
     # the engine (`ignore_eos`: llama-server writes all of n_predict, tools/server/README.md).
-    body = {"model": "m", "prompt": "Hello", "max_tokens": 900, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"model": "m", "prompt": "Hello", "max_tokens": 1000, "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{s.base}/v1/completions", json=body, timeout=120) as r:
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith("data: {"))
@@ -127,8 +129,9 @@ def test_idle_stop_never_cuts_a_stream_and_the_next_request_restarts(served, eng
         took = time.monotonic() - began
     assert r.status_code == 200 and rest[-1] == "data: [DONE]", rest[-3:]
     assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length", "the whole stream, not cut"
-    assert took > 0.5, f"the stream lasted {took:.2f} s, not past idle_ttl: too short to tell (raise max_tokens)"
-    assert metric("llmproxy_engine_stops_total", route="real-idle", cause="idle") == 0, "not stopped under it"
+    assert took > 1, f"the stream lasted {took:.2f} s, not past idle_ttl: too short to tell (raise max_tokens)"
+    # Not stopped under it: a stop would have cut the stream above. (No `stops == 0` check here: the
+    # client may read the stream's end idle_ttl after the proxy sent it, when the stop has rightly come.)
     assert s.pids().get("real-idle", pid) == pid, "the first request's llama-server served the stream"
     assert json.loads(first[6:])["object"] == "text_completion"
     # llama-server is gone (or a zombie) a moment before the proxy's loop reaps it and counts the stop
