@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -35,6 +36,14 @@ def limited(routes_dir, upstream, proxy_for):
     return start
 
 
+async def _until(check, what: str, within: float = 10) -> None:
+    """Poll (in the test's loop) until `check()` holds: what the proxy has seen, not a guessed delay."""
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
 async def _post_many(url: str, n: int, headers: dict[str, str], timeout: float = 20) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=n)) as client:
         return await asyncio.gather(*(client.post(url, json=BODY, headers=headers) for _ in range(n)))
@@ -42,13 +51,22 @@ async def _post_many(url: str, n: int, headers: dict[str, str], timeout: float =
 
 def test_two_in_flight_two_queued_the_rest_429_and_the_queued_ones_complete(limited, upstream):
     base = limited("{max_concurrent: 2, queue: 2, queue_timeout: 10}")
+    # Each holds the upstream 2 s: all ten must reach the proxy while the first pair is held (with 1 s
+    # and a fixed 0.5 s sleep before reading the gauges, a loaded machine could miss either).
+    slow = {"x-mock-stall-ms": "2000"}
 
     async def run() -> tuple[list[httpx.Response], str]:
-        task = asyncio.ensure_future(_post_many(f"{base}/v1/completions", 10, SLOW))
-        await asyncio.sleep(0.5)  # all ten have arrived; the first two are at the upstream
-        async with httpx.AsyncClient() as c:
-            metrics = (await c.get(f"{base}/metrics")).text
-        return await task, metrics
+        task = asyncio.ensure_future(_post_many(f"{base}/v1/completions", 10, slow))
+        async with httpx.AsyncClient(timeout=10) as c:
+            seen = ""
+
+            async def full() -> bool:
+                nonlocal seen
+                seen = (await c.get(f"{base}/metrics")).text
+                return (gauge(seen, "llmproxy_limit_in_flight", "slow"), gauge(seen, "llmproxy_limit_queued", "slow")) == (2, 2)
+
+            await _until(full, "two in flight and two queued")
+        return await task, seen
 
     start = time.monotonic()
     responses, metrics = asyncio.run(run())
@@ -64,7 +82,7 @@ def test_two_in_flight_two_queued_the_rest_429_and_the_queued_ones_complete(limi
             err = r.json()["error"]
             assert err["code"] == "rate_limit_exceeded"
             assert "route 'slow' is at its limit: 2 request(s) in flight, 2 queued" in err["message"]
-    assert 1.9 < time.monotonic() - start < 6  # the queued pair ran after the first pair: two rounds of 1 s
+    assert 3.9 < time.monotonic() - start < 12  # the queued pair ran after the first pair: two rounds of 2 s
     after = httpx.get(f"{base}/metrics").text
     assert gauge(after, "llmproxy_limit_in_flight", "slow") == 0 and gauge(after, "llmproxy_limit_queued", "slow") == 0
     assert 'llmproxy_limit_rejections_total{kind="route",name="slow",reason="queue_full"}' in after
@@ -87,12 +105,33 @@ def test_a_queued_client_that_leaves_frees_its_place_at_once(limited, upstream):
 
     async def run() -> tuple[int, str]:
         async with httpx.AsyncClient(timeout=10) as c:
-            first = asyncio.ensure_future(c.post(url, json=BODY, headers={"x-mock-stall-ms": "1500"}))
-            await asyncio.sleep(0.2)
-            with pytest.raises(httpx.ReadTimeout):  # queued, then gives up
-                await c.post(url, json=BODY, timeout=0.3)
-            await asyncio.sleep(0.1)
-            metrics = (await c.get(f"{base}/metrics")).text
+            # Steps wait for what the proxy has seen (fixed sleeps of 0.2 and 0.1 s before): the first
+            # request at the upstream, then the leaver's place freed; the first holds its slot 3 s.
+            first = asyncio.ensure_future(c.post(url, json=BODY, headers={"x-mock-stall-ms": "3000"}))
+
+            async def at_upstream() -> bool:
+                return len(upstream.requests) == 1
+
+            await _until(at_upstream, "the first request at the upstream")
+            metrics = ""
+
+            def queued(n: int) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:
+                    nonlocal metrics
+                    metrics = (await c.get(f"{base}/metrics")).text
+                    return gauge(metrics, "llmproxy_limit_queued", "slow") == n
+
+                return check
+
+            # Queued, then gives up: it leaves once the proxy has queued it (a 0.3 s client timeout
+            # before could fire before a loaded proxy had even read the request).
+            leaver = asyncio.ensure_future(c.post(url, json=BODY))
+            await _until(queued(1), "the second request queued")
+            leaver.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leaver
+            await _until(queued(0), "the leaver's place freed", within=2)
+            assert not first.done(), "the first request still holds the slot"
             third = await c.post(url, json=BODY)  # takes the freed place in the queue, not a 429
             assert (await first).status_code == 200
             return third.status_code, metrics
@@ -226,7 +265,11 @@ def test_retry_after_is_estimated_from_how_long_slots_are_held_not_queue_timeout
             for _ in range(2):  # the limiter learns how long a slot is held: ~1.5 s
                 assert (await c.post(url, json=BODY, headers=stall)).status_code == 200
             held = asyncio.ensure_future(c.post(url, json=BODY, headers=stall))
-            await asyncio.sleep(0.3)
+
+            async def holding() -> bool:  # (a fixed 0.3 s sleep before: the next could overtake it)
+                return len(upstream.requests) == 3
+
+            await _until(holding, "the held request at the upstream")
             refused = await c.post(url, json=BODY)
             assert (await held).status_code == 200
             return refused
