@@ -193,7 +193,11 @@ def test_a_changed_keys_file_is_picked_up_and_a_broken_one_keeps_the_previous_ke
               - name: alice
                 key: sk-a-2222222222222
         """)
-        time.sleep(0.5)
+        # Read and refused before the checks (a fixed 0.5 s sleep could end before the poll had looked).
+        deadline = time.monotonic() + 5
+        while not any("'alice' is already used" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the broken keys file was never reported"
+            time.sleep(0.05)
         assert status("sk-alice-rotated-000000") == 200  # the previous keys stay
         assert status("sk-a-1111111111111") == 401
     errors_logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
