@@ -83,9 +83,10 @@ def test_when_every_upstream_is_out_requests_fail_fast_and_readyz_names_the_rout
     # The process still serves (its clear 503 below): a dead model must not make the pod unready.
     ready = httpx.get(f"{base}/readyz")
     assert ready.status_code == 200 and ready.json()["down"] == ["gone"]
-    start = time.monotonic()
+    # Failing fast shows in the code: `no_healthy_upstream` is answered before any connect is tried
+    # (a dead loopback port refuses at once anyway, so a time bound told nothing, and 0.5 s is an
+    # absolute time a loaded machine can exceed).
     r = httpx.post(f"{base}/v1/completions", json=BODY)
-    assert time.monotonic() - start < 0.5
     assert r.status_code == 503
     err = r.json()["error"]
     assert err["code"] == "no_healthy_upstream"
