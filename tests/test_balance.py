@@ -39,8 +39,15 @@ def served(fleet: list[MockServer], marker: str) -> list[int]:
     return sorted({i for i, m in enumerate(fleet) for r in m.requests if marker in r.body})
 
 
-def access(caplog: pytest.LogCaptureFixture) -> list[dict]:
-    return [json.loads(_encode(r.msg)) for r in caplog.records if r.name == "llmproxy.access"]
+def access(caplog: pytest.LogCaptureFixture, count: int) -> list[dict]:
+    """The access lines, once `count` are there: the proxy writes a request's line after its last
+    byte went out (observe.finish, in the Exchange's `finally`), so the client can hold the answer
+    while the proxy's thread has not written it yet."""
+    deadline = time.monotonic() + 10
+    while len(lines := [r for r in caplog.records if r.name == "llmproxy.access"]) < count:
+        assert time.monotonic() < deadline, f"{len(lines)} access lines, not {count}"
+        time.sleep(0.01)
+    return [json.loads(_encode(r.msg)) for r in lines]
 
 
 def _encode(rec: object) -> bytes:
@@ -69,7 +76,7 @@ def test_prefix_keeps_each_conversation_on_one_upstream(fleet, routes_dir, proxy
     homes = {c: served(fleet, f"[conversation {c}]") for c in convs}
     assert all(len(h) == 1 for h in homes.values()), homes  # every turn met the upstream of its first
     assert sorted(h[0] for h in homes.values()) == [0, 1, 2]  # new conversations spread over the fleet
-    choices = [rec["choice"] for rec in access(caplog)]
+    choices = [rec["choice"] for rec in access(caplog, 12)]
     assert choices[:3] == ["least-busy"] * 3 and choices[3:] == ["affinity"] * 9
 
 
@@ -147,7 +154,7 @@ def test_the_guard_spills_a_busy_conversation_to_the_least_busy(fleet, routes_di
     # the spilled turn left the longest prefix on the other upstream: the next turn follows it
     assert httpx.post(f"{base}/v1/completions", json={"prompt": prompts[4]}, timeout=10).status_code == 200
     assert any("turn 4 of hot" in q.body for q in other.requests)
-    choices = [rec["choice"] for rec in access(caplog)]
+    choices = [rec["choice"] for rec in access(caplog, 5)]
     assert choices.count("spill") == 1 and choices[-1] == "affinity"
     metrics = httpx.get(f"{base}/metrics").text
     assert f'llmproxy_upstream_choices_total{{reason="spill",route="r",upstream="{other.url}/v1/completions"}} 1.0' \
@@ -188,7 +195,7 @@ def test_a_down_upstream_is_skipped_and_its_conversations_move(upstream, routes_
         r = httpx.post(f"{base}/v1/completions", json={"prompt": prompt}, timeout=10)
         assert r.status_code == 200, r.text
     assert len(upstream.requests) == 3
-    choices = [rec["choice"] for rec in access(caplog)]
+    choices = [rec["choice"] for rec in access(caplog, 3)]
     assert choices[0] == "failover"  # the first try met the dead one, unknown yet
     assert choices[1:] == ["affinity", "affinity"]  # then it is skipped; the turns follow the failover
 
@@ -200,7 +207,7 @@ def test_session_header_sticks_a_session_to_one_upstream(fleet, routes_dir, prox
         r = httpx.post(f"{base}/v1/completions", json={"prompt": f"q{k}"}, headers={"x-session-id": "s-1"})
         assert r.status_code == 200
     assert sum(1 for m in fleet if m.requests) == 1
-    assert [rec["choice"] for rec in access(caplog)] == ["session"] * 4
+    assert [rec["choice"] for rec in access(caplog, 4)] == ["session"] * 4
 
 
 def test_a_session_new_to_a_process_goes_to_the_same_upstream_everywhere():
@@ -346,4 +353,4 @@ def test_session_from_an_anthropic_body_on_a_messages_route(fleet, routes_dir, p
             "messages": [{"role": "user", "content": f"question {k}"}]}, timeout=10)
         assert r.status_code == 200, r.text
     assert sum(1 for m in fleet if m.requests) == 1
-    assert [rec["choice"] for rec in access(caplog)] == ["session"] * 3
+    assert [rec["choice"] for rec in access(caplog, 3)] == ["session"] * 3

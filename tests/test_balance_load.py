@@ -108,7 +108,7 @@ def test_the_prefix_guard_spills_when_the_engine_reports_a_queue(fleet, routes_d
     _scraped(a, b)
     assert httpx.post(f"{base}/v1/completions", json={"prompt": prompts[2]}, timeout=10).status_code == 200
     assert any("turn 2 of loaded" in q.body for q in other.requests)
-    assert [rec["choice"] for rec in access(caplog)] == ["least-busy", "spill", "affinity"]
+    assert [rec["choice"] for rec in access(caplog, 3)] == ["least-busy", "spill", "affinity"]
 
 
 def test_a_failing_scrape_stops_contributing_and_marks_nothing_down(fleet, routes_dir, proxy_for, caplog):
@@ -209,4 +209,4 @@ def test_the_guard_moves_a_session_off_an_engine_loaded_from_elsewhere(fleet, ro
     for k in range(2):
         assert httpx.post(f"{base}/v1/completions", json={"prompt": f"r{k}"}, headers=hdrs).status_code == 200
     assert len(other.requests) == 2  # moved, and stays on its new upstream
-    assert [rec["choice"] for rec in access(caplog)] == ["session", "session", "spill", "session"]
+    assert [rec["choice"] for rec in access(caplog, 4)] == ["session", "session", "spill", "session"]
