@@ -72,12 +72,18 @@ def free_port() -> int:
 
 @contextmanager
 def run_app(app: Any, **kw: Any) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn (uvloop + httptools, as in production) on loopback."""
-    port = free_port()
+    """Serve an ASGI app with uvicorn (uvloop + httptools, as in production) on loopback.
+
+    The listening socket is bound here and handed to uvicorn: a port picked free and bound later
+    could be taken in between (a client connection's ephemeral port, another server)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn sets on the sockets it binds
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                             access_log=False, log_level="warning", lifespan="on", **kw)
     server = uvicorn.Server(config)
-    t = threading.Thread(target=server.run, daemon=True)
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     t.start()
     deadline = time.monotonic() + 10
     while not server.started:
@@ -89,6 +95,7 @@ def run_app(app: Any, **kw: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         t.join(10)
+        sock.close()
 
 
 def wait_ready(proc: Any, base: str, err: Any, within: float = 30, path: str = "/readyz") -> None:
