@@ -115,6 +115,17 @@ def wait_ready(proc: Any, base: str, err: Any, within: float = 30, path: str = "
         time.sleep(0.1)
 
 
+def wait_workers(proc: Any, err: Any, workers: int, within: float = 30) -> None:
+    """Wait until `workers` workers of `llmproxy serve --workers N` have started (uvicorn logs
+    "Application startup complete." once per worker, a replaced one included): `wait_ready`
+    returns when the first answers, and one still starting reads the routes folder later."""
+    deadline = time.monotonic() + within
+    while err.read_text().count("Application startup complete.") < workers:
+        assert proc.poll() is None, err.read_text()
+        assert time.monotonic() < deadline, f"{workers} workers not started in time\n" + err.read_text()
+        time.sleep(0.05)
+
+
 def stop(proc: Any) -> int:
     """SIGTERM to a server the test started (only that one); its exit code."""
     import signal

@@ -30,7 +30,7 @@ from proxy.config import load_dir
 from proxy.errors import ConfigError
 from proxy.reload import TableHolder
 from proxy.routes import RouteTable
-from servers import free_port, run_app, stop, wait_ready
+from servers import free_port, run_app, stop, wait_ready, wait_workers
 
 SCRIPT = Path(__file__).resolve().parent / "engine_script.py"
 
@@ -353,7 +353,8 @@ def test_a_group_runs_one_engine_at_a_time_the_old_one_gone_before_the_new_start
             async with client.stream("POST", f"{base}/v1/completions", json=body) as stream:
                 chunks = stream.aiter_text()
                 text = await anext(chunks)  # alpha is streaming
-                other = asyncio.ensure_future(client.post(f"{base}/v1/completions", json={"model": "beta", "prompt": "y"}))
+                other = asyncio.ensure_future(client.post(f"{base}/v1/completions",
+                                                          json={"model": "beta", "prompt": "y"}))
                 async for chunk in chunks:
                     text += chunk
             return stream.status_code, text, await other
@@ -567,6 +568,9 @@ def test_workers_refuse_a_reload_that_adds_an_engine(routes_dir, upstream, log_d
                                  "--workers", "2", "--reload"], stdout=subprocess.DEVNULL, stderr=stderr, env=env)  # fmt: skip
     try:
         wait_ready(proc, base, err)
+        # Both workers up first: one still starting would read the folder after the drop-in, refuse
+        # it too and log it a second time (wait_ready returns when the first answers).
+        wait_workers(proc, err, 2)
         (folder / "eng.yaml").write_text(engine_route("eng", log_dir, models="eng"))
         wait_for(lambda: "each worker would start its own copy" in err.read_text(), what="the refusal logged")
         r = complete(base, "eng")

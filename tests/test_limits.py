@@ -63,7 +63,8 @@ def test_two_in_flight_two_queued_the_rest_429_and_the_queued_ones_complete(limi
             async def full() -> bool:
                 nonlocal seen
                 seen = (await c.get(f"{base}/metrics")).text
-                return (gauge(seen, "llmproxy_limit_in_flight", "slow"), gauge(seen, "llmproxy_limit_queued", "slow")) == (2, 2)
+                counts = gauge(seen, "llmproxy_limit_in_flight", "slow"), gauge(seen, "llmproxy_limit_queued", "slow")
+                return counts == (2, 2)
 
             await _until(full, "two in flight and two queued")
         return await task, seen

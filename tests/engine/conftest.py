@@ -87,15 +87,23 @@ def engine_model(engine_cache: Path) -> Path:
 @contextmanager
 def start_engine(binary: Path, model: Path, log_dir: Path, *, slots: int = SLOTS,
                  ctx_per_slot: int = CTX_PER_SLOT, extra: tuple[str, ...] = ()) -> Iterator[Engine]:  # fmt: skip
-    """Start `llama-server` on a free loopback port; yield it once `/health` answers 200."""
-    port = free_port()
-    log = log_dir / f"llama-server-{port}.log"
-    args = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "-c", str(ctx_per_slot * slots), "-np", str(slots), "-t", "2", "--no-webui",
-            "--slots", "--metrics", *extra]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    engine = Engine(f"http://127.0.0.1:{port}", proc, log, ctx_per_slot)
+    """Start `llama-server` on a free loopback port; yield it once `/health` answers 200.
+
+    The port is free when picked but bound by llama-server a moment later: taken in between (a
+    client connection's ephemeral port), it exits with "couldn't bind HTTP server socket"
+    (tools/server/server.cpp), and is started again on another (the session's one engine
+    failing would fail every test)."""
+    for attempt in range(3):
+        port = free_port()
+        log = log_dir / f"llama-server-{port}.log"
+        args = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                "-c", str(ctx_per_slot * slots), "-np", str(slots), "-t", "2", "--no-webui",
+                "--slots", "--metrics", *extra]  # fmt: skip
+        with log.open("wb") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        engine = Engine(f"http://127.0.0.1:{port}", proc, log, ctx_per_slot)
+        if attempt == 2 or not _lost_its_port(proc, engine.url, log):
+            break
     try:
         wait_ready(proc, engine.url, log, within=60, path="/health")
         yield engine
@@ -106,6 +114,24 @@ def start_engine(binary: Path, model: Path, log_dir: Path, *, slots: int = SLOTS
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def _lost_its_port(proc: subprocess.Popen[bytes], url: str, log: Path, within: float = 60) -> bool:
+    """Whether the engine exited at start-up because its port was taken; False once it answers."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return "couldn't bind HTTP server socket" in log.read_text(errors="replace")
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+            return False  # any answer (503 while loading): it holds its port
+        except httpx.TransportError:
+            time.sleep(0.05)
+    return False
 
 
 @pytest.fixture(scope="session")
