@@ -447,9 +447,13 @@ class Engine:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+        # Counted (and the backoff set) before the pause below: a request in that pause, STOPPED
+        # already, would otherwise start the engine at once however many crashes came before.
+        self._failed(f"exited with code {code} while serving")
         await asyncio.sleep(0.05)  # the last lines may still be in the pipe
         lines = "\n".join(list(self.tail)[-MESSAGE_LINES:])
-        self._failed(f"exited with code {code} while serving" + (f"; its last output:\n{lines}" if lines else ""))
+        if lines and self.proc is None:  # (a start in the pause has cleared the tail for its own output)
+            self.last_failure += f"; its last output:\n{lines}"
         observe.engine_stopped(self.name, "crash")
         log.error("engine of route %r exited on its own with code %d; the next request starts it again%s",
                   self.name, code, f" (after {self.not_before - time.monotonic():.0f} s)"

@@ -674,3 +674,47 @@ def test_preload_starts_an_engine_before_any_request_and_never_evicts_one(routes
     assert r.status_code == 200
     assert int(r.headers["x-engine-pid"]) in starts(log_dir)
     assert len(starts(log_dir)) == 2, "the first request found it running"
+
+
+def test_a_request_right_after_a_crash_meets_the_backoff(routes_dir, log_dir):
+    """The crash is counted, and the backoff set, before the engine can be started again: a request
+    in the moment after the process was reaped (the proxy waits 50 ms for its last output lines)
+    must not start a second crash-in-a-row at once."""
+    import aiohttp
+
+    from proxy import engines as engines_module
+    from proxy.errors import EngineStartFailed
+
+    name = unique("reaped")
+    (route,) = RouteTable.from_dir(routes_dir(a=engine_route(name, log_dir))).routes
+
+    async def run() -> str:
+        owner = engines_module.Engines()
+        async with aiohttp.ClientSession() as session:
+            owner.session = session
+            engine = owner.get(route)
+            try:
+                for crash in (1, 2):
+                    await engine.wait()
+                    engine.leave()
+                    os.kill(engine.proc.pid, signal.SIGKILL)
+                    deadline = time.monotonic() + 10
+                    while engine.state == engines_module.RUNNING:  # the proxy has reaped it
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.001)
+                    if crash == 1:  # let the first one be counted; the second is asked for at once
+                        while metric("llmproxy_engine_stops_total", route=name, cause="crash") < 1:
+                            assert time.monotonic() < deadline
+                            await asyncio.sleep(0.01)
+                try:
+                    await engine.wait()
+                except EngineStartFailed as exc:
+                    return exc.message
+                engine.leave()
+                return "started again at once"
+            finally:
+                await owner.close()
+
+    said = asyncio.run(run())
+    assert "failed 2 time(s) in a row" in said, said
+    assert len(starts(log_dir)) == 2, "no third process after two crashes in a row"
