@@ -122,8 +122,9 @@ def stats(upstream: Any) -> dict[str, int]:
     return httpx.get(f"{upstream.url}/_mock/stats").json()
 
 
-def settle(upstream: Any, *, open_max: int = 1000, within: float = 2.0) -> dict[str, int]:
-    """Wait (bounded) until the mock holds no busy connection and at most `open_max` open ones."""
+def settle(upstream: Any, *, open_max: int = 1000, within: float = 5.0) -> dict[str, int]:
+    """Wait (bounded) until the mock holds no busy connection and at most `open_max` open ones
+    (the mock's thread sees a closed connection a moment after the proxy's answer: 5 s of room)."""
     deadline = time.monotonic() + within
     while True:
         s = stats(upstream)
