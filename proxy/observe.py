@@ -383,8 +383,10 @@ def engine_started(route: str, seconds: float | None) -> None:
 
 
 def engine_stopped(route: str, cause: str) -> None:
-    engine_stops.labels(route=route, cause=cause).inc()
+    """The gauge first, the count last: a reader (another thread, a scrape) that sees the stop
+    counted sees the engine no longer running."""
     engines_running.labels(route=route).set(0)
+    engine_stops.labels(route=route, cause=cause).inc()
 
 
 def reloaded(ok: bool) -> None:
