@@ -29,7 +29,9 @@ def _requests_total(base: str, route: str) -> float:
 
 
 def _log_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The JSON lines written so far; a line still being written (no newline yet) is left for later."""
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def test_two_workers_share_one_port_and_their_metrics_add_up(upstream, routes_dir, tmp_path):
@@ -60,7 +62,10 @@ def test_two_workers_share_one_port_and_their_metrics_add_up(upstream, routes_di
             pids = {p.stem.rsplit("_", 1)[1] for p in shared.glob("counter_*.db")}
         assert len(pids) == 2, "both workers should have served requests"
 
-        # Whichever worker answers the scrape, it reports every worker's requests.
+        # Whichever worker answers the scrape, it reports every worker's requests. A worker counts a
+        # request after its last byte went out, so the scrape (maybe on the other worker) can come
+        # first: wait for the last count, then ask again.
+        _wait(lambda: _requests_total(base, "workers") == sent, 10, "the workers' counts do not add up")
         for _ in range(6):
             assert _requests_total(base, "workers") == sent
     finally:
@@ -91,6 +96,9 @@ def _workers(folder: Path, tmp_path: Path, *extra: str) -> Iterator[tuple[subpro
         )  # fmt: skip
     try:
         wait_ready(proc, base, err)
+        # /readyz answers once one worker is up; a SIGHUP reaching the other before its app installed
+        # the handler would kill it (SIGHUP's default action), and uvicorn would replace it.
+        _wait(lambda: _started(err) >= 2, 30, "both workers should start")
         yield proc, base, err
     finally:
         assert stop(proc) == 0
@@ -101,6 +109,11 @@ def _wait(check, within: float, what: str) -> None:
     while not check():
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
+
+
+def _started(err: Path) -> int:
+    """Workers whose app has started (uvicorn's line, after the lifespan set the SIGHUP handler)."""
+    return sum(m == "Application startup complete." for m in _messages(err))
 
 
 def _statuses(base: str, path: str, n: int = 12) -> set[int]:
