@@ -279,7 +279,8 @@ class _ChargeFirst:
     """`send`, charging an answer's tokens to its key before the answer's last bytes go out: the
     key's next request, sent the moment this one ends (to any replica), finds them counted
     (README, "Quotas and usage per key": the request after the one that crossed a quota is refused).
-    Only a relayed 2xx answer (its start line went through the meter); the rest is charged after."""
+    Only an answer the exchange relayed (its start line went through the meter) under 400; the rest
+    (refusals, errors, a client gone mid-answer) is charged when the request ends."""
 
     __slots__ = ("send", "state", "name", "exchange", "meter", "done")
 
