@@ -221,3 +221,26 @@ def test_a_worker_replaced_while_a_file_is_broken_serves_the_last_good_table(ups
     assert [line["message"] for line in _log_lines(err) if line["level"] == "error"] == [
         m for m in _messages(err) if "routes not reloaded" in m]
     assert len([m for m in _messages(err) if "routes not reloaded" in m]) == 1
+
+
+
+def test_a_sighup_to_a_starting_worker_is_taken_once_it_can_reload_not_its_death(upstream, routes_dir, tmp_path):
+    """A SIGHUP can reach a worker before its app has set the handler (the supervisor passes one on
+    to every worker, also to one uvicorn has just spawned; an operator signals one): SIGHUP's default
+    action killed it. Workers start with SIGHUP blocked and take it once their handler is set: the
+    newcomer lives, and reloads."""
+    folder = routes_dir(a=f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n")
+    with _workers(folder, tmp_path) as (proc, base, err):
+        before = _workers_of(proc.pid)
+        os.kill(min(before), signal.SIGKILL)  # a worker of the server this test started: uvicorn replaces it
+        deadline = time.monotonic() + 30
+        while not (new := _workers_of(proc.pid) - before):
+            assert time.monotonic() < deadline, "the worker was not replaced"
+            time.sleep(0.005)
+        os.kill(min(new), signal.SIGHUP)  # spawned a moment ago: still importing, far from its handler
+        _wait(lambda: _started(err) >= 3, 30, "the replacement did not start")
+        _wait(lambda: sum("routes reloaded from" in m and "route(s)" in m for m in _messages(err)) == 1, 10,
+              "the replacement did not reload on the SIGHUP it was sent")  # fmt: skip
+        assert _all_ok(base, "/v1/a")
+    died = [m for m in _messages(err) if m.startswith("Child process") and m.endswith("died")]
+    assert len(died) == 1, died  # the one the test killed
