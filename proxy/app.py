@@ -214,6 +214,9 @@ class Gateway:
             return
         if exchange.call.kept is not None:
             send = self._keeping(send, exchange, _owner(caller))
+        charging: _ChargeFirst | None = None
+        if caller is not None:
+            send = charging = _ChargeFirst(send, self.shared, caller.name, exchange, meter)
         forwarded = True
         try:
             if route.limits is None and (caller is None or caller.config.max_concurrent is None):
@@ -221,8 +224,9 @@ class Gateway:
             else:
                 forwarded = await self._limited(scope, receive, send, exchange, caller)
         finally:
-            if caller is not None:  # a request refused by its slots is not one of its requests_per_minute
-                await self.shared.charge(caller.name, *_tokens(exchange, meter), None if forwarded else admitted)
+            if charging is not None and not charging.done:  # refused, failed, or the client left mid-answer
+                # a request refused by its slots is not one of its requests_per_minute
+                await self.shared.charge(charging.name, *_tokens(exchange, meter), None if forwarded else admitted)
 
     def _keeping(self, send: Any, exchange: Exchange, owner: str) -> Any:
         """`send`, storing a Responses answer before its last bytes go out (a client that continues
@@ -269,6 +273,31 @@ class Gateway:
         finally:
             for limiter, hold in held:
                 limiter.release(hold)
+
+
+class _ChargeFirst:
+    """`send`, charging an answer's tokens to its key before the answer's last bytes go out: the
+    key's next request, sent the moment this one ends (to any replica), finds them counted
+    (README, "Quotas and usage per key": the request after the one that crossed a quota is refused).
+    Only an answer the exchange relayed (its start line went through the meter) under 400; the rest
+    (refusals, errors, a client gone mid-answer) is charged when the request ends."""
+
+    __slots__ = ("send", "state", "name", "exchange", "meter", "done")
+
+    def __init__(self, send: Any, state: State, name: str, exchange: Exchange, meter: observe.Meter) -> None:
+        self.send = send
+        self.state = state
+        self.name = name
+        self.exchange = exchange
+        self.meter = meter
+        self.done = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if (not self.done and message["type"] == "http.response.body" and not message.get("more_body", False)
+                and self.meter.status is not None and self.meter.status < 400):  # fmt: skip
+            self.done = True  # before the await: charged once, whatever happens meanwhile
+            await self.state.charge(self.name, *_tokens(self.exchange, self.meter))
+        await self.send(message)
 
 
 def _owner(caller: Caller | None) -> str:

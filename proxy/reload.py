@@ -231,6 +231,8 @@ class TableHolder(Reloadable[RouteTable]):
     def reload_on_sighup(self) -> Iterator[None]:
         """`kill -HUP` reloads now, changed or not. uvicorn leaves SIGHUP to the app.
 
+        A `--workers` worker starts with SIGHUP blocked (`workers.sighup_held`): one sent while
+        it started waits, and is taken here, once the handler is set.
         Does nothing without a folder, or off the main thread (tests run servers in threads),
         where signal handlers cannot be set.
         """
@@ -245,6 +247,7 @@ class TableHolder(Reloadable[RouteTable]):
         except (ValueError, RuntimeError, NotImplementedError, AttributeError):
             yield
             return
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         try:
             yield
         finally:

@@ -26,6 +26,8 @@ import shutil
 import signal
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from uvicorn import Config
@@ -66,6 +68,15 @@ class RouteSupervisor(Multiprocess):
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
+    # Where uvicorn spawns workers: at start, and a replacement for one that died.
+    def init_processes(self) -> None:
+        with sighup_held():
+            super().init_processes()
+
+    def keep_subprocess_alive(self) -> None:
+        with sighup_held():
+            super().keep_subprocess_alive()
+
     def handle_hup(self) -> None:
         self.snapshot = fingerprint(self.folder)
         self.reload_workers()
@@ -100,6 +111,20 @@ class RouteSupervisor(Multiprocess):
                 pass
         log.info("routes reloaded from %s: told %d worker(s)", self.folder, len(pids))
         return True
+
+
+@contextmanager
+def sighup_held() -> Iterator[None]:
+    """SIGHUP blocked while workers are spawned. The mask survives fork and exec, so a worker starts
+    with it blocked: a SIGHUP sent before its app can handle it (the supervisor passes one on to
+    every worker, a newcomer too) waits instead of killing it (SIGHUP's default action), and is
+    taken once the handler is set (`TableHolder.reload_on_sighup` unblocks it). The supervisor's
+    own SIGHUP meanwhile waits too, and is queued when the mask is restored."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def run(config: Config, folder: Path | str, *, watch: bool) -> None:

@@ -149,12 +149,21 @@ def test_the_shipped_template_comment_lists_every_built_in_template():
     assert all(name in comment for name in BUILTIN), comment
 
 
-def test_ready_needs_upstreams_reaches_the_workers(tmp_path, monkeypatch):
+def test_ready_needs_upstreams_reaches_the_workers(tmp_path, monkeypatch, request):
     """`serve --ready-needs-upstreams` travels to each worker as a WorkerSettings field."""
     from proxy.app import app_from_env
     from proxy.settings import WorkerSettings
 
     (tmp_path / "r.yaml").write_text("path: /v1/completions\nupstream: http://127.0.0.1:9/v1/completions\n")
+    # app_from_env is a worker's start: it tunes the process (log record fields, the collector) for
+    # serving. Undone here, so the tests after this one run in the process they started in.
+    import gc
+    import logging
+
+    for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))
+    threshold = gc.get_threshold()
+    request.addfinalizer(lambda: (gc.set_threshold(*threshold), gc.unfreeze()))
     env: dict[str, str] = {}
     WorkerSettings(routes=str(tmp_path), ready_needs_upstreams=True).export(env)
     assert env["LLMPROXY_READY_NEEDS_UPSTREAMS"] == "1"

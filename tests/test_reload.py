@@ -43,7 +43,16 @@ def status(base: str, path: str) -> int:
     return httpx.post(f"{base}{path}", json={"model": "m", "prompt": "hi"}, timeout=5).status_code
 
 
-def wait_for(check: Callable[[], bool], seconds: float = 3.0) -> None:
+def reloaded(base: str) -> float:
+    """`llmproxy_reloads_total{result="ok"}` of a served proxy."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "llmproxy_reloads_total" and s.labels.get("result") == "ok")  # fmt: skip
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 10.0) -> None:
     deadline = time.monotonic() + seconds
     while not check():
         assert time.monotonic() < deadline, "not reloaded in time"
@@ -71,10 +80,8 @@ def test_add_break_and_delete_files(upstream, folder, serve, caplog):
     base = serve(TableHolder.load(folder))
     assert status(base, "/a") == 200 and status(base, "/b") == 404
 
-    started = time.monotonic()
     put(folder / "b.yaml", route(upstream, "/b"))
-    wait_for(lambda: status(base, "/b") == 200, 2.0)
-    assert time.monotonic() - started < 2.0
+    wait_for(lambda: status(base, "/b") == 200)  # how soon: test_file_events_wake_the_watcher_before_the_periodic_check
 
     put(folder / "a.yaml", "path: /a\nupstream: [not a url\n")
     wait_for(lambda: any("routes not reloaded" in r.getMessage() for r in caplog.records))
@@ -97,9 +104,11 @@ def test_file_events_wake_the_watcher_before_the_periodic_check(upstream, folder
     with run_app(app) as base:
         time.sleep(0.1)  # let the watcher start: an edit before that is the periodic check's job
         put(folder / "b.yaml", route(upstream, "/b"))
-        wait_for(lambda: status(base, "/b") == 200, 2.0)
+        # Either bound only has to tell seconds from the 60 s check: 2 s (watchfiles' 300 ms debounce,
+        # the reload, a request; uvicorn's 0.1 s shutdown tick and lifespan) was tight on a loaded machine.
+        wait_for(lambda: status(base, "/b") == 200, 10.0)
         stopping = time.monotonic()
-    assert time.monotonic() - stopping < 2.0
+    assert time.monotonic() - stopping < 10.0
 
 
 def test_editor_save_by_rename(upstream, folder, serve):
@@ -186,9 +195,8 @@ def test_sighup_reloads(folder, upstream):
         with holder.reload_on_sighup():
             (folder / "b.yaml").write_text(route(upstream, "/b"))
             os.kill(os.getpid(), signal.SIGHUP)
-            for _ in range(100):
-                if holder.current is not old:
-                    break
+            deadline = time.monotonic() + 10
+            while holder.current is old and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
 
     assert threading.current_thread() is threading.main_thread()
@@ -219,8 +227,9 @@ def test_serve_reload_and_sighup_from_the_command_line(upstream, folder):
         put(folder / "b.yaml", route(upstream, "/b"))
         wait_for(lambda: status(base, "/b") == 200)
         assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == ["a", "b"]  # the new table
+        reloads = reloaded(base)
         os.kill(proc.pid, signal.SIGHUP)  # reloads (unchanged files) and keeps serving
-        time.sleep(0.1)
+        wait_for(lambda: reloaded(base) == reloads + 1)
         assert proc.poll() is None and status(base, "/a") == 200
     finally:
         proc.send_signal(signal.SIGTERM)

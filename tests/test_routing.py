@@ -14,6 +14,10 @@ from proxy.routes import UNREAD, RouteTable
 from proxy.upstreams import Pool
 from servers import free_port, run_mock
 
+# Refused on loopback, and never handed out by bind(0) to a server of the test (below 1024): a port
+# found free and released could be the proxy's own a moment later. (Port 9 is the suite's dead default.)
+DEAD, DEAD2 = 9, 7
+
 
 @pytest.fixture
 def two():
@@ -136,7 +140,7 @@ def test_check_lists_path_models_upstreams_adapter_and_stream(routes_dir, capsys
 
 
 def test_check_probe_shows_each_upstream_up_or_down(upstream, routes_dir, capsys):
-    dead = free_port()
+    dead = DEAD
     folder = routes_dir(m=f"""
         path: /v1/completions
         upstream: [{upstream.url}/v1/completions, http://127.0.0.1:{dead}/v1/completions]
@@ -295,7 +299,7 @@ def test_round_robin_spreads_across_upstreams(two, routes_dir, proxy_for):
 
 def test_connect_failure_moves_to_the_next_upstream(upstream, routes_dir, proxy_for, caplog):
     caplog.set_level(logging.INFO, logger="llmproxy")
-    dead = free_port()
+    dead = DEAD
     base = proxy_for(routes_dir(m=f"""
         path: /v1/completions
         upstream: [http://127.0.0.1:{dead}/v1/completions, {upstream.url}/v1/completions]
@@ -311,7 +315,7 @@ def test_connect_failure_moves_to_the_next_upstream(upstream, routes_dir, proxy_
 
 
 def test_every_upstream_down_is_502(routes_dir, proxy_for):
-    p1, p2 = free_port(), free_port()
+    p1, p2 = DEAD, DEAD2
     base = proxy_for(routes_dir(m=f"""
         path: /v1/completions
         upstream: [http://127.0.0.1:{p1}/v1/completions, http://127.0.0.1:{p2}/v1/completions]
@@ -390,7 +394,7 @@ def test_v1_models_id_is_404_for_a_name_no_route_serves(upstream, routes_dir, pr
 def test_v1_models_lists_what_a_glob_only_routes_upstream_serves(upstream, routes_dir, proxy_for):
     """A glob names no model; the upstream's own /v1/models does. Listed: its ids that match the
     glob and that this route would really serve (an earlier file may win one)."""
-    dead = free_port()
+    dead = DEAD
     base = proxy_for(routes_dir(
         a=f"""
             path: /v1/chat/completions

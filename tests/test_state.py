@@ -173,6 +173,22 @@ def auth(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
+def minute_start(client: Any) -> int:
+    """Move the store's clock (`llmproxy:clock`, an offset to its TIME) to 1 s into a minute, so that a
+    test's requests share one minute's window instead of straddling a boundary; the offset set."""
+    now = int(client.time()[0])
+    offset = 61 - now % 60
+    client.set("llmproxy:clock", offset)
+    return offset
+
+
+def wait_until(check: Any, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 COMPLETION = {"model": "m", "prompt": "hi", "max_tokens": 3}
 
 
@@ -194,7 +210,8 @@ def test_max_concurrent_3_holds_across_processes_under_100_concurrent_requests(s
     assert [r.status_code for r in responses] == [200] * 100
     assert upstream.mock.peak_busy == 3
     assert time.monotonic() - started < 40
-    assert store.client().zcard("llmproxy:slots:key:alice") == 0  # every lease given back
+    # Every lease given back (a lease goes back after its answer's last bytes: wait for the last one).
+    wait_until(lambda: store.client().zcard("llmproxy:slots:key:alice") == 0, 5, "a lease was not given back")
 
     # A route's `limits` are shared the same way (bob's key has no limit of its own).
     upstream.mock.peak_busy = 0
@@ -245,6 +262,7 @@ def test_tokens_per_minute_refuses_after_the_crossing_request_and_admits_when_th
     other process, is refused with the quota named; the store's clock moved a minute on admits again."""
     a = serve("--state", store.url)
     b = serve("--state", store.url)
+    offset = minute_start(store.client())  # the first and the refused request in one window
     chat = {"model": "m", "messages": [{"role": "user", "content": "count"}]}
     words = {"x-mock-text": " ".join(["word"] * 40)}
     with httpx.Client(timeout=10) as c:
@@ -262,7 +280,7 @@ def test_tokens_per_minute_refuses_after_the_crossing_request_and_admits_when_th
                       headers={**auth(BOB), **words}) as s:  # fmt: skip
             assert "[DONE]" in s.read().decode()
 
-        store.client().set("llmproxy:clock", 60)  # the store's clock, a minute on: the window moved
+        store.client().set("llmproxy:clock", offset + 60)  # the store's clock, a minute on: the window moved
         assert c.post(f"{a.base}/v1/chat/completions", json=chat, headers=auth(ALICE)).status_code == 200
 
         own = c.get(f"{a.base}/v1/usage", headers=auth(BOB)).json()["data"]
@@ -277,6 +295,42 @@ def test_tokens_per_minute_refuses_after_the_crossing_request_and_admits_when_th
         metrics = c.get(f"{a.base}/metrics").text
         assert 'llmproxy_key_tokens_total{key="alice",kind="completion"}' in metrics
         assert ALICE not in metrics
+
+
+def test_the_request_right_after_the_crossing_answer_is_refused_even_with_a_slow_store(store, routes_dir, upstream,
+                                                                                       proxy_for, tmp_path: Path):
+    """README: "the request after the one that crossed it is refused". The answer's tokens are charged
+    before its last bytes go out, so a client that asks again the moment its answer ends (here or on
+    another replica) finds them counted, however long the store takes to take the charge (0.3 s here,
+    a delay put in front of the real store's charge)."""
+    from proxy.keys import KeysHolder
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"keys:\n  - name: alice\n    key: {ALICE}\n    tokens_per_minute: 30\n")
+    minute_start(store.client())
+    state = State(store.url)
+    charge = state.charge
+
+    async def slow_charge(*args: Any, **kw: Any) -> None:
+        await asyncio.sleep(0.3)
+        await charge(*args, **kw)
+
+    state.charge = slow_charge  # type: ignore[method-assign]
+    base = proxy_for(routes_dir(chat=f"""
+        path: /v1/chat/completions
+        upstream: {upstream.url}/v1/completions
+        adapter: chat-to-completions
+    """), keys=KeysHolder.load(keys), state=state)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "count"}]}
+    with httpx.Client(timeout=10, headers=auth(ALICE)) as c:
+        for stream in (False, True):
+            with c.stream("POST", f"{base}/v1/chat/completions", json={**chat, "stream": stream},
+                          headers={"x-mock-text": " ".join(["word"] * 40)}) as first:  # fmt: skip
+                first.read()
+            assert first.status_code == 200
+            refused = c.post(f"{base}/v1/chat/completions", json=chat)
+            assert refused.status_code == 429 and "tokens_per_minute" in refused.json()["error"]["message"]
+            store.client().incr("llmproxy:clock", 60)  # the next minute, for the streamed answer
 
 
 def test_a_responses_conversation_started_on_one_process_continues_on_the_other(store, serve, upstream):
@@ -343,7 +397,10 @@ def test_store_stopped_mid_run_open_serves_closed_answers_503_and_both_recover(s
         while c.post(f"{closed.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code != 200:
             assert time.monotonic() < deadline, "closed did not recover when the store came back"
             time.sleep(0.2)
-        time.sleep(1.2)  # past the second after opened's last failure, when it looks again
+        # opened looks at the store again a second after its last failure (RETRY_DOWN): until then
+        # it counts in the process. Its /v1/usage says which, without counting a request.
+        wait_until(lambda: c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]["shared"], 10,
+                   "opened did not use the store again")  # fmt: skip
         for p in (opened, closed):  # slots, quotas and usage: through the store again
             assert c.post(f"{p.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code == 200
         usage = c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]
@@ -437,11 +494,13 @@ def test_without_a_store_a_messages_route_refuses_over_quota_in_anthropics_shape
 
     keys = tmp_path / "keys.yaml"
     keys.write_text(f"keys:\n  - name: alice\n    key: {ALICE}\n    requests_per_minute: 1\n")
+    state = State()
+    state.local.clock = lambda: 60 * 20_000 + 1.0  # 1 s into a minute: both requests in its window
     base = proxy_for(routes_dir(msg=f"""
         path: /v1/messages
         upstream: {upstream.url}/v1/completions
         adapter: messages-to-completions
-    """), keys=KeysHolder.load(keys))
+    """), keys=KeysHolder.load(keys), state=state)
     body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
     with httpx.Client(timeout=10, headers={"x-api-key": ALICE}) as c:
         assert c.post(f"{base}/v1/messages", json=body).status_code == 200
@@ -540,6 +599,7 @@ def test_a_quota_through_rediss_with_the_operators_ca(redis_server, routes_dir, 
             except redis.ConnectionError:
                 assert time.monotonic() < deadline, "redis-server did not start with TLS"
                 time.sleep(0.05)
+        minute_start(client)  # the admitted and the refused request in one window
         url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
         keys = tmp_path / "keys.yaml"
         keys.write_text(f"keys:\n  - name: dave\n    key: {DAVE}\n    requests_per_minute: 1\n")
@@ -633,8 +693,8 @@ def test_a_store_that_accepts_but_never_answers_holds_no_request(store, serve):
         while c.post(f"{closed.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code != 200:
             assert time.monotonic() < deadline, "closed did not recover after SIGCONT"
             time.sleep(0.2)
-        time.sleep(1.2)
-        assert c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]["shared"] is True
+        wait_until(lambda: c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]["shared"], 10,
+                   "opened did not use the store again after SIGCONT")  # fmt: skip
 
 
 def test_tokens_per_day_in_the_store_refuses_until_the_day_ends(store, tmp_path: Path):

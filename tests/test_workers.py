@@ -29,7 +29,9 @@ def _requests_total(base: str, route: str) -> float:
 
 
 def _log_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The JSON lines written so far; a line still being written (no newline yet) is left for later."""
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def test_two_workers_share_one_port_and_their_metrics_add_up(upstream, routes_dir, tmp_path):
@@ -60,7 +62,10 @@ def test_two_workers_share_one_port_and_their_metrics_add_up(upstream, routes_di
             pids = {p.stem.rsplit("_", 1)[1] for p in shared.glob("counter_*.db")}
         assert len(pids) == 2, "both workers should have served requests"
 
-        # Whichever worker answers the scrape, it reports every worker's requests.
+        # Whichever worker answers the scrape, it reports every worker's requests. A worker counts a
+        # request after its last byte went out, so the scrape (maybe on the other worker) can come
+        # first: wait for the last count, then ask again.
+        _wait(lambda: _requests_total(base, "workers") == sent, 10, "the workers' counts do not add up")
         for _ in range(6):
             assert _requests_total(base, "workers") == sent
     finally:
@@ -91,6 +96,9 @@ def _workers(folder: Path, tmp_path: Path, *extra: str) -> Iterator[tuple[subpro
         )  # fmt: skip
     try:
         wait_ready(proc, base, err)
+        # /readyz answers once one worker is up; a SIGHUP reaching the other before its app installed
+        # the handler would kill it (SIGHUP's default action), and uvicorn would replace it.
+        _wait(lambda: _started(err) >= 2, 30, "both workers should start")
         yield proc, base, err
     finally:
         assert stop(proc) == 0
@@ -101,6 +109,11 @@ def _wait(check, within: float, what: str) -> None:
     while not check():
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
+
+
+def _started(err: Path) -> int:
+    """Workers whose app has started (uvicorn's line, after the lifespan set the SIGHUP handler)."""
+    return sum(m == "Application startup complete." for m in _messages(err))
 
 
 def _statuses(base: str, path: str, n: int = 12) -> set[int]:
@@ -208,3 +221,26 @@ def test_a_worker_replaced_while_a_file_is_broken_serves_the_last_good_table(ups
     assert [line["message"] for line in _log_lines(err) if line["level"] == "error"] == [
         m for m in _messages(err) if "routes not reloaded" in m]
     assert len([m for m in _messages(err) if "routes not reloaded" in m]) == 1
+
+
+
+def test_a_sighup_to_a_starting_worker_is_taken_once_it_can_reload_not_its_death(upstream, routes_dir, tmp_path):
+    """A SIGHUP can reach a worker before its app has set the handler (the supervisor passes one on
+    to every worker, also to one uvicorn has just spawned; an operator signals one): SIGHUP's default
+    action killed it. Workers start with SIGHUP blocked and take it once their handler is set: the
+    newcomer lives, and reloads."""
+    folder = routes_dir(a=f"path: /v1/a\nupstream: {upstream.url}/v1/completions\n")
+    with _workers(folder, tmp_path) as (proc, base, err):
+        before = _workers_of(proc.pid)
+        os.kill(min(before), signal.SIGKILL)  # a worker of the server this test started: uvicorn replaces it
+        deadline = time.monotonic() + 30
+        while not (new := _workers_of(proc.pid) - before):
+            assert time.monotonic() < deadline, "the worker was not replaced"
+            time.sleep(0.005)
+        os.kill(min(new), signal.SIGHUP)  # spawned a moment ago: still importing, far from its handler
+        _wait(lambda: _started(err) >= 3, 30, "the replacement did not start")
+        _wait(lambda: sum("routes reloaded from" in m and "route(s)" in m for m in _messages(err)) == 1, 10,
+              "the replacement did not reload on the SIGHUP it was sent")  # fmt: skip
+        assert _all_ok(base, "/v1/a")
+    died = [m for m in _messages(err) if m.startswith("Child process") and m.endswith("died")]
+    assert len(died) == 1, died  # the one the test killed
