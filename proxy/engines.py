@@ -62,6 +62,7 @@ log = logging.getLogger("llmproxy.engine")
 
 TAIL_LINES = 20  # lines of the engine's output kept for a failed start's message
 MESSAGE_LINES = 8  # of those, how many the 503 carries
+BACKOFF_FIRST = 1.0  # seconds before a start after the second failure in a row; doubled for each after
 BACKOFF_CAP = 60.0  # seconds: the longest wait between restarts of a crashing engine
 FORGIVEN_AFTER = 60.0  # seconds of running after which earlier crashes no longer count
 HEALTH_POLL = (0.05, 0.5)  # seconds between health checks while starting: first, then at most
@@ -468,7 +469,7 @@ class Engine:
             self.failures = 0
         self.failures += 1
         self.last_failure = why
-        self.not_before = now + (0.0 if self.failures == 1 else min(2.0 ** (self.failures - 2), BACKOFF_CAP))
+        self.not_before = now + (0.0 if self.failures == 1 else min(BACKOFF_FIRST * 2.0 ** (self.failures - 2), BACKOFF_CAP))
 
     # --- stopping -----------------------------------------------------------------------------
 
