@@ -147,8 +147,12 @@ def test_a_reload_stops_the_routes_task(fleet, routes_dir, monkeypatch):
             task = asyncio.ensure_future(LoadWatch(Holder).run(client))  # type: ignore[arg-type]
             await asyncio.sleep(0.5)
             Holder.current = plain  # a reload that drops balance_load
-            await asyncio.sleep(0.3)
-            stopped = a.mock.scrapes
+            # A scrape already under way may land late on a loaded machine: wait for the count to hold
+            # still for 0.3 s (it cannot while the task scrapes every 0.05 s), bounded at 5 s.
+            stopped, deadline = -1, asyncio.get_running_loop().time() + 5
+            while stopped != a.mock.scrapes and asyncio.get_running_loop().time() < deadline:
+                stopped = a.mock.scrapes
+                await asyncio.sleep(0.3)
             await asyncio.sleep(0.5)
             task.cancel()
             return stopped, a.mock.scrapes - stopped
