@@ -97,9 +97,21 @@ async def model(session: aiohttp.ClientSession, url: str, route: Route) -> str:
     raise _unknown(route.name, f"{models_url(url)} lists {len(ids)} models ({shown}); `auto` needs exactly one")
 
 
+_HEAD = b'{"model":"'  # how the bodies the proxy builds begin (dialects.build, passthrough: `model` first)
+
+
 def rename(body: bytes, name: str) -> bytes:
     """The upstream body with its `model` set to `name` (bodies that are not a JSON object, or
-    carry no `model`, are sent as they are)."""
+    carry no `model`, are sent as they are).
+
+    A body that names its model first, with no escape in the name, has the name spliced in: an
+    agent's prompt of 100 KB is copied, not decoded and encoded again (~40 µs) on every attempt.
+    The first unescaped `"` after the head ends the name: inside a JSON string every `"` is
+    escaped, and an escape is refused to the fast path. Any other body is decoded."""
+    if body.startswith(_HEAD):
+        end = body.find(b'"', len(_HEAD))
+        if end > 0 and b"\\" not in body[len(_HEAD):end]:
+            return b'{"model":' + _encode(name) + body[end + 1:]
     try:
         doc = _decode_object(body)
     except msgspec.DecodeError:

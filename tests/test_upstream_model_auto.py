@@ -72,3 +72,39 @@ def test_the_shipped_routes_list_one_model_and_serve_the_quickstart(upstream, mo
         assert r.model == "qwen"
     sent = [json.loads(q.body)["model"] for q in upstream.requests if q.path == "/v1/completions"]
     assert sent == ["mock"]
+
+
+def test_renaming_splices_a_model_named_first_and_equals_a_full_decode():
+    """The learnt name is spliced into bodies that name `model` first (the ones the proxy builds); the
+    result is what decoding and encoding the body gives, for names and prompts full of escapes."""
+    import random
+
+    rng = random.Random(7)
+    alphabet = ['"', "\\", "a", "é", "\n", "}", ",", ":", "\u2028", "model", '{"model":"x"}']
+    for _ in range(2000):
+        names = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 6))) for _ in range(2)]
+        doc = {"model": names[0], "prompt": "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))}
+        if rng.random() < 0.3:
+            doc = {"prompt": doc["prompt"], "model": doc["model"]}  # not first: the slow path
+        body = json.dumps(doc, ensure_ascii=rng.random() < 0.5, separators=(",", ":")).encode()
+        out = served.rename(body, names[1])
+        assert json.loads(out) == {**doc, "model": names[1]}, (body, names[1], out)
+    assert served.rename(b'{"model":"auto","prompt":"' + b"x" * 100 + b'"}', "qwen").startswith(b'{"model":"qwen",')
+    for kept in (b"[1]", b"not json", b'{"prompt":"p"}'):
+        assert served.rename(kept, "qwen") == kept
+
+
+def test_the_bodies_the_proxy_builds_name_the_model_first(upstream, routes_dir, proxy_for):
+    """Chat-to-completions and passthrough bodies reach an `auto` upstream with `model` first (what
+    the splice above needs) and the served name in it."""
+    served._cache.clear()
+    for adapter, path, body in (
+        ("chat-to-completions", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "any"}),
+        ("passthrough", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "model": "any"}),
+    ):
+        text = _route(upstream, adapter=adapter).replace("path: /v1/completions", f"path: {path}", 1)
+        base = proxy_for(routes_dir(r=text))
+        r = httpx.post(f"{base}{path}", json=body, timeout=10)
+        assert r.status_code == 200, r.text
+        sent = [q.body for q in upstream.requests if q.path == "/v1/completions"][-1]
+        assert sent.startswith('{"model":"mock",'), sent[:80]

@@ -257,9 +257,8 @@ class Dialect:
         """The completions body for a `Generation` whose prompt is rendered. Raises `BadRequest`
         for what this server cannot do (naming the field), never drops it silently."""
         facts = self.facts
-        doc: dict[str, Any] = {"prompt": prompt}
-        if model:
-            doc["model"] = model
+        # `model` first: `served.rename` splices the learnt name in without decoding the prompt.
+        doc: dict[str, Any] = {"model": model, "prompt": prompt} if model else {"prompt": prompt}
         if upstream_stream:
             doc["stream"] = True
             # Usage is asked for on every stream (metrics need it). Only with `stream: true`:

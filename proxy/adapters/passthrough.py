@@ -140,8 +140,9 @@ class Passthrough(AdapterBase):
             doc["stream"] = self.mode == "always"
         asked = doc.get("model")
         renamed = self.upstream_model is not None and asked is not None
-        if renamed:
-            doc["model"] = self.upstream_model
+        if renamed:  # named first, so `served.rename` (upstream_model: auto) splices instead of decoding
+            del doc["model"]
+            doc = {"model": self.upstream_model, **doc}
         renamed = renamed and isinstance(asked, str) and asked != self.upstream_model
         plan = None
         if self.dialect is not None:
