@@ -127,3 +127,18 @@ def test_stream_always_route_aggregates_llama_cpp_logprobs(llama, routes_dir, pr
     r = httpx.post(f"{proxy_for(folder)}/v1/chat/completions", headers={"x-mock-text": TEXT}, timeout=10,
                    json={"model": "m", "messages": USER, "logprobs": True, "top_logprobs": 1}).json()
     assert "".join(i["token"] for i in r["choices"][0]["logprobs"]["content"]) == TEXT
+
+
+# --- n choices -------------------------------------------------------------------------------------
+
+def test_a_whole_answer_with_n_choices_counts_every_choice(base, llama):
+    """llama.cpp's own whole answer with `n` > 1 carries the first choice's usage only (server-context.cpp
+    `handle_completions_impl`): the proxy asks for a stream, whose choices each end with their usage,
+    and answers the whole with them added up (what quotas and the usage metric count)."""
+    c = client(base)
+    one = c.chat.completions.create(model="m", messages=USER).usage.completion_tokens
+    whole = c.chat.completions.create(model="m", messages=USER, n=2)
+    assert [ch.message.content for ch in whole.choices] == [TEXT, TEXT]
+    assert whole.usage.completion_tokens == 2 * one
+    sent = [json.loads(r.body) for r in llama.requests if r.path == "/v1/completions"]
+    assert sent[-1]["stream"] is True and "stream" not in sent[0]

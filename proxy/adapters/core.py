@@ -154,6 +154,9 @@ class Core:
             # The answer starts inside the call block; the dialect's constraint holds it to the call object.
             prompt += self.tool_open
         upstream_stream = gen.stream if self.mode == "auto" else self.mode == "always"
+        if not upstream_stream and self.mode == "auto" and not self.dialect.facts.whole_usage \
+                and (gen.sampling.get("n") or 1) > 1:
+            upstream_stream = True  # its whole answer would count the first choice only (Facts.whole_usage)
         stop = self.stops
         if gen.stop:
             stop = gen.stop + [s for s in stop if s not in gen.stop]

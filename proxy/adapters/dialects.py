@@ -117,6 +117,11 @@ class Facts(NamedTuple):
     context: Literal["tokenize", "tokenize+models"] | None  # how `auto` learns the context remainder
     logprobs: Shape  # how its completions answer logprobs (logprobs.py)
     load: LoadReport | None = None  # where it reports its queue (`balance_load:`, module docstring)
+    # A whole (non-streamed) answer with `n` > 1 counts every choice in its `usage`. llama.cpp's
+    # counts the first only (`handle_completions_impl`, tools/server/server-context.cpp, merges the
+    # choices into the first result), so such a request is streamed upstream, whose choices each end
+    # with their own usage, added up (vLLM's `request_output_to_completion_response` sums them).
+    whole_usage: bool = True
 
 
 # The one list of dialect names (the first is the default): route-file validation
@@ -127,7 +132,7 @@ FACTS = {
                   LoadReport("/metrics", frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting"}))),
     "llama.cpp": Facts("llama.cpp", "omit", True, frozenset(), "json_schema_object", "strip", None, "chat",
                        LoadReport("/metrics", frozenset({"llamacpp:requests_processing",
-                                                         "llamacpp:requests_deferred"}))),
+                                                         "llamacpp:requests_deferred"})), whole_usage=False),
     "sglang": Facts("sglang", "auto", False, SGLANG_FIELDS, "json_schema_string", "strip", "tokenize+models",
                     "completions", LoadReport("/metrics", frozenset({"sglang:num_running_reqs",
                                                                      "sglang:num_queue_reqs"}))),

@@ -150,8 +150,10 @@ def test_n_choices(engine: Engine, through, stream):
                 texts[choice.index] += choice.delta.content or ""
         assert chunks[-1].usage.completion_tokens == 10  # both choices counted, 5 each
     else:
-        # (not checked: llama-server's non-streamed answer carries the first choice's usage only,
-        # `handle_completions_impl` in tools/server/server-context.cpp merges the choices into arr[0])
-        choices = c.chat.completions.create(n=2, **kw).choices
+        # llama-server's own whole answer would count the first choice only (`handle_completions_impl`,
+        # tools/server/server-context.cpp): the proxy streams it upstream and adds the choices up.
+        whole = c.chat.completions.create(n=2, **kw)
+        assert whole.usage.completion_tokens == 10
+        choices = whole.choices
         texts = {choice.index: choice.message.content for choice in choices}
     assert sorted(texts) == [0, 1] and all(texts.values())
