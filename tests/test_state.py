@@ -182,14 +182,24 @@ def minute_start(client: Any) -> int:
     return offset
 
 
-def wait_until(check: Any, within: float, what: str) -> None:
+def wait_until(check: Any, within: float, what: str, every: float = 0.05) -> None:
     deadline = time.monotonic() + within
     while not check():
         assert time.monotonic() < deadline, what
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 COMPLETION = {"model": "m", "prompt": "hi", "max_tokens": 3}
+
+
+def _both_back(c: httpx.Client, opened: Any, closed: Any, when: str) -> None:
+    """The store is answering again: `closed` serves again, and `opened` counts in it again — it
+    looks at the store a second after its last failure (RETRY_DOWN), counting in the process until
+    then; its /v1/usage says which, without counting a request."""
+    wait_until(lambda: c.post(f"{closed.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code
+               == 200, 10, f"closed did not recover {when}", every=0.2)  # fmt: skip
+    wait_until(lambda: c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]["shared"], 10,
+               f"opened did not use the store again {when}")  # fmt: skip
 
 
 def test_max_concurrent_3_holds_across_processes_under_100_concurrent_requests(store, serve, upstream):
@@ -393,14 +403,7 @@ def test_store_stopped_mid_run_open_serves_closed_answers_503_and_both_recover(s
             assert "llmproxy_state_up 0.0" in metrics
             assert f'llmproxy_state_unavailable_total{{policy="{policy}"}}' in metrics
         store.start()
-        deadline = time.monotonic() + 10
-        while c.post(f"{closed.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code != 200:
-            assert time.monotonic() < deadline, "closed did not recover when the store came back"
-            time.sleep(0.2)
-        # opened looks at the store again a second after its last failure (RETRY_DOWN): until then
-        # it counts in the process. Its /v1/usage says which, without counting a request.
-        wait_until(lambda: c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]["shared"], 10,
-                   "opened did not use the store again")  # fmt: skip
+        _both_back(c, opened, closed, "when the store came back")
         for p in (opened, closed):  # slots, quotas and usage: through the store again
             assert c.post(f"{p.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code == 200
         usage = c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]
@@ -689,12 +692,7 @@ def test_a_store_that_accepts_but_never_answers_holds_no_request(store, serve):
                 time.sleep(0.5)
         finally:
             store.proc.send_signal(signal.SIGCONT)
-        deadline = time.monotonic() + 10
-        while c.post(f"{closed.base}/v1/completions", json=COMPLETION, headers=auth(CAROL)).status_code != 200:
-            assert time.monotonic() < deadline, "closed did not recover after SIGCONT"
-            time.sleep(0.2)
-        wait_until(lambda: c.get(f"{opened.base}/v1/usage", headers=auth(CAROL)).json()["data"][0]["shared"], 10,
-                   "opened did not use the store again after SIGCONT")  # fmt: skip
+        _both_back(c, opened, closed, "after SIGCONT")
 
 
 def test_tokens_per_day_in_the_store_refuses_until_the_day_ends(store, tmp_path: Path):

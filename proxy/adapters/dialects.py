@@ -120,7 +120,9 @@ class Facts(NamedTuple):
     # A whole (non-streamed) answer with `n` > 1 counts every choice in its `usage`. llama.cpp's
     # counts the first only (`handle_completions_impl`, tools/server/server-context.cpp, merges the
     # choices into the first result), so such a request is streamed upstream, whose choices each end
-    # with their own usage, added up (vLLM's `request_output_to_completion_response` sums them).
+    # with their own usage, added up. vLLM's and SGLang's whole answers sum every choice:
+    # `request_output_to_completion_response` (vllm/entrypoints/openai/serving_completion.py),
+    # `UsageProcessor.calculate_response_usage` (sglang/srt/entrypoints/openai/usage_processor.py).
     whole_usage: bool = True
 
 
