@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -33,23 +34,33 @@ def _status(base: str, key: str) -> int:
     return httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).status_code
 
 
-def _until(base: str, key: str, status: int, keep: str) -> None:
-    """Poll until `key` answers `status` 8 times in a row (both workers); the streak must have begun
-    within WITHIN s of the swap (its own requests are the measurement, not the rotation's delay);
-    meanwhile `keep` must never be refused."""
-    swapped = time.monotonic()
-    began = swapped
-    streak = 0
+def _streak(holds: Callable[[], bool], since: float, what: str) -> float:
+    """Poll until `holds()` is true 8 times in a row (fresh connections: both workers), within CONFIRM s
+    of `since`; the time the streak began (its own requests are the measurement, not the swap's delay)."""
+    began, streak = since, 0
     while streak < 8:
-        assert time.monotonic() < swapped + CONFIRM, f"key did not reach {status} for 8 requests in a row"
-        assert _status(base, keep) == 200, "a key that stays valid was refused during the rotation"
+        assert time.monotonic() - since < CONFIRM, what
         asked = time.monotonic()
-        if _status(base, key) == status:
+        if holds():
             began = asked if streak == 0 else began
             streak += 1
         else:
             streak = 0
         time.sleep(0.02)
+    return began
+
+
+def _until(base: str, key: str, status: int, keep: str) -> None:
+    """Poll until `key` answers `status` 8 times in a row; the streak must have begun within WITHIN s
+    of the swap; meanwhile `keep` must never be refused."""
+
+    def holds() -> bool:
+        reached = _status(base, key) == status
+        assert _status(base, keep) == 200, "a key that stays valid was refused during the rotation"
+        return reached
+
+    swapped = time.monotonic()
+    began = _streak(holds, swapped, f"key did not reach {status} for 8 requests in a row")
     assert began - swapped < WITHIN, f"key did not reach {status} within {WITHIN} s"
 
 
@@ -121,16 +132,8 @@ def test_a_key_swapped_outright_never_leaves_a_connection_with_neither_key(worke
             time.sleep(0.02)
         # Fresh connections too, so every worker is asked: a worker the kept connections missed may
         # swap a poll later (each watches the file itself), hence no "never refused" across workers.
-        streak, began = 0, projected
-        while streak < 8:
-            assert time.monotonic() - projected < CONFIRM, "fresh connections did not all see the swap"
-            asked = time.monotonic()
-            if (_status(base, OLD), _status(base, NEW)) == (401, 200):
-                began = asked if streak == 0 else began
-                streak += 1
-            else:
-                streak = 0
-            time.sleep(0.02)
+        began = _streak(lambda: (_status(base, OLD), _status(base, NEW)) == (401, 200), projected,
+                        "fresh connections did not all see the swap")
         assert began - projected < WITHIN, f"a worker did not see the swap within {WITHIN} s"
     finally:
         for client in clients:
